@@ -1,0 +1,267 @@
+"""Typed experiment configuration: every ablation knob, its default, range and meaning.
+
+The config is a tree of pydantic models with ``extra="forbid"`` so that a misspelt key is an
+error rather than a silently ignored setting. Each field's ``description`` is its
+documentation; ``harness`` reuses these models to validate study files, so the rules here
+are the rules there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["digits", "image_folder", "npz", "torchvision"] = Field(
+        "digits",
+        description="digits: scikit-learn load_digits (1,797 8x8 images, 17 grey levels, "
+        "embedded). image_folder: a folder of PNG/JPEG images. npz: an array file. "
+        "torchvision: a torchvision data set already on disk.",
+    )
+    path: str | None = Field(
+        None,
+        description="Folder (image_folder), .npz file (npz) or root folder (torchvision).",
+    )
+    npz_key: str | None = Field(
+        None, description="Array name inside the .npz file; None takes the first array."
+    )
+    torchvision_set: str | None = Field(
+        None, description="torchvision.datasets class name, e.g. MNIST or CIFAR10."
+    )
+    image_size: int | None = Field(
+        None, ge=4, le=1024, description="Square side to resize to; None keeps the native size."
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 converts to grey, 3 to RGB; None keeps what the data has."
+    )
+    levels: int | None = Field(
+        None,
+        ge=2,
+        le=65536,
+        description="Quantization levels of a pixel (17 for digits, 256 for 8-bit images); "
+        "None takes the data set's own. Used by the L0 decoder and bits/dim.",
+    )
+    heldout_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Fraction of images held out from training."
+    )
+    split_seed: int = Field(
+        0, ge=0, description="Seed of the fixed train / held-out split (independent of train.seed)."
+    )
+    max_images: int | None = Field(
+        None, ge=2, description="Use at most this many images (after a seeded shuffle)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where decoded, resized image folders are cached as uint8 arrays; "
+        "None uses $DDPM_ENGINE_CACHE or ~/.cache/ddpm_engine.",
+    )
+
+
+# Presets fill every model knob the user left unset. `tiny` is the seed's first run (about
+# 0.5M parameters, no attention, one shared time MLP); `annotated` follows the annotated
+# diffusion UNet at about 50M (per-block time MLPs, attention at low resolution).
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        base_channels=24,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        attention_heads=4,
+        time_mlp="shared",
+        time_embed_dim=192,
+        norm_groups=8,
+        dropout=0.0,
+    ),
+    "annotated": dict(
+        base_channels=120,
+        channel_mults=(1, 2, 4),
+        num_res_blocks=2,
+        attention_resolutions=(4, 2),
+        attention_heads=4,
+        time_mlp="per_block",
+        time_embed_dim=480,
+        norm_groups=8,
+        dropout=0.0,
+    ),
+}
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "annotated"] = Field(
+        "tiny", description="Fills every knob below that is left unset."
+    )
+    base_channels: int | None = Field(None, ge=4, description="Channels of the first level.")
+    channel_mults: tuple[int, ...] | None = Field(
+        None, min_length=1, description="Channel multiplier per resolution level."
+    )
+    num_res_blocks: int | None = Field(None, ge=1, description="Residual blocks per level.")
+    attention_resolutions: tuple[int, ...] | None = Field(
+        None, description="Feature-map sides (e.g. 4) at which self-attention is applied."
+    )
+    attention_heads: int | None = Field(None, ge=1, description="Heads of each attention layer.")
+    time_mlp: Literal["shared", "per_block"] | None = Field(
+        None,
+        description="shared: one MLP embeds t, each block projects it linearly. "
+        "per_block: every residual block has its own MLP from the sinusoidal embedding.",
+    )
+    time_embed_dim: int | None = Field(None, ge=4, description="Width of the time embedding.")
+    norm_groups: int | None = Field(None, ge=1, description="GroupNorm groups.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Dropout in residual blocks.")
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> "ModelConfig":
+        for key, value in MODEL_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        return self
+
+
+class DiffusionConfig(_Section):
+    T: int = Field(1000, ge=2, le=100_000, description="Number of diffusion steps.")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="Beta schedule.")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="Linear schedule: beta_1.")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="Linear schedule: beta_T.")
+    beta_scaling: Literal["none", "by_T"] = Field(
+        "none",
+        description="none keeps beta_start..beta_end whatever T is (annotated-diffusion "
+        "notebook); by_T multiplies both by 1000/T so that terminal SNR stays near 0.",
+    )
+    cosine_s: float = Field(0.008, ge=0.0, lt=1.0, description="Cosine schedule offset s.")
+    max_beta: float = Field(
+        0.999, gt=0.0, lt=1.0, description="Cosine schedule: cap on each beta_t."
+    )
+    sigma: Literal["beta", "beta_tilde"] = Field(
+        "beta",
+        description="Reverse-process variance: beta_t or the posterior beta_tilde_t (DDPM 3.2).",
+    )
+
+    @model_validator(mode="after")
+    def _ordered_betas(self) -> "DiffusionConfig":
+        if self.schedule == "linear" and self.beta_start > self.beta_end:
+            raise ValueError("beta_start must not exceed beta_end")
+        return self
+
+
+class ObjectiveConfig(_Section):
+    loss: Literal["mse", "huber"] = Field("mse", description="Distance between noise and its prediction.")
+    huber_delta: float = Field(1.0, gt=0.0, description="Huber loss threshold.")
+    weighting: Literal["simple", "vlb"] = Field(
+        "simple",
+        description="simple: L_simple (DDPM eq. 14). vlb: keep the DDPM weights "
+        "w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)) (eq. 12).",
+    )
+    l0_term: bool = Field(
+        False,
+        description="Rows sampled at t=1 use the discretized Gaussian decoder NLL L_0 "
+        "(DDPM eq. 13) instead of the noise loss.",
+    )
+    min_snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR-gamma weighting (Hang et al. 2023); None is off."
+    )
+    t_sampling: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="importance: sample t with probability proportional to the root mean "
+        "square of its recent losses (Improved DDPM sec. 3.3).",
+    )
+    importance_history: int = Field(
+        10, ge=1, description="Losses kept per t for importance sampling."
+    )
+    noise_clip: float | None = Field(
+        None, gt=0.0, description="Clip the Gaussian noise to [-c, c] in training and sampling."
+    )
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(128, ge=1, description="Images per step.")
+    lr: float = Field(1e-3, gt=0.0, lt=1.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    ema_decay: float | None = Field(
+        0.999, ge=0.0, lt=1.0, description="EMA decay of the weights; None disables EMA."
+    )
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm; None is off.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(25, ge=1, description="Steps between logged training scalars.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, batches, t and noise.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 runs forward and backward under bf16 autocast."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+
+
+class SampleConfig(_Section):
+    sampler: Literal["ddpm", "ddim"] = Field(
+        "ddpm", description="ddpm: ancestral sampling (DDPM Algorithm 2). ddim: Song et al. 2021."
+    )
+    steps: int | None = Field(
+        None, ge=1, description="DDIM steps; None uses T. Ancestral sampling always takes T."
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 deterministic, 1 ~ DDPM).")
+    clip_x0: bool = Field(
+        False, description="Clip the predicted x_0 to [-1, 1] at every step (then use eq. 7)."
+    )
+    num_samples: int = Field(128, ge=1, description="Samples drawn at the end of training.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Samples per forward pass; None sizes it for the device."
+    )
+    use_ema: bool = Field(True, description="Sample with the EMA weights (when EMA is on).")
+    seed: int = Field(
+        1234,
+        ge=0,
+        description="Seed of x_T and the sampling noise, the same for every arm and training "
+        "seed (common random numbers).",
+    )
+
+
+class EvalConfig(_Section):
+    probe_every: int = Field(500, ge=1, description="Steps between per-t probes (and at the end).")
+    probe_timesteps: int = Field(
+        40, ge=2, description="Timesteps in the probe grid (all t when T <= 200)."
+    )
+    probe_images: int = Field(256, ge=1, description="Held-out images in each probe.")
+    probe_seed: int = Field(
+        4321, ge=0, description="Seed of the probe noise, shared by all arms (common random numbers)."
+    )
+    drift_bins: int = Field(64, ge=2, description="Histogram bins of pixel values over [-1.5, 1.5].")
+    drift_hist_steps: int = Field(
+        50, ge=2, description="Reverse steps at which a histogram is recorded (evenly spaced)."
+    )
+    quality: bool = Field(True, description="Compute sample quality (Frechet distance, coverage).")
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        """The fully resolved config as plain JSON types."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ExperimentConfig":
+        return cls.model_validate(values)
+
+
+def field_docs(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> description for every leaf field (for --help and docs)."""
+    docs: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            docs.update(field_docs(annotation, key + "."))
+        else:
+            docs[key] = info.description or ""
+    return docs

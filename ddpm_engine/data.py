@@ -1,0 +1,592 @@
+"""Image data sets as uint8 tensors with a fixed train / held-out split.
+
+Every source (embedded digits, a folder of images, an array file, a torchvision set) ends
+as an `ImageData`: uint8 N x C x H x W tensors whose values are quantization levels
+0..levels-1. Keeping uint8 rather than float keeps large sets (CelebA at 64x64) in memory;
+the model sees `to_model_space` of a batch. The number of levels is part of the data
+because the discretized decoder (L_0) and bits/dim depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ddpm_engine.config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# uint8 storage is the memory budget that lets big folders fit; more levels would need it.
+MAX_LEVELS = 256
+# Bump when decoding changes, so caches written by an older decoder are not reused.
+_CACHE_FORMAT = 1
+# Below this many files a progress bar is noise.
+_PROGRESS_MIN_FILES = 500
+# Resizing in chunks bounds the float copy of a large array.
+_RESIZE_CHUNK = 1024
+# ITU-R 601-2 luma, the weights PIL uses for RGB -> L, so every source greys the same way.
+_LUMA = (0.299, 0.587, 0.114)
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config, explained in one sentence."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ImageData:
+    """Train and held-out images as uint8 N x C x H x W tensors of levels 0..levels-1."""
+
+    name: str
+    train: torch.Tensor
+    heldout: torch.Tensor
+    levels: int
+    train_labels: torch.Tensor | None = None
+    heldout_labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for part in (self.train, self.heldout):
+            if part.dtype != torch.uint8 or part.dim() != 4:
+                raise DataError("ImageData images must be uint8 tensors of shape N x C x H x W.")
+        if self.train.shape[1:] != self.heldout.shape[1:]:
+            raise DataError("ImageData train and held-out images must share C x H x W.")
+        if not 2 <= self.levels <= MAX_LEVELS:
+            raise DataError(f"ImageData levels must be in 2..{MAX_LEVELS}, got {self.levels}.")
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.shape[-1])
+
+    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 levels -> float32 in [-1, 1] (level 0 -> -1, level levels-1 -> 1)."""
+        return x.to(torch.float32) / (self.levels - 1) * 2.0 - 1.0
+
+    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """float in model space -> nearest uint8 level, clamped to 0..levels-1."""
+        # A diverged sampler can produce NaN; mid-grey is visible and keeps the cast defined.
+        x = torch.nan_to_num(x.to(torch.float32), nan=0.0)
+        scaled = ((x + 1.0) / 2.0 * (self.levels - 1)).round()
+        return scaled.clamp(0, self.levels - 1).to(torch.uint8)
+
+    def __repr__(self) -> str:
+        labels = "with labels" if self.train_labels is not None else "no labels"
+        return (
+            f"ImageData(name={self.name!r}, train={tuple(self.train.shape)}, "
+            f"heldout={tuple(self.heldout.shape)}, levels={self.levels}, {labels})"
+        )
+
+
+def load_data(config: DataConfig) -> ImageData:
+    """Load, convert and split the data set that `config` describes."""
+    loaders = {
+        "digits": _load_digits,
+        "image_folder": _load_image_folder,
+        "npz": _load_npz,
+        "torchvision": _load_torchvision,
+    }
+    if config.levels is not None and config.levels > MAX_LEVELS:
+        raise DataError(
+            f"data.levels={config.levels} exceeds {MAX_LEVELS}, the most uint8 storage holds; "
+            "lower data.levels."
+        )
+    images, labels, levels, name = loaders[config.name](config)
+    # Sources with known levels are re-quantized (e.g. 8-bit faces to 32 levels); npz arrays
+    # have no known levels, so there data.levels already declared them and this is a no-op.
+    if config.levels is not None and config.levels != levels:
+        images = _requantize(images, levels, config.levels)
+        levels = config.levels
+    if config.max_images is not None and config.max_images < images.shape[0]:
+        keep = torch.randperm(images.shape[0], generator=_generator(config.split_seed))
+        keep = keep[: config.max_images].sort().values
+        images, labels = images[keep], None if labels is None else labels[keep]
+    return _split(images, labels, levels, name, config)
+
+
+# --- sources: each returns (uint8 N x C x H x W, int64 labels or None, levels, name) ---
+
+
+def _load_digits(config: DataConfig):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    levels = 17
+    images = torch.from_numpy(bunch.images.round().astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    images = _convert_tensor(images, levels, config.channels, config.image_size, "digits")
+    return images, labels, levels, "digits"
+
+
+def _load_npz(config: DataConfig):
+    path = _require_path(config, "an .npz file")
+    if not path.exists():
+        raise DataError(f"data.path {path} does not exist; set data.path to an .npz file.")
+    if path.is_dir():
+        raise DataError(
+            f"data.path {path} is a directory; for data.name='npz' point it at an .npz file."
+        )
+    array, labels = _read_array_file(path, config.npz_key)
+    images = _to_nchw(array, path)
+    images, levels = _array_to_levels(images, path, config.levels)
+    if labels is not None and labels.shape[0] != images.shape[0]:
+        warnings.warn(
+            f"ignoring labels in {path}: {labels.shape[0]} labels for {images.shape[0]} images"
+        )
+        labels = None
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = _convert_tensor(tensor, levels, config.channels, config.image_size, str(path))
+    label_tensor = None if labels is None else torch.from_numpy(labels.astype(np.int64))
+    return tensor, label_tensor, levels, f"npz:{path.stem}"
+
+
+def _load_torchvision(config: DataConfig):
+    if not config.torchvision_set:
+        raise DataError(
+            "data.torchvision_set is required for data.name='torchvision'; "
+            "set it to a class name such as MNIST or CIFAR10."
+        )
+    root = _require_path(config, "the torchvision data root folder")
+    try:
+        datasets = importlib.import_module("torchvision.datasets")
+    except ImportError as exc:
+        raise DataError(
+            f"data.name='torchvision' needs the torchvision package, which is not installed "
+            f"({exc}); "
+            "install it, or save the images as an .npz file and use data.name='npz'."
+        ) from exc
+    cls = getattr(datasets, config.torchvision_set, None)
+    if not inspect.isclass(cls):
+        raise DataError(
+            f"torchvision.datasets has no data set {config.torchvision_set!r}; "
+            "set data.torchvision_set to a class name such as MNIST or CIFAR10."
+        )
+    dataset = _open_torchvision_set(cls, root, config.torchvision_set)
+    images, labels = _torchvision_arrays(dataset, root)
+    images, levels = _array_to_levels(images, root, None)
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = _convert_tensor(tensor, levels, config.channels, config.image_size, str(root))
+    return tensor, labels, levels, f"torchvision:{config.torchvision_set}"
+
+
+def _load_image_folder(config: DataConfig):
+    folder = _require_path(config, "a folder of PNG/JPEG images")
+    if not folder.exists():
+        raise DataError(
+            f"data.path {folder} does not exist; set data.path to a folder of PNG/JPEG images."
+        )
+    if not folder.is_dir():
+        raise DataError(
+            f"data.path {folder} is not a directory; for data.name='image_folder' point it at a "
+            "folder of PNG/JPEG images (use data.name='npz' for an array file)."
+        )
+    folder = folder.resolve()
+    files = _image_files(folder)
+    if not files:
+        raise DataError(
+            f"data.path {folder} holds no .png, .jpg or .jpeg files (searched recursively); "
+            "point data.path at the folder that contains the images."
+        )
+    cache_file = _cache_dir(config) / f"image_folder-{_folder_key(folder, files, config)}.npy"
+    images = _read_cache(cache_file, len(files))
+    if images is None:
+        images = _decode_folder(folder, files, config)
+        _write_cache(cache_file, images)
+    return torch.from_numpy(images), None, 256, f"image_folder:{folder.name}"
+
+
+# --- image folders ---
+
+
+def _image_files(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, _, filenames in os.walk(folder):
+        found += [Path(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_SUFFIXES)]
+    # Relative POSIX paths sort the same on every platform, so the split is reproducible.
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _folder_key(folder: Path, files: list[Path], config: DataConfig) -> str:
+    # Size and mtime catch replaced or edited files without hashing every byte.
+    entries = []
+    for file in files:
+        stat = file.stat()
+        entries.append([file.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    payload = {
+        "format": _CACHE_FORMAT,
+        "folder": str(folder),
+        "files": entries,
+        "image_size": config.image_size,
+        "channels": config.channels,
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
+
+
+def _cache_dir(config: DataConfig) -> Path:
+    chosen = config.cache_dir or os.environ.get("DDPM_ENGINE_CACHE") or "~/.cache/ddpm_engine"
+    return Path(chosen).expanduser()
+
+
+def _read_cache(cache_file: Path, count: int) -> np.ndarray | None:
+    if not cache_file.exists():
+        return None
+    try:
+        images = np.load(cache_file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable cache {cache_file} ({exc}); decoding the images again")
+        return None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
+        warnings.warn(f"ignoring cache {cache_file} of unexpected shape; decoding the images again")
+        return None
+    return images
+
+
+def _write_cache(cache_file: Path, images: np.ndarray) -> None:
+    # A cache is a convenience: failing to write one must not fail the run.
+    tmp_name = None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp"
+        )
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, images)
+        # Atomic, so a concurrent reader sees the old state or the whole new file.
+        os.replace(tmp_name, cache_file)
+        tmp_name = None
+    except OSError as exc:
+        warnings.warn(f"could not write image cache {cache_file} ({exc}); next load decodes again")
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _decode_folder(folder: Path, files: list[Path], config: DataConfig) -> np.ndarray:
+    # Headers first: mismatched channels or sizes fail in seconds, not after a full decode.
+    headers = [_read_header(file) for file in files]
+    channels = config.channels or _common_channels(folder, files, headers)
+    if config.image_size is not None:
+        height = width = config.image_size
+    else:
+        height, width = _common_size(folder, files, headers)
+    images = np.empty((len(files), channels, height, width), dtype=np.uint8)
+    for index, file in enumerate(_progress(files, "decoding images")):
+        images[index] = _decode_image(file, channels, config.image_size)
+    return images
+
+
+def _read_header(file: Path) -> tuple[str, tuple[int, int]]:
+    try:
+        with Image.open(file) as img:
+            return img.mode, img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {file} ({exc}); remove or replace the file.") from exc
+
+
+def _mode_channels(mode: str) -> int:
+    return 1 if mode in _GREY_MODES else 3
+
+
+def _common_channels(folder: Path, files: list[Path], headers) -> int:
+    counts = [_mode_channels(mode) for mode, _ in headers]
+    if len(set(counts)) == 1:
+        return counts[0]
+    grey, colour = files[counts.index(1)], files[counts.index(3)]
+    raise DataError(
+        f"images in {folder} mix grey and colour (e.g. {grey.name} is grey, "
+        f"{colour.name} is colour); "
+        "set data.channels to 1 or 3 to convert them all."
+    )
+
+
+def _common_size(folder: Path, files: list[Path], headers) -> tuple[int, int]:
+    sizes = [size for _, size in headers]
+    first = sizes[0]
+    for file, size in zip(files, sizes):
+        if size != first:
+            raise DataError(
+                f"images in {folder} have different sizes (e.g. {files[0].name} is "
+                f"{first[0]}x{first[1]}, {file.name} is {size[0]}x{size[1]}); "
+                "set data.image_size to crop and resize them all to one square size."
+            )
+    width, height = first
+    if width != height:
+        raise DataError(
+            f"images in {folder} are {width}x{height}, not square; "
+            "set data.image_size to center-crop and resize them to a square."
+        )
+    return height, width
+
+
+def _decode_image(file: Path, channels: int, size: int | None) -> np.ndarray:
+    try:
+        with Image.open(file) as img:
+            img.load()
+            img = _pil_channels(img, channels)
+            if size is not None:
+                img = img.resize((size, size), Image.Resampling.LANCZOS, box=_square_box(img.size))
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {file} ({exc}); remove or replace the file.") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _pil_channels(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode.startswith("I"):
+        # PIL's convert clips 16-bit grey to 255 instead of scaling; scale by hand.
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    if channels == 1:
+        return img if img.mode == "L" else img.convert("L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _square_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def _progress(items, description: str):
+    if len(items) < _PROGRESS_MIN_FILES:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit="img", leave=False)
+
+
+# --- array files and torchvision ---
+
+
+def _read_array_file(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise _unreadable_array_file(path, exc) from exc
+    if isinstance(loaded, np.ndarray):
+        # A plain .npy holds one array; there is no key to choose and no labels.
+        if key is not None:
+            raise DataError(f"{path} is a single .npy array, so data.npz_key must be unset.")
+        return loaded, None
+    with loaded:
+        names = list(loaded.files)
+        if not names:
+            raise DataError(f"{path} holds no arrays; save the images into it with numpy.savez.")
+        if key is None:
+            key = names[0]
+        elif key not in names:
+            raise DataError(f"{path} has no array {key!r}; set data.npz_key to one of {names}.")
+        label_key = next((k for k in ("labels", "y") if k in names and k != key), None)
+        try:
+            images = loaded[key]
+            labels = loaded[label_key] if label_key else None
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise _unreadable_array_file(path, exc) from exc
+    if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
+        labels = None
+    return images, labels
+
+
+def _unreadable_array_file(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"cannot read {path} as a NumPy array file ({exc}); "
+        "save the images with numpy.savez (plain numeric arrays, no pickled objects)."
+    )
+
+
+def _to_nchw(array: np.ndarray, source: Path) -> np.ndarray:
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim == 4 and array.shape[-1] in (1, 3):
+        return array.transpose(0, 3, 1, 2)
+    if array.ndim == 4 and array.shape[1] in (1, 3):
+        return array
+    raise DataError(
+        f"images in {source} have shape {tuple(array.shape)}; expected N x H x W, "
+        "N x H x W x C or N x C x H x W with C = 1 or 3."
+    )
+
+
+def _array_to_levels(array: np.ndarray, source: Path, levels: int | None) -> tuple[np.ndarray, int]:
+    """Map an array of any supported dtype to uint8 levels; `levels` (from config) wins."""
+    if array.shape[0] == 0:
+        raise DataError(f"{source} holds no images; the image array is empty.")
+    kind = array.dtype.kind
+    if kind == "b":
+        # Binary images: two levels unless the config says otherwise.
+        return array.astype(np.uint8), levels or 2
+    if kind in "iu":
+        return _integer_levels(array, source, levels or 256)
+    if kind == "f":
+        return _float_levels(array, source, levels or 256)
+    raise DataError(
+        f"images in {source} have dtype {array.dtype}; "
+        "use uint8, integers or floats in [0, 1] or [-1, 1]."
+    )
+
+
+def _integer_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.ndarray, int]:
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= levels:
+        raise DataError(
+            f"images in {source} hold integers {low}..{high}, outside 0..{levels - 1}; "
+            "store levels 0..255 (or set data.levels above the largest value)."
+        )
+    return array.astype(np.uint8), levels
+
+
+def _float_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.ndarray, int]:
+    if not np.isfinite(array).all():
+        raise DataError(
+            f"images in {source} contain NaN or infinite values; clean the array first."
+        )
+    low, high = float(array.min()), float(array.max())
+    if low >= 0.0 and high <= 1.0:
+        unit = array
+    elif low >= -1.0 and high <= 1.0:
+        unit = (array + 1.0) / 2.0
+    else:
+        raise DataError(
+            f"images in {source} hold floats {low:g}..{high:g}; scale them to [0, 1] or [-1, 1] "
+            "or store uint8 levels."
+        )
+    return np.rint(unit * (levels - 1)).astype(np.uint8), levels
+
+
+def _open_torchvision_set(cls, root: Path, set_name: str):
+    # Data sets differ in how they name the training split.
+    params = inspect.signature(cls).parameters
+    if "train" in params:
+        split = {"train": True}
+    else:
+        split = {"split": "train"} if "split" in params else {}
+    try:
+        return cls(root=str(root), download=False, **split)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DataError(
+            f"torchvision {set_name} is not available under {root} ({exc}); "
+            "download it there first (download=True once) or point data.path at its root."
+        ) from exc
+
+
+def _torchvision_arrays(dataset, root: Path) -> tuple[np.ndarray, torch.Tensor | None]:
+    data = getattr(dataset, "data", None)
+    if isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim in (3, 4):
+        # Most sets keep every image in one array; converting that is much faster than iterating.
+        images = _to_nchw(np.asarray(data), root)
+        raw_labels = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    else:
+        pairs = [dataset[i] for i in _progress(range(len(dataset)), "reading images")]
+        images = _to_nchw(np.stack([np.asarray(image) for image, _ in pairs]), root)
+        raw_labels = [target for _, target in pairs]
+    return images, _label_tensor(raw_labels, images.shape[0])
+
+
+def _label_tensor(raw, count: int) -> torch.Tensor | None:
+    if raw is None:
+        return None
+    try:
+        labels = torch.as_tensor(np.asarray(raw), dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # e.g. attribute dictionaries: not class labels
+    return labels if labels.dim() == 1 and labels.shape[0] == count else None
+
+
+# --- shared tensor steps ---
+
+
+def _require_path(config: DataConfig, what: str) -> Path:
+    if not config.path:
+        raise DataError(f"data.path is required for data.name={config.name!r}; set it to {what}.")
+    return Path(config.path).expanduser()
+
+
+def _convert_tensor(
+    images: torch.Tensor, levels: int, channels: int | None, size: int | None, source: str
+) -> torch.Tensor:
+    """Channel conversion and resize for sources already in memory."""
+    if channels == 1 and images.shape[1] == 3:
+        images = _to_grey(images, levels)
+    if size is not None and images.shape[-2:] != (size, size):
+        images = _resize(images, size, levels)
+    elif size is None and images.shape[-2] != images.shape[-1]:
+        raise DataError(
+            f"images in {source} are {images.shape[-1]}x{images.shape[-2]}, not square; "
+            "set data.image_size to center-crop and resize them to a square."
+        )
+    if channels == 3 and images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images.contiguous()
+
+
+def _to_grey(images: torch.Tensor, levels: int) -> torch.Tensor:
+    weights = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+    grey = (images.to(torch.float32) * weights).sum(dim=1, keepdim=True)
+    return grey.round().clamp(0, levels - 1).to(torch.uint8)
+
+
+def _resize(images: torch.Tensor, size: int, levels: int) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    images = images[..., top : top + side, left : left + side]
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        chunk = images[start : start + _RESIZE_CHUNK].to(torch.float32)
+        # Antialiasing matters when shrinking: plain bilinear aliases thin strokes away.
+        resized = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        # Re-quantize so the data still has exactly `levels` levels, as L_0 assumes.
+        out[start : start + _RESIZE_CHUNK] = resized.round().clamp(0, levels - 1).to(torch.uint8)
+    return out
+
+
+def _requantize(images: torch.Tensor, old_levels: int, new_levels: int) -> torch.Tensor:
+    scaled = images.to(torch.float32) * ((new_levels - 1) / (old_levels - 1))
+    return scaled.round().clamp(0, new_levels - 1).to(torch.uint8)
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _split(
+    images: torch.Tensor, labels: torch.Tensor | None, levels: int, name: str, config: DataConfig
+) -> ImageData:
+    count = images.shape[0]
+    if count < 2:
+        raise DataError(
+            f"data set {name} has {count} image(s); a train / held-out split needs at least 2."
+        )
+    held = min(max(round(count * config.heldout_fraction), 1), count - 1)
+    # The permutation order is kept (not sorted) so any prefix of either part is a random sample.
+    order = torch.randperm(count, generator=_generator(config.split_seed))
+    held_idx, train_idx = order[:held], order[held:]
+    return ImageData(
+        name=name,
+        train=images[train_idx],
+        heldout=images[held_idx],
+        levels=levels,
+        train_labels=None if labels is None else labels[train_idx],
+        heldout_labels=None if labels is None else labels[held_idx],
+    )

@@ -1,0 +1,227 @@
+"""Diagnostics of DESIGN.md section 4: the per-t probe, the bits/dim bound and sample drift.
+
+Every probe uses common random numbers: the caller passes the same held-out images and the
+same noise to every arm, so a difference between arms is the models', not the dice's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .diffusion import prior_kl_bits, q_sample, vlb_term_bits
+from .schedule import Schedule
+
+HIST_RANGE = (-1.5, 1.5)  # wide enough to show pixels escaping [-1, 1]
+
+
+def probe_timesteps(T: int, count: int) -> list[int]:
+    """The probe's t grid: every t when T <= 200, else ``count`` points mixing a geometric
+    grid (the loss and VLB change fastest at small t) with an even one; always holds 1 and T.
+    """
+    if T <= 200:
+        return list(range(1, T + 1))
+    half = max(count // 2, 2)
+    geometric = np.geomspace(1, T, half)
+    even = np.linspace(1, T, count - half + 2)
+    grid = {1, 2, T} | {int(round(v)) for v in np.concatenate([geometric, even])}
+    return sorted(v for v in grid if 1 <= v <= T)
+
+
+def trapezoid_sum(ts: np.ndarray, values: np.ndarray, lo: int, hi: int) -> float:
+    """Sum over integer t in [lo, hi] of a curve known on the grid ``ts``, linearly
+    interpolated between grid points (exact when the grid holds every t)."""
+    every_t = np.arange(lo, hi + 1)
+    return float(np.interp(every_t, ts, values).sum()) if len(every_t) else 0.0
+
+
+@torch.no_grad()
+def per_t_probe(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: list[int],
+    *,
+    sigma: str,
+    levels: int,
+    clip_x0: bool = False,
+    chunk_size: int = 512,
+    autocast=None,
+) -> pd.DataFrame:
+    """One row per t: noise-prediction loss, bias of the predicted noise, and L_t in bits/dim.
+
+    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller.
+    """
+    device = x0.device
+    tables = schedule.on(device)
+    reverse_log_variance = schedule.reverse_variance(sigma).log().to(device, torch.float32)
+    wt = schedule.vlb_weights(sigma)
+    rows = []
+    for t_now in timesteps:
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        vlb_parts = []
+        for lo in range(0, x0.shape[0], chunk_size):
+            x0_c, eps_c = x0[lo : lo + chunk_size], noise[lo : lo + chunk_size]
+            t = torch.full((x0_c.shape[0],), t_now, dtype=torch.long, device=device)
+            xt = q_sample(tables, x0_c, t, eps_c)
+            if autocast is not None:
+                with autocast():
+                    eps_pred = model(xt, t).float()
+            else:
+                eps_pred = model(xt, t).float()
+            err = eps_pred - eps_c
+            sums += torch.stack(
+                [
+                    (err**2).sum(),
+                    eps_pred.sum(),
+                    (eps_pred**2).sum(),
+                    err.sum(),
+                    torch.tensor(float(err.numel()), device=device),
+                ]
+            ).double()
+            vlb_parts.append(vlb_term_bits(tables, x0_c, xt, t, eps_pred, reverse_log_variance, levels, clip_x0))
+        sq_err, s_pred, s_pred2, s_err, count = sums.tolist()
+        pred_mean = s_pred / count
+        err_mean = s_err / count
+        rows.append(
+            dict(
+                t=t_now,
+                alphabar=float(schedule.alphabar[t_now - 1]),
+                snr=float(schedule.snr()[t_now - 1]),
+                wt=float(wt[t_now - 1]),
+                loss_mse=sq_err / count,
+                eps_pred_mean=pred_mean,
+                eps_pred_std=max(s_pred2 / count - pred_mean**2, 0.0) ** 0.5,
+                err_mean=err_mean,
+                err_std=max(sq_err / count - err_mean**2, 0.0) ** 0.5,
+                vlb_bits=float(torch.cat(vlb_parts).mean()),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def bits_per_dim_bound(schedule: Schedule, per_t: pd.DataFrame, x0: torch.Tensor) -> dict[str, float]:
+    """The variational bound L_T + sum_{t>=2} L_{t-1} + L_0 in bits/dim (DDPM eq. 5).
+
+    ``per_t`` must hold t = 1 (L_0). The middle sum is interpolated between probed t when
+    the grid does not hold every t (exact for T <= 200 with the default grid).
+    """
+    frame = per_t.sort_values("t")
+    ts, bits = frame["t"].to_numpy(), frame["vlb_bits"].to_numpy()
+    if ts[0] != 1:
+        raise ValueError("the probe grid must include t = 1 for L_0")
+    prior = float(prior_kl_bits(schedule.on(x0.device), x0).mean())
+    l0 = float(bits[0])
+    middle = trapezoid_sum(ts, bits, 2, schedule.T)
+    return {"bpd": prior + l0 + middle, "prior_bits": prior, "l0_bits": l0, "diffusion_bits": middle}
+
+
+def heldout_loss(schedule: Schedule, per_t: pd.DataFrame) -> float:
+    """E_t[loss_mse] over uniform t: the held-out L_simple, interpolated over the grid."""
+    frame = per_t.sort_values("t")
+    return trapezoid_sum(frame["t"].to_numpy(), frame["loss_mse"].to_numpy(), 1, schedule.T) / schedule.T
+
+
+def pixel_statistics(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std, p01, p50, p99, frac_out) and a fixed-bin histogram of all pixel values."""
+    flat = x.detach().float().flatten()
+    # torch.quantile refuses inputs above 2**24 elements; a strided subset is plenty there
+    subset = flat if flat.numel() <= 2**24 else flat[:: flat.numel() // 2**24 + 1]
+    q = torch.quantile(subset, torch.tensor([0.01, 0.5, 0.99], device=flat.device))
+    stats = torch.stack([flat.mean(), flat.std(), q[0], q[1], q[2], (flat.abs() > 1).float().mean()])
+    hist = torch.histc(flat.clamp(*HIST_RANGE), bins=bins, min=HIST_RANGE[0], max=HIST_RANGE[1])
+    return stats, hist
+
+
+STAT_NAMES = ["mean", "std", "p01", "p50", "p99", "frac_out"]
+
+
+class DriftRecorder:
+    """Observer for the sampler: statistics of x_t along the reverse chain, beside the same
+    statistics of q(x_t) computed from held-out data with fixed noise.
+
+    Call it as ``observer(t, x_t)``; statistics stay on the device until ``tables()``, so the
+    sampling loop never waits on the host.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        reference_x0: torch.Tensor,
+        reference_noise: torch.Tensor,
+        *,
+        bins: int,
+        hist_steps: int,
+    ):
+        self.schedule, self.bins = schedule, bins
+        self.reference_x0, self.reference_noise = reference_x0, reference_noise
+        T = schedule.T
+        self.hist_ts = set(int(v) for v in np.linspace(0, T, min(hist_steps, T + 1)).round())
+        self.ts: list[int] = []
+        self.stats: list[torch.Tensor] = []
+        self.hists: dict[int, torch.Tensor] = {}
+
+    def __call__(self, t: int, x: torch.Tensor) -> None:
+        stats, hist = pixel_statistics(x, self.bins)
+        self.ts.append(t)
+        self.stats.append(stats)
+        if t in self.hist_ts:
+            self.hists[t] = hist
+
+    def reference(self, t: int) -> torch.Tensor:
+        """Pixels of x_t ~ q(x_t|x_0) for the held-out images (x_0 itself at t = 0)."""
+        if t == 0:
+            return self.reference_x0
+        tables = self.schedule.on(self.reference_x0.device)
+        t_vec = torch.full((self.reference_x0.shape[0],), t, dtype=torch.long, device=self.reference_x0.device)
+        return q_sample(tables, self.reference_x0, t_vec, self.reference_noise)
+
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The ``drift`` and ``drift_hist`` tables (t from T down to 0)."""
+        sampled = torch.stack(self.stats).cpu().numpy()
+        ref_stats, ref_hists = [], {}
+        for t in self.ts:
+            stats, hist = pixel_statistics(self.reference(t), self.bins)
+            ref_stats.append(stats)
+            if t in self.hists:
+                ref_hists[t] = hist
+        ref = torch.stack(ref_stats).cpu().numpy()
+        drift = pd.DataFrame(sampled, columns=STAT_NAMES)
+        drift.insert(0, "t", self.ts)
+        for j, name in enumerate(STAT_NAMES):
+            drift[f"ref_{name}"] = ref[:, j]
+        edges = np.linspace(*HIST_RANGE, self.bins + 1)
+        hist_rows = []
+        for t, hist in self.hists.items():
+            counts = hist.cpu().numpy()
+            ref_counts = ref_hists[t].cpu().numpy()
+            for b in range(self.bins):
+                hist_rows.append((t, edges[b], edges[b + 1], int(counts[b]), int(ref_counts[b])))
+        drift_hist = pd.DataFrame(hist_rows, columns=["t", "bin_lo", "bin_hi", "count", "ref_count"])
+        return drift, drift_hist
+
+
+def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor) -> dict[str, float]:
+    """Summary figures of drift: final and largest mean gap, W1 of final pixel values."""
+    gap = drift["mean"] - drift["ref_mean"]
+    final = drift.loc[drift["t"] == 0]
+    return {
+        "final_mean_gap": float((final["mean"] - final["ref_mean"]).iloc[0]) if len(final) else float("nan"),
+        "max_mean_gap": float(gap.abs().max()),
+        "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else float("nan"),
+        "hist_w1": wasserstein1(samples.flatten(), data.flatten()),
+        "sample_frac_out": float((samples.abs() > 1).float().mean()),
+    }
+
+
+def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact 1-D Wasserstein-1 distance between two empirical distributions: the area
+    between their quantile functions, evaluated on the merged support."""
+    a = np.sort(a.detach().float().cpu().numpy())
+    b = np.sort(b.detach().float().cpu().numpy())
+    support = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(a, support[:-1], side="right") / a.size
+    cdf_b = np.searchsorted(b, support[:-1], side="right") / b.size
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(support)))

@@ -1,0 +1,270 @@
+"""UNet that predicts the noise eps added to x_0, conditioned on the diffusion timestep t.
+
+Layout (annotated-diffusion style): ``conv_in`` -> down levels -> middle -> up levels ->
+``GroupNorm, SiLU, conv_out``. Each entry of ``channel_mults`` is one resolution level with
+``num_res_blocks`` residual blocks; every down block leaves a skip tensor that the matching
+up block concatenates. Levels are joined by a stride-2 3x3 conv (down) and nearest x2 +
+3x3 conv (up).
+
+Odd sides: a stride-2 conv with padding 1 maps a side n to ceil(n / 2), and each upsample
+resizes to the exact side of the skip it is about to meet, so 28 -> 14 -> 7 -> 4 -> 2 and
+back works without padding or cropping. Only a level whose input is already 1x1 cannot be
+halved; that raises ``ValueError`` at construction.
+
+Attention placement is decided once at construction from ``image_size``: a level gets
+self-attention when its feature-map side is in ``attention_resolutions``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm_engine.config import ModelConfig
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    # GroupNorm needs groups | channels. Channel counts differ per level (base * mult), so
+    # one `norm_groups` rarely divides all of them in a custom config; rather than refusing
+    # the config we take the closest smaller group count, which keeps the normalisation as
+    # fine-grained as the user asked for wherever it can be.
+    return nn.GroupNorm(largest_divisor_at_most(channels, groups), channels)
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """The Transformer/DDPM position encoding of a (float) timestep."""
+
+    def __init__(self, dim: int, max_period: float = 10_000.0):
+        super().__init__()
+        half = max(dim // 2, 1)
+        self.dim = 2 * half
+        # Geometric frequencies from 1 down to 1/max_period, so both the step-to-step
+        # differences and the position within the whole 1..T range are visible.
+        exponents = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
+        self.register_buffer("frequencies", max_period ** (-exponents), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = t.to(self.frequencies.dtype)[:, None] * self.frequencies[None, :]
+        return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep added after the first conv.
+
+    ``time_projection`` maps whatever time features the UNet hands over to one offset per
+    channel: a Linear from the shared MLP's output, or a whole MLP of its own from the
+    sinusoidal embedding (``time_mlp: per_block``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_projection: nn.Module,
+        norm_groups: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_projection = time_projection
+        self.norm2 = group_norm(out_channels, norm_groups)
+        # nn.Dropout(0) still dispatches an op per call in training; skip it entirely.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor, time_features: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_projection(time_features)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.shortcut(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+
+    def __init__(self, channels: int, heads: int, norm_groups: int):
+        super().__init__()
+        # Heads must split the channels evenly; like GroupNorm, fall back to the nearest
+        # smaller head count so one `attention_heads` works at every level's width.
+        self.heads = largest_divisor_at_most(channels, heads)
+        self.norm = group_norm(channels, norm_groups)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.to_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        # [B, 3C, H, W] -> [B, 3, heads, head_dim, HW]; the transpose to tokens-major is a
+        # free stride change, scaled_dot_product_attention accepts the strided views.
+        qkv = self.to_qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, head_dim]
+        attended = attended.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.to_out(attended)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        # Learned stride-2 conv; padding 1 gives ceil(n / 2), so odd sides shrink cleanly.
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, side: tuple[int, int]) -> Tensor:
+        # Resize to the skip's exact side (2x, or 2x - 1 after an odd side was halved).
+        return self.conv(F.interpolate(x, size=side, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """The residual blocks of one level, each optionally followed by self-attention."""
+
+    def __init__(self, blocks: list[ResBlock], attentions: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attentions = nn.ModuleList(attentions)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: ModelConfig, image_channels: int, image_size: int):
+        super().__init__()
+        base = config.base_channels
+        widths = [base * mult for mult in config.channel_mults]
+        sides = self._level_sides(image_size, config.channel_mults)
+        attention_sides = set(config.attention_resolutions)
+        groups, heads = config.norm_groups, config.attention_heads
+        time_dim = config.time_embed_dim
+
+        # Sinusoid width follows the first level's width, as in DDPM (ch) and the annotated
+        # UNet (dim); `time_embed_dim` is the width of the MLP that reads it.
+        self.sinusoid = SinusoidalTimeEmbedding(base)
+        self.shared_time_mlp: nn.Module | None = None
+        if config.time_mlp == "shared":
+            self.shared_time_mlp = nn.Sequential(
+                nn.Linear(self.sinusoid.dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            )
+
+        def time_projection(channels: int) -> nn.Module:
+            if self.shared_time_mlp is not None:
+                return nn.Linear(time_dim, channels)
+            return nn.Sequential(
+                nn.Linear(self.sinusoid.dim, time_dim), nn.SiLU(), nn.Linear(time_dim, channels)
+            )
+
+        def res_block(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, time_projection(c_out), groups, config.dropout)
+
+        def attention_or_identity(channels: int, side: int) -> nn.Module:
+            if side in attention_sides:
+                return SelfAttention(channels, heads, groups)
+            return nn.Identity()
+
+        self.conv_in = nn.Conv2d(image_channels, base, 3, padding=1)
+
+        self.down_stages = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        channels = base
+        for level, (width, side) in enumerate(zip(widths, sides)):
+            blocks, attentions = [], []
+            for _ in range(config.num_res_blocks):
+                blocks.append(res_block(channels, width))
+                attentions.append(attention_or_identity(width, side))
+                channels = width
+            self.down_stages.append(Stage(blocks, attentions))
+            if level < len(widths) - 1:
+                self.downsamples.append(Downsample(channels))
+
+        self.mid_block1 = res_block(channels, channels)
+        self.mid_attention = attention_or_identity(channels, sides[-1])
+        self.mid_block2 = res_block(channels, channels)
+
+        self.up_stages = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            width, side = widths[level], sides[level]
+            blocks, attentions = [], []
+            for _ in range(config.num_res_blocks):
+                blocks.append(res_block(channels + width, width))  # + the skip it concatenates
+                attentions.append(attention_or_identity(width, side))
+                channels = width
+            self.up_stages.append(Stage(blocks, attentions))
+            if level > 0:
+                self.upsamples.append(Upsample(channels))
+
+        self.norm_out = group_norm(channels, groups)
+        self.conv_out = nn.Conv2d(channels, image_channels, 3, padding=1)
+        # Zero output at initialisation: the first prediction is eps_hat = 0 (loss 1 for
+        # unit-variance noise) instead of a random field with its own scale, and the
+        # residual path starts as the identity, the usual stabiliser for diffusion UNets.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+        self.level_sides = tuple(sides)
+        self.image_size = image_size
+
+    @staticmethod
+    def _level_sides(image_size: int, channel_mults: tuple[int, ...]) -> list[int]:
+        sides = [image_size]
+        for _ in channel_mults[1:]:
+            if sides[-1] < 2:
+                raise ValueError(
+                    f"image_size {image_size} cannot be halved {len(channel_mults) - 1} times "
+                    f"for channel_mults {tuple(channel_mults)}: the feature map reaches 1x1 "
+                    f"after {len(sides) - 1} downsamples; use fewer levels"
+                )
+            sides.append((sides[-1] + 1) // 2)
+        return sides
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        time_features = self.sinusoid(t)
+        if self.shared_time_mlp is not None:
+            # Computed once per forward; the SiLU belongs to every block's projection input.
+            time_features = F.silu(self.shared_time_mlp(time_features))
+
+        h = self.conv_in(x)
+        skips = []
+        for level, stage in enumerate(self.down_stages):
+            for block, attention in zip(stage.blocks, stage.attentions):
+                h = attention(block(h, time_features))
+                skips.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h)
+
+        h = self.mid_block1(h, time_features)
+        h = self.mid_attention(h)
+        h = self.mid_block2(h, time_features)
+
+        for level, stage in enumerate(self.up_stages):
+            for block, attention in zip(stage.blocks, stage.attentions):
+                h = attention(block(torch.cat((h, skips.pop()), dim=1), time_features))
+            if level < len(self.upsamples):
+                h = self.upsamples[level](h, skips[-1].shape[-2:])
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_model(config: ModelConfig, image_channels: int, image_size: int) -> UNet:
+    return UNet(config, image_channels, image_size)

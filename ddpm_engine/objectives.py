@@ -1,0 +1,104 @@
+"""Training objectives: which t to train on and how each row's noise error is weighted."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ObjectiveConfig
+from .diffusion import Tables, at, discretized_gaussian_log_likelihood, q_sample, reverse_mean
+from .schedule import Schedule
+
+
+def gaussian_noise(shape, generator: torch.Generator, device, clip: float | None) -> torch.Tensor:
+    """Standard normal noise, optionally clipped to [-clip, clip] (the noise_clip ablation).
+
+    Generated on the generator's device and moved, so CPU runs are reproducible from the
+    generator state alone.
+    """
+    eps = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return eps.clamp_(-clip, clip) if clip is not None else eps
+
+
+class TimestepSampler:
+    """Draws t for each row and the weight that keeps the loss an unbiased estimate.
+
+    ``uniform`` draws t ~ U{1..T}. ``importance`` (Improved DDPM sec. 3.3) draws t with
+    p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses seen at t, mixed
+    with a little uniform mass; until every t has a full history it stays uniform. Rows are
+    weighted by 1 / (T p_t).
+    """
+
+    uniform_mix = 1e-3
+
+    def __init__(self, T: int, kind: str, history: int, device: torch.device):
+        self.T, self.kind, self.device = T, kind, torch.device(device)
+        self.losses = torch.zeros(T, history, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(T, dtype=torch.long, device=self.device)
+
+    def probabilities(self) -> torch.Tensor:
+        uniform = torch.full((self.T,), 1.0 / self.T, dtype=torch.float64, device=self.device)
+        if self.kind == "uniform" or bool((self.counts < self.losses.shape[1]).any()):
+            return uniform
+        rms = self.losses.pow(2).mean(dim=1).sqrt()
+        p = rms / rms.sum()
+        return p * (1 - self.uniform_mix) + uniform * self.uniform_mix
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "uniform":
+            t = torch.randint(1, self.T + 1, (batch,), generator=generator, device=generator.device)
+            return t.to(self.device), torch.ones(batch, device=self.device)
+        p = self.probabilities()
+        t = torch.multinomial(p.to(generator.device), batch, replacement=True, generator=generator).to(self.device) + 1
+        return t, (1.0 / (self.T * p[t - 1])).float()
+
+    def update(self, t: torch.Tensor, row_losses: torch.Tensor) -> None:
+        if self.kind == "uniform":
+            return
+        slot = self.counts[t - 1] % self.losses.shape[1]
+        self.losses[t - 1, slot] = row_losses.detach().to(torch.float64)
+        self.counts.index_add_(0, t - 1, torch.ones_like(t))
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.cpu(), "counts": self.counts.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.copy_(state["losses"])
+        self.counts.copy_(state["counts"])
+
+
+class Objective:
+    """The per-row training loss of one config: distance, weighting, L_0 and Min-SNR."""
+
+    def __init__(self, config: ObjectiveConfig, schedule: Schedule, sigma: str, levels: int, device):
+        self.config, self.levels = config, levels
+        self.tables = schedule.on(device)
+        self.reverse_log_variance = schedule.reverse_variance(sigma).log().to(device, torch.float32)
+        weights = torch.ones(schedule.T, dtype=torch.float64)
+        if config.weighting == "vlb":
+            weights = weights * schedule.vlb_weights(sigma)  # DDPM eq. 12
+        if config.min_snr_gamma is not None:
+            # Min-SNR-gamma for eps-prediction (Hang et al. 2023 eq. 9): min(SNR, gamma) / SNR
+            snr = schedule.snr()
+            weights = weights * snr.clamp(max=config.min_snr_gamma) / snr
+        self.t_weights = weights.to(device, torch.float32)
+
+    def row_losses(self, model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Loss of each row (mean over dimensions), before importance weights."""
+        xt = q_sample(self.tables, x0, t, eps)
+        eps_pred = model(xt, t).float()
+        if self.config.loss == "huber":
+            distance = F.huber_loss(eps_pred, eps, delta=self.config.huber_delta, reduction="none")
+        else:
+            distance = (eps_pred - eps) ** 2
+        rows = distance.flatten(1).mean(dim=1) * self.t_weights[t - 1]
+        if self.config.l0_term:
+            rows = torch.where(t == 1, self.decoder_nll(x0, xt, t, eps_pred), rows)
+        return rows
+
+    def decoder_nll(self, x0, xt, t, eps_pred) -> torch.Tensor:
+        """L_0 per row, nats per dimension: -log p(x_0|x_1), discretized decoder (eq. 13)."""
+        mean, _ = reverse_mean(self.tables, xt, t, eps_pred)
+        log_scale = 0.5 * at(self.reverse_log_variance, t, xt)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, log_scale, self.levels)
+        return nll.flatten(1).mean(dim=1)

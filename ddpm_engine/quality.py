@@ -1,0 +1,432 @@
+"""Sample quality: Frechet distance, class coverage and pixel statistics of generated images.
+
+For digits the Frechet distance is taken in the 64-dim penultimate layer of a small CNN
+trained once on the train split and cached on disk (an 8x8 stand-in for the Inception
+network of FID). For other data there is no such network, so the distance is taken on
+pixels of images downsampled to at most 8x8, and class coverage is undefined (NaN).
+
+Reference: Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter, "GANs Trained by a Two
+Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017 (FID).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CLASSIFIER_VERSION",
+    "DigitClassifier",
+    "feature_statistics",
+    "frechet_distance",
+    "load_digit_classifier",
+    "sample_quality",
+]
+
+# Part of the cache key: bump whenever the architecture or the training recipe changes,
+# so that stale weights are never loaded into a different model.
+CLASSIFIER_VERSION = "digit-cnn-v1"
+
+_SIDE = 8  # the classifier's native input side (scikit-learn digits are 8x8)
+_NUM_CLASSES = 10
+_FEATURE_DIM = 64
+_SEED = 0
+_EPOCHS = 30
+_BATCH = 64
+_LR = 3e-3
+_ROUND_TRIP_P = 0.5  # share of training batches seen through an upsample/downsample trip
+_ROUND_TRIP_SIDES = (12, 16, 24, 32)
+_EVAL_BATCH = 1024
+_SATURATED = 0.99  # |x| at or above this counts as a saturated pixel
+_COVERAGE_SHARE = 0.2  # a class is "covered" with >= 20% of its fair share of samples
+
+
+# ---------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (float64) of an N x D feature matrix, N >= 2."""
+    x = _as_float64(features)
+    if x.ndim != 2:
+        x = x.reshape(x.shape[0], -1)
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
+    mu = x.mean(axis=0)
+    cov = np.atleast_2d(np.cov(x, rowvar=False))
+    return mu, cov
+
+
+def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 0.0) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2).
+
+    Heusel et al. 2017, eq. (6):
+        d^2 = ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^{1/2}).
+
+    (C1 C2)^{1/2} is not computed directly: C1 C2 is not symmetric, so a generic sqrtm
+    returns round-off imaginary parts and fails when the product is singular (fewer
+    samples than feature dimensions, dead ReLU units), which is why FID code adds eps*I.
+    Instead we use that C1 C2 = S (S C2) and S C2 S (S = C1^{1/2}) share their eigenvalues,
+    and S C2 S is symmetric PSD, so Tr (C1 C2)^{1/2} = sum_i sqrt(lambda_i(S C2 S)) with real
+    eigenvalues from `eigh`; tiny negative ones from round-off are clipped to 0. This is
+    exact for singular covariances, so no offset is needed; `eps` > 0 still adds eps*I to
+    both covariances for those who want to match the regularised FID implementations.
+    """
+    mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
+    cov1, cov2 = np.atleast_2d(_as_float64(cov1)), np.atleast_2d(_as_float64(cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size,) * 2:
+        raise ValueError(
+            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, cov {cov1.shape} vs {cov2.shape}"
+        )
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, cov1, cov2)):
+        return float("nan")  # e.g. samples of a diverged model; no distance is meaningful
+    if eps > 0:
+        offset = eps * np.eye(mu1.size)
+        cov1, cov2 = cov1 + offset, cov2 + offset
+    diff = mu1 - mu2
+    tr_covmean = _trace_sqrt_product(cov1, cov2)
+    d2 = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
+    # The exact value is >= 0; round-off can push identical statistics slightly below.
+    return max(d2, 0.0)
+
+
+def _trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+    """Tr (C1 C2)^{1/2} for symmetric PSD C1, C2 via S C2 S, S = C1^{1/2}."""
+    s1 = _psd_sqrt(cov1)
+    middle = s1 @ _symmetrize(cov2) @ s1
+    eigvals = np.linalg.eigvalsh(_symmetrize(middle))
+    return float(np.sqrt(np.clip(eigvals, 0.0, None)).sum())
+
+
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a (numerically) PSD matrix; negative round-off clipped."""
+    eigvals, eigvecs = np.linalg.eigh(_symmetrize(cov))
+    return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
+
+
+def _symmetrize(a: np.ndarray) -> np.ndarray:
+    # Covariances are symmetric in exact arithmetic; eigh reads only one triangle, so
+    # averaging keeps both triangles' information instead of silently dropping one.
+    return 0.5 * (a + a.T)
+
+
+def _as_float64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Digit classifier
+# ---------------------------------------------------------------------------------------
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN for 1x8x8 digits in [-1, 1]; its 64-dim penultimate layer is the FD space.
+
+    Any input is first mapped to the native format: channels averaged to grey, then resized
+    to 8x8 with antialiased bilinear interpolation, so digits at any `image_size` (or RGB
+    renderings of them) are scored by the same network.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.fc = nn.Linear(32 * (_SIDE // 2) ** 2, _FEATURE_DIM)
+        self.head = nn.Linear(_FEATURE_DIM, _NUM_CLASSES)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations, N x 64."""
+        h = _to_native(x.to(self.conv1.weight))  # match the weights' dtype and device
+        h = F.relu(self.conv1(h))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits, N x 10."""
+        return self.head(self.features(x))
+
+
+def _to_native(x: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W in [-1, 1] -> N x 1 x 8 x 8 (grey, antialiased resize)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected N x C x H x W images, got shape {tuple(x.shape)}")
+    if x.shape[1] != 1:
+        x = x.mean(dim=1, keepdim=True)
+    if x.shape[-2:] != (_SIDE, _SIDE):
+        x = F.interpolate(
+            x, size=(_SIDE, _SIDE), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x
+
+
+def load_digit_classifier(
+    train_images: torch.Tensor,
+    train_labels,
+    cache_dir: str | Path | None = None,
+) -> DigitClassifier:
+    """The digit classifier for this training split: loaded from cache, else trained once.
+
+    `train_images` is N x 1 x H x W with integer values 0..16 (scikit-learn digits), mapped
+    to [-1, 1] by x/16*2-1. Weights are cached under `cache_dir` (None: $DDPM_ENGINE_CACHE,
+    else ~/.cache/ddpm_engine) keyed by a hash of the images, labels and
+    CLASSIFIER_VERSION, so a different split or recipe never reuses stale weights. The
+    returned model is in eval mode with gradients disabled.
+    """
+    images = torch.as_tensor(train_images).detach().cpu()
+    if not isinstance(train_labels, torch.Tensor):
+        train_labels = torch.as_tensor(np.asarray(train_labels))
+    labels = train_labels.detach().cpu().to(torch.int64).flatten()
+    _check_training_data(images, labels)
+    path = _cache_dir(cache_dir) / f"digit_classifier-{_cache_key(images, labels)}.pt"
+
+    model = _load_cached(path)
+    if model is None:
+        model = _train_classifier(images, labels)
+        _save_atomic(model, path)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _check_training_data(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"train_images must be N x 1 x H x W, got {tuple(images.shape)}")
+    if images.shape[0] != labels.numel():
+        raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
+    if images.is_floating_point() or images.dtype == torch.bool:
+        raise TypeError(f"train_images must hold integers 0..16, got dtype {images.dtype}")
+    if images.numel() and (int(images.min()) < 0 or int(images.max()) > 16):
+        raise ValueError("train_images values must lie in 0..16")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= _NUM_CLASSES):
+        raise ValueError("train_labels must lie in 0..9")
+
+
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("DDPM_ENGINE_CACHE") or Path.home() / ".cache" / "ddpm_engine"
+    return Path(cache_dir).expanduser()
+
+
+def _cache_key(images: torch.Tensor, labels: torch.Tensor) -> str:
+    # Hash the canonical uint8/int64 bytes plus the shape, so that the same pixels given
+    # with another integer dtype hit the same entry, and a reshaped array does not.
+    h = hashlib.sha256(CLASSIFIER_VERSION.encode())
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.to(torch.uint8).contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _load_cached(path: Path) -> DigitClassifier | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("version") != CLASSIFIER_VERSION:
+            return None
+        model = DigitClassifier()
+        model.load_state_dict(payload["state_dict"])
+        return model
+    except Exception:  # noqa: BLE001 - a corrupt or foreign file is a miss: retrain
+        return None
+
+
+def _save_atomic(model: DigitClassifier, path: Path) -> None:
+    # Write to a temp file in the same directory, then os.replace: concurrent runs either
+    # see the old state or the complete new file, never a half-written one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"version": CLASSIFIER_VERSION, "state_dict": model.state_dict()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _train_classifier(images: torch.Tensor, labels: torch.Tensor) -> DigitClassifier:
+    """Deterministic training: fixed seed, private RNG state, a few epochs of Adam on CPU.
+
+    Runs on one intra-op thread: parallel reductions sum in a thread-count-dependent order,
+    and over hundreds of steps that round-off grows into visibly different weights. For a
+    model this small one thread is also faster than contending for shared cores.
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_single_thread(images, labels)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_single_thread(images: torch.Tensor, labels: torch.Tensor) -> DigitClassifier:
+    x = _to_native(images.to(torch.float32) / 16.0 * 2.0 - 1.0)
+    # fork_rng: the caller's global RNG stream is unchanged by building this model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model = DigitClassifier()
+    gen = torch.Generator().manual_seed(_SEED)
+    steps_per_epoch = math.ceil(len(x) / _BATCH)
+    opt = torch.optim.Adam(model.parameters(), lr=_LR, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=_LR, total_steps=_EPOCHS * steps_per_epoch
+    )
+    model.train()
+    for _ in range(_EPOCHS):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), _BATCH):
+            idx = order[i : i + _BATCH]
+            loss = F.cross_entropy(model(_augment(x[idx], gen)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random +-1 pixel shifts, resize round trips and mild additive noise.
+
+    Generated digits are slightly off-centre and never exactly on the 17 grey levels, and
+    digits trained at image_size > 8 come back to 8x8 through an up- then down-sampling
+    that blurs them. A classifier that has only seen the clean grid is brittle on such
+    inputs, which would make the features (and so the FD) depend on the image size.
+    """
+    if torch.rand((), generator=gen) < _ROUND_TRIP_P:
+        side = _ROUND_TRIP_SIDES[int(torch.randint(len(_ROUND_TRIP_SIDES), (), generator=gen))]
+        up = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        x = _to_native(up)
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)  # -1 is the background (ink-free) level
+    dy, dx = torch.randint(0, 3, (2, n), generator=gen)
+    rows = (dy[:, None] + torch.arange(_SIDE))[:, :, None]  # N x 8 x 1
+    cols = (dx[:, None] + torch.arange(_SIDE))[:, None, :]  # N x 1 x 8
+    shifted = padded[:, 0][torch.arange(n)[:, None, None], rows, cols].unsqueeze(1)
+    noise = 0.05 * torch.randn(shifted.shape, generator=gen)
+    return (shifted + noise).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Sample quality
+# ---------------------------------------------------------------------------------------
+
+
+def sample_quality(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    classifier: DigitClassifier | None = None,
+) -> dict[str, float]:
+    """Quality of `samples` (N x C x H x W in [-1, 1]) against `reference` (M x C x H x W).
+
+    With a classifier (digits):
+      - fd: Frechet distance (Heusel et al. 2017) between the classifier's 64-dim
+        penultimate features of samples and of reference.
+      - coverage: fraction of the 10 classes that are the argmax prediction of at least
+        max(1, round(0.2 * N / 10)) samples, i.e. of at least 20% of a class's fair share.
+        A model that collapses onto k classes scores about k/10; the 20% floor keeps a
+        class from counting as covered because of one or two stray samples.
+      - class_entropy: entropy in bits of the predicted-class histogram (log2(10) = 3.32
+        for a uniform spread, 0 when every sample gets the same class).
+      - confidence: mean maximum softmax probability; blurry or non-digit samples score low.
+    Without a classifier (other data):
+      - fd: Frechet distance in pixel space of images downsampled (antialiased bilinear)
+        to at most 8x8 per channel, i.e. at most 64*C dimensions; coverage, class_entropy
+        and confidence are NaN.
+    Always:
+      - pixel_mean_gap: mean pixel of samples minus mean pixel of reference.
+      - sat_frac / ref_sat_frac: fraction of sample / reference pixels with |x| >= 0.99.
+
+    Tensors may live on any device; the classifier runs on its own device and all
+    statistics are computed on CPU in float64.
+    """
+    _check_images(samples, "samples")
+    _check_images(reference, "reference")
+    out: dict[str, float] = {}
+    if classifier is not None:
+        feat_s, logits_s = _classify(classifier, samples)
+        feat_r, _ = _classify(classifier, reference)
+        out["fd"] = _fd_between(feat_s, feat_r)
+        out.update(_class_metrics(logits_s))
+    else:
+        out["fd"] = _fd_between(_pixel_features(samples), _pixel_features(reference))
+        out.update(coverage=math.nan, class_entropy=math.nan, confidence=math.nan)
+    out.update(_pixel_metrics(samples, reference))
+    return out
+
+
+def _check_images(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} must be an N x C x H x W tensor")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 images for a covariance, got {x.shape[0]}")
+
+
+@torch.no_grad()
+def _classify(model: DigitClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits on CPU, computed in batches to bound memory."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    feats, logits = [], []
+    for chunk in x.split(_EVAL_BATCH):
+        f = model.features(chunk.to(device))
+        feats.append(f.cpu())
+        logits.append(model.head(f).cpu())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def _fd_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    mu_a, cov_a = feature_statistics(a)
+    mu_b, cov_b = feature_statistics(b)
+    return frechet_distance(mu_a, cov_a, mu_b, cov_b)
+
+
+def _class_metrics(logits: torch.Tensor) -> dict[str, float]:
+    logits = logits.to(torch.float64)
+    if not torch.isfinite(logits).all():
+        # A diverged sampler: argmax of NaN would silently vote for class 0.
+        return {"coverage": math.nan, "class_entropy": math.nan, "confidence": math.nan}
+    n = logits.shape[0]
+    counts = torch.bincount(logits.argmax(dim=1), minlength=_NUM_CLASSES).to(torch.float64)
+    # Round half up explicitly (Python's round() is banker's rounding).
+    threshold = max(1, math.floor(_COVERAGE_SHARE * n / _NUM_CLASSES + 0.5))
+    p = counts / n
+    nz = p[p > 0]
+    return {
+        "coverage": float((counts >= threshold).to(torch.float64).mean()),
+        "class_entropy": float(-(nz * torch.log2(nz)).sum()) + 0.0,  # +0.0 turns -0.0 into 0.0
+        "confidence": float(torch.softmax(logits, dim=1).amax(dim=1).mean()),
+    }
+
+
+def _pixel_features(x: torch.Tensor) -> torch.Tensor:
+    """Images downsampled to at most 8x8 (antialiased), flattened: N x (C*h*w)."""
+    x = x.detach().to("cpu", torch.float32)
+    h, w = min(x.shape[-2], _SIDE), min(x.shape[-1], _SIDE)
+    if (h, w) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x.flatten(1)
+
+
+def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    s = samples.detach().to("cpu", torch.float64)
+    r = reference.detach().to("cpu", torch.float64)
+    return {
+        "pixel_mean_gap": float(s.mean() - r.mean()),
+        "sat_frac": float((s.abs() >= _SATURATED).to(torch.float64).mean()),
+        "ref_sat_frac": float((r.abs() >= _SATURATED).to(torch.float64).mean()),
+    }

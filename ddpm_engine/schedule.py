@@ -1,0 +1,123 @@
+"""Noise schedules and every coefficient derived from them, in float64.
+
+Indexing: tensors are 0-based over t = 1..T, so ``betas[t - 1]`` is beta_t of the paper.
+Coefficients are computed in float64 because 1 - alphabar_t underflows in float32 at small
+t for long schedules, and the VLB terms divide by it.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from .config import DiffusionConfig
+
+
+def linear_betas(T: int, beta_start: float, beta_end: float, scaling: str = "none") -> torch.Tensor:
+    """DDPM sec. 4: betas linear from beta_1 to beta_T.
+
+    With ``scaling="by_T"`` both ends are multiplied by 1000/T (Improved DDPM sec. 3.2), so a
+    short chain still ends near pure noise; ``"none"`` keeps 1e-4..0.02 whatever T is, which
+    for small T leaves alphabar_T far from 0 (a chain that never reaches noise).
+    """
+    if scaling == "by_T":
+        scale = 1000.0 / T
+        beta_start, beta_end = beta_start * scale, beta_end * scale
+    elif scaling != "none":
+        raise ValueError(f"unknown beta_scaling {scaling!r}")
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(
+            f"betas must satisfy 0 < beta_start <= beta_end < 1, got {beta_start}..{beta_end} "
+            f"(after beta_scaling={scaling!r} at T={T})"
+        )
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Improved DDPM eq. 17: alphabar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
+
+    beta_t = 1 - alphabar_t / alphabar_{t-1}, capped at ``max_beta`` because the last beta
+    tends to 1 (a singularity at t = T); the cap decides how close to pure noise x_T gets.
+    """
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphabar = f / f[0]
+    return (1 - alphabar[1:] / alphabar[:-1]).clamp(max=max_beta)
+
+
+class Schedule:
+    """All per-t constants of the forward and reverse processes (float64, index t-1).
+
+    Computed once at construction: the training and sampling loops index them every step.
+    """
+
+    def __init__(self, betas: torch.Tensor):
+        if betas.ndim != 1 or betas.numel() < 2:
+            raise ValueError("betas must be a 1-D tensor with at least 2 entries")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta_t must lie in (0, 1)")
+        self.betas = betas.to(torch.float64)
+        self.T = self.betas.shape[0]
+        self.alphas = 1.0 - self.betas
+        # DDPM eq. 4: alphabar_t = prod_{s<=t} alpha_s
+        self.alphabar = torch.cumprod(self.alphas, dim=0)
+        # alphabar_{t-1}, with alphabar_0 = 1
+        self.alphabar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphabar[:-1]])
+        # beta_tilde_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t (DDPM eq. 7)
+        self.posterior_variance = (1 - self.alphabar_prev) / (1 - self.alphabar) * self.betas
+        # beta_tilde_1 is 0 (the t=1 posterior is a point mass); like Improved DDPM, use
+        # beta_tilde_2 there so that the t=1 reverse step and decoder have a finite variance.
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
+        # posterior mean mu_tilde_t = coef_x0 x_0 + coef_xt x_t (DDPM eq. 7)
+        self.posterior_mean_coef_x0 = self.alphabar_prev.sqrt() * self.betas / (1 - self.alphabar)
+        self.posterior_mean_coef_xt = (
+            self.alphas.sqrt() * (1 - self.alphabar_prev) / (1 - self.alphabar)
+        )
+        self._device_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def reverse_variance(self, sigma: str) -> torch.Tensor:
+        """sigma_t^2 of p(x_{t-1}|x_t) (DDPM sec. 3.2): beta_t or beta_tilde_t (clipped at t=1)."""
+        if sigma == "beta":
+            return self.betas.clone()
+        if sigma == "beta_tilde":
+            return self.posterior_log_variance_clipped.exp()
+        raise ValueError(f"unknown reverse variance {sigma!r}")
+
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio alphabar_t / (1 - alphabar_t)."""
+        return self.alphabar / (1 - self.alphabar)
+
+    def vlb_weights(self, sigma: str) -> torch.Tensor:
+        """DDPM eq. 12: w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)).
+
+        L_{t-1} = w_t E||eps - eps_theta||^2; L_simple (eq. 14) drops these weights.
+        """
+        var = self.reverse_variance(sigma)
+        return self.betas**2 / (2 * var * self.alphas * (1 - self.alphabar))
+
+    def on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The per-t tables cast once to ``dtype`` on ``device``, for the hot loops."""
+        key = (str(device), dtype)
+        if key not in self._device_cache:
+            names = [
+                "betas", "alphas", "alphabar", "alphabar_prev", "posterior_variance",
+                "posterior_log_variance_clipped", "posterior_mean_coef_x0", "posterior_mean_coef_xt",
+            ]
+            tables = {n: getattr(self, n) for n in names}
+            tables["sqrt_alphabar"] = self.alphabar.sqrt()
+            tables["sqrt_one_minus_alphabar"] = (1 - self.alphabar).sqrt()
+            tables["snr"] = self.snr()
+            self._device_cache[key] = {n: v.to(device=device, dtype=dtype) for n, v in tables.items()}
+        return self._device_cache[key]
+
+
+def make_schedule(config: DiffusionConfig) -> Schedule:
+    if config.schedule == "linear":
+        betas = linear_betas(config.T, config.beta_start, config.beta_end, config.beta_scaling)
+    elif config.schedule == "cosine":
+        betas = cosine_betas(config.T, config.cosine_s, config.max_beta)
+    else:
+        raise ValueError(f"unknown schedule {config.schedule!r}")
+    return Schedule(betas=betas)

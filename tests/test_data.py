@@ -1,0 +1,473 @@
+"""Tests of ddpm_engine.data: every source, the split, the cache and each user-facing error."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_engine import data as data_module
+from ddpm_engine.config import DataConfig
+from ddpm_engine.data import DataError, ImageData, load_data
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageData:
+    return load_data(DataConfig(name="digits"))
+
+
+def _rgb(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _grey(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="L")
+
+
+@pytest.fixture
+def rgb_folder(tmp_path: Path) -> Path:
+    """Five same-size RGB images: PNG, JPEG with upper-case suffix, and a nested subfolder."""
+    folder = tmp_path / "faces"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    _rgb(12, 12, 0).save(folder / "a.png")
+    _rgb(12, 12, 1).save(folder / "b.JPG")
+    _rgb(12, 12, 2).save(folder / "nested" / "c.jpeg")
+    _rgb(12, 12, 3).save(folder / "nested" / "deeper" / "d.png")
+    _rgb(12, 12, 4).convert("RGBA").save(folder / "e.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def _folder_config(folder: Path, cache_dir: Path, **kwargs) -> DataConfig:
+    return DataConfig(name="image_folder", path=str(folder), cache_dir=str(cache_dir), **kwargs)
+
+
+# --- digits ---
+
+
+def test_digits_shape_dtype_levels_and_labels(digits: ImageData) -> None:
+    assert digits.name == "digits"
+    assert digits.levels == 17
+    assert digits.train.dtype == torch.uint8 and digits.heldout.dtype == torch.uint8
+    assert digits.train.shape[1:] == (1, 8, 8)
+    assert (digits.channels, digits.image_size) == (1, 8)
+    everything = torch.cat([digits.train, digits.heldout])
+    assert int(everything.max()) == 16 and int(everything.min()) == 0
+    assert digits.train.shape[0] + digits.heldout.shape[0] == 1797
+    assert digits.heldout.shape[0] == round(1797 * 0.1)
+    assert digits.train_labels.dtype == torch.int64
+    assert digits.train_labels.shape[0] == digits.train.shape[0]
+    assert digits.heldout_labels.shape[0] == digits.heldout.shape[0]
+    assert set(torch.cat([digits.train_labels, digits.heldout_labels]).tolist()) == set(range(10))
+
+
+def test_digits_split_is_deterministic_and_follows_split_seed(digits: ImageData) -> None:
+    again = load_data(DataConfig(name="digits"))
+    assert torch.equal(digits.train, again.train)
+    assert torch.equal(digits.heldout, again.heldout)
+    assert torch.equal(digits.heldout_labels, again.heldout_labels)
+    other = load_data(DataConfig(name="digits", split_seed=1))
+    assert not torch.equal(digits.heldout, other.heldout)
+    assert other.train.shape[0] + other.heldout.shape[0] == 1797
+
+
+def test_digits_resized_keeps_17_levels() -> None:
+    resized = load_data(DataConfig(name="digits", image_size=16))
+    assert resized.train.shape[1:] == (1, 16, 16)
+    assert resized.levels == 17
+    values = set(torch.unique(torch.cat([resized.train, resized.heldout])).tolist())
+    assert values <= set(range(17))
+    assert len(values) > 10  # interpolation did not collapse the grey levels
+
+
+def test_digits_three_channels_repeat_grey() -> None:
+    colour = load_data(DataConfig(name="digits", channels=3))
+    assert colour.train.shape[1:] == (3, 8, 8)
+    assert torch.equal(colour.train[:, 0], colour.train[:, 2])
+
+
+def test_model_space_range_and_round_trip(digits: ImageData) -> None:
+    x = digits.to_model_space(digits.train)
+    assert x.dtype == torch.float32
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert torch.equal(digits.from_model_space(x), digits.train)
+    # Out-of-range and NaN samples still map to valid levels.
+    wild = torch.tensor([-3.0, 3.0, float("nan"), 0.01])
+    assert digits.from_model_space(wild).tolist() == [0, 16, 8, 8]
+
+
+def test_max_images_and_levels_override() -> None:
+    small = load_data(DataConfig(name="digits", max_images=50, heldout_fraction=0.2))
+    assert (small.train.shape[0], small.heldout.shape[0]) == (40, 10)
+    assert small.train_labels.shape[0] == 40
+    same = load_data(DataConfig(name="digits", max_images=50, heldout_fraction=0.2))
+    assert torch.equal(small.train, same.train)
+    binary = load_data(DataConfig(name="digits", levels=2))
+    assert binary.levels == 2
+    assert set(torch.unique(binary.train).tolist()) == {0, 1}
+
+
+def test_split_keeps_one_image_on_each_side() -> None:
+    tiny = load_data(DataConfig(name="digits", max_images=2, heldout_fraction=0.01))
+    assert (tiny.train.shape[0], tiny.heldout.shape[0]) == (1, 1)
+
+
+# --- image folders ---
+
+
+def test_image_folder_native(rgb_folder: Path, cache_dir: Path) -> None:
+    loaded = load_data(_folder_config(rgb_folder, cache_dir, heldout_fraction=0.2))
+    assert loaded.name == "image_folder:faces"
+    assert loaded.levels == 256
+    assert loaded.train.shape == (4, 3, 12, 12)
+    assert loaded.heldout.shape == (1, 3, 12, 12)
+    assert loaded.train_labels is None and loaded.heldout_labels is None
+    # The PNGs are lossless, so the loaded pixels include a.png exactly.
+    a_png = torch.from_numpy(np.array(_rgb(12, 12, 0))).permute(2, 0, 1)
+    everything = torch.cat([loaded.train, loaded.heldout])
+    assert any(torch.equal(image, a_png) for image in everything)
+
+
+def test_image_folder_resize_and_grey(rgb_folder: Path, cache_dir: Path) -> None:
+    _rgb(30, 20, 5).save(rgb_folder / "nested" / "wide.png")  # center-cropped to square
+    _grey(9, 9, 6).save(rgb_folder / "grey.png")
+    loaded = load_data(_folder_config(rgb_folder, cache_dir, image_size=8, channels=1))
+    assert loaded.train.shape[1:] == (1, 8, 8)
+    assert loaded.train.shape[0] + loaded.heldout.shape[0] == 7
+    colour = load_data(_folder_config(rgb_folder, cache_dir, image_size=6, channels=3))
+    assert colour.train.shape[1:] == (3, 6, 6)
+
+
+def test_image_folder_grey_only_keeps_one_channel(tmp_path: Path, cache_dir: Path) -> None:
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(3):
+        _grey(10, 10, i).save(folder / f"{i}.png")
+    _grey(10, 10, 9).convert("LA").save(folder / "alpha.png")
+    loaded = load_data(_folder_config(folder, cache_dir))
+    assert loaded.train.shape[1:] == (1, 10, 10)
+
+
+def test_image_folder_cache_is_written_and_reused(
+    rgb_folder: Path, cache_dir: Path, monkeypatch
+) -> None:
+    config = _folder_config(rgb_folder, cache_dir, image_size=8)
+    first = load_data(config)
+    cache_files = list(cache_dir.glob("*.npy"))
+    assert len(cache_files) == 1
+    assert not list(cache_dir.glob("*.tmp"))
+    mtime = cache_files[0].stat().st_mtime_ns
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cached folder was decoded again")
+
+    monkeypatch.setattr(Image, "open", no_decoding)
+    second = load_data(config)
+    assert torch.equal(first.train, second.train)
+    assert torch.equal(first.heldout, second.heldout)
+    assert cache_files[0].stat().st_mtime_ns == mtime
+    monkeypatch.undo()
+
+    # A different size is a different cache entry.
+    load_data(_folder_config(rgb_folder, cache_dir, image_size=4))
+    assert len(list(cache_dir.glob("*.npy"))) == 2
+
+
+def test_image_folder_cache_notices_changed_files(rgb_folder: Path, cache_dir: Path) -> None:
+    config = _folder_config(rgb_folder, cache_dir)
+    before = load_data(config)
+    _rgb(12, 12, 99).save(rgb_folder / "new.png")
+    after = load_data(config)
+    count = lambda loaded: loaded.train.shape[0] + loaded.heldout.shape[0]  # noqa: E731
+    assert count(after) == count(before) + 1
+
+
+def test_image_folder_cache_dir_from_environment(
+    rgb_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    env_cache = tmp_path / "env_cache"
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(env_cache))
+    load_data(DataConfig(name="image_folder", path=str(rgb_folder)))
+    assert len(list(env_cache.glob("*.npy"))) == 1
+
+
+def test_image_folder_corrupt_cache_is_rebuilt(rgb_folder: Path, cache_dir: Path) -> None:
+    config = _folder_config(rgb_folder, cache_dir)
+    first = load_data(config)
+    cache_file = next(cache_dir.glob("*.npy"))
+    cache_file.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="cache"):
+        second = load_data(config)
+    assert torch.equal(first.train, second.train)
+
+
+def test_image_folder_missing_path(tmp_path: Path, cache_dir: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="nowhere"):
+        load_data(_folder_config(missing, cache_dir))
+
+
+def test_image_folder_path_required() -> None:
+    with pytest.raises(DataError, match="data.path"):
+        load_data(DataConfig(name="image_folder"))
+
+
+def test_image_folder_not_a_directory(tmp_path: Path, cache_dir: Path) -> None:
+    file = tmp_path / "single.png"
+    _rgb(4, 4, 0).save(file)
+    with pytest.raises(DataError, match="single.png"):
+        load_data(_folder_config(file, cache_dir))
+
+
+def test_image_folder_without_images(tmp_path: Path, cache_dir: Path) -> None:
+    folder = tmp_path / "empty_folder"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="empty_folder"):
+        load_data(_folder_config(folder, cache_dir))
+
+
+def test_image_folder_corrupt_image(rgb_folder: Path, cache_dir: Path) -> None:
+    (rgb_folder / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        load_data(_folder_config(rgb_folder, cache_dir))
+
+
+def test_image_folder_truncated_image(rgb_folder: Path, cache_dir: Path) -> None:
+    whole = rgb_folder / "a.png"
+    (rgb_folder / "truncated.png").write_bytes(whole.read_bytes()[:60])
+    with pytest.raises(DataError, match="truncated.png"):
+        load_data(_folder_config(rgb_folder, cache_dir))
+
+
+def test_image_folder_mixed_channels(rgb_folder: Path, cache_dir: Path) -> None:
+    _grey(12, 12, 7).save(rgb_folder / "grey.png")
+    with pytest.raises(DataError, match="data.channels") as info:
+        load_data(_folder_config(rgb_folder, cache_dir))
+    assert "grey.png" in str(info.value) and "a.png" in str(info.value)
+
+
+def test_image_folder_mixed_sizes(rgb_folder: Path, cache_dir: Path) -> None:
+    _rgb(16, 16, 8).save(rgb_folder / "big.png")
+    with pytest.raises(DataError, match="data.image_size") as info:
+        load_data(_folder_config(rgb_folder, cache_dir))
+    assert "big.png" in str(info.value)
+
+
+def test_image_folder_not_square_needs_image_size(tmp_path: Path, cache_dir: Path) -> None:
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(2):
+        _rgb(10, 6, i).save(folder / f"{i}.png")
+    with pytest.raises(DataError, match="data.image_size"):
+        load_data(_folder_config(folder, cache_dir))
+    assert load_data(_folder_config(folder, cache_dir, image_size=6)).train.shape[1:] == (3, 6, 6)
+
+
+# --- npz ---
+
+
+def _save_npz(tmp_path: Path, name: str = "arrays.npz", **arrays) -> Path:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def _npz_config(path: Path, **kwargs) -> DataConfig:
+    return DataConfig(name="npz", path=str(path), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((6, 8, 8), (1, 8, 8)),
+        ((6, 8, 8, 1), (1, 8, 8)),
+        ((6, 8, 8, 3), (3, 8, 8)),
+        ((6, 3, 8, 8), (3, 8, 8)),
+        ((6, 1, 8, 8), (1, 8, 8)),
+    ],
+)
+def test_npz_layouts(tmp_path: Path, shape, expected) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    loaded = load_data(_npz_config(_save_npz(tmp_path, images=pixels)))
+    assert loaded.train.shape[1:] == expected
+    assert loaded.levels == 256
+    assert loaded.train.shape[0] + loaded.heldout.shape[0] == 6
+
+
+def test_npz_nhwc_values_are_transposed_not_scrambled(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(4, 5, 5, 3), dtype=np.uint8)
+    loaded = load_data(_npz_config(_save_npz(tmp_path, images=pixels), heldout_fraction=0.25))
+    everything = torch.cat([loaded.train, loaded.heldout]).permute(0, 2, 3, 1).numpy()
+    assert sorted(map(bytes, everything)) == sorted(map(bytes, pixels))
+
+
+def test_npz_dtypes(tmp_path: Path) -> None:
+    ints = np.arange(4 * 8 * 8, dtype=np.int64).reshape(4, 8, 8) % 200
+    loaded = load_data(_npz_config(_save_npz(tmp_path, "ints.npz", x=ints)))
+    assert int(torch.cat([loaded.train, loaded.heldout]).max()) == 199 and loaded.levels == 256
+
+    unit = np.linspace(0.0, 1.0, 4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4)
+    loaded = load_data(_npz_config(_save_npz(tmp_path, "unit.npz", x=unit)))
+    values = torch.cat([loaded.train, loaded.heldout])
+    assert (int(values.min()), int(values.max())) == (0, 255)
+
+    signed = unit * 2 - 1
+    loaded_signed = load_data(_npz_config(_save_npz(tmp_path, "signed.npz", x=signed)))
+    assert torch.equal(loaded_signed.train, loaded.train)
+
+    with pytest.raises(DataError, match="wide.npz"):
+        load_data(_npz_config(_save_npz(tmp_path, "wide.npz", x=unit * 255)))
+    with pytest.raises(DataError, match="big.npz"):
+        load_data(_npz_config(_save_npz(tmp_path, "big.npz", x=ints + 1000)))
+    with pytest.raises(DataError, match="nan.npz"):
+        load_data(_npz_config(_save_npz(tmp_path, "nan.npz", x=unit * np.nan)))
+
+
+def test_npz_levels_declared_by_config(tmp_path: Path) -> None:
+    digits_like = np.random.default_rng(2).integers(0, 17, size=(10, 8, 8), dtype=np.uint8)
+    path = _save_npz(tmp_path, images=digits_like)
+    loaded = load_data(_npz_config(path, levels=17))
+    assert loaded.levels == 17
+    assert torch.equal(torch.cat([loaded.train, loaded.heldout]).sort(0).values,
+                       torch.from_numpy(digits_like).unsqueeze(1).sort(0).values)
+    with pytest.raises(DataError, match="data.levels"):
+        load_data(_npz_config(path, levels=4))
+    unit = np.linspace(0, 1, 10 * 16).reshape(10, 4, 4)
+    quantized = load_data(_npz_config(_save_npz(tmp_path, "unit.npz", x=unit), levels=5))
+    assert set(torch.unique(quantized.train).tolist()) <= set(range(5))
+
+
+def test_npz_key_and_labels(tmp_path: Path) -> None:
+    first = np.zeros((5, 4, 4), dtype=np.uint8)
+    second = np.full((5, 4, 4), 7, dtype=np.uint8)
+    path = _save_npz(tmp_path, first=first, second=second, labels=np.arange(5))
+    default = load_data(_npz_config(path))
+    assert int(default.train.max()) == 0  # None takes the first array
+    keyed = load_data(_npz_config(path, npz_key="second"))
+    assert int(keyed.train.min()) == 7
+    assert keyed.train_labels.dtype == torch.int64
+    assert sorted(torch.cat([keyed.train_labels, keyed.heldout_labels]).tolist()) == list(range(5))
+
+    y_path = _save_npz(tmp_path, "y.npz", x=first, y=np.arange(3))
+    with pytest.warns(UserWarning, match="labels"):
+        unmatched = load_data(_npz_config(y_path))
+    assert unmatched.train_labels is None
+
+
+def test_npz_channel_conversion_and_resize(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, size=(4, 10, 10, 3), dtype=np.uint8)
+    loaded = load_data(_npz_config(_save_npz(tmp_path, x=pixels), channels=1, image_size=5))
+    assert loaded.train.shape[1:] == (1, 5, 5)
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="missing.npz"):
+        load_data(_npz_config(tmp_path / "missing.npz"))
+    path = _save_npz(tmp_path, images=np.zeros((3, 4, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match="images") as info:
+        load_data(_npz_config(path, npz_key="pixels"))
+    assert "pixels" in str(info.value) and "arrays.npz" in str(info.value)
+    bad = _save_npz(tmp_path, "bad.npz", x=np.zeros((3, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match="bad.npz"):
+        load_data(_npz_config(bad))
+    five = _save_npz(tmp_path, "five.npz", x=np.zeros((3, 5, 4, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match="five.npz"):
+        load_data(_npz_config(five))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="junk.npz"):
+        load_data(_npz_config(junk))
+
+
+# --- torchvision ---
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed"
+)
+def test_torchvision_missing_is_a_data_error(tmp_path: Path) -> None:
+    config = DataConfig(name="torchvision", torchvision_set="MNIST", path=str(tmp_path))
+    with pytest.raises(DataError, match="torchvision"):
+        load_data(config)
+
+
+def _fake_torchvision(monkeypatch, dataset_cls) -> None:
+    """Installs a stand-in torchvision package so the adapter is tested without it."""
+    package = types.ModuleType("torchvision")
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.FakeSet = dataset_cls
+    package.datasets = datasets
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+
+
+def test_torchvision_adapter_with_array_attribute(tmp_path: Path, monkeypatch) -> None:
+    class FakeSet:
+        def __init__(self, root, train=True, download=False, transform=None):
+            assert train is True and download is False
+            if not os.path.isdir(os.path.join(root, "FakeSet")):
+                raise RuntimeError("Dataset not found. You can use download=True to download it")
+            self.data = torch.randint(0, 256, (10, 6, 6), dtype=torch.uint8)
+            self.targets = torch.arange(10)
+
+    _fake_torchvision(monkeypatch, FakeSet)
+    config = DataConfig(
+        name="torchvision", torchvision_set="FakeSet", path=str(tmp_path), channels=3
+    )
+    with pytest.raises(DataError, match="download"):
+        load_data(config)
+    (tmp_path / "FakeSet").mkdir()
+    loaded = load_data(config)
+    assert loaded.name == "torchvision:FakeSet"
+    assert loaded.train.shape[1:] == (3, 6, 6) and loaded.levels == 256
+    assert loaded.train_labels.shape[0] == loaded.train.shape[0]
+    with pytest.raises(DataError, match="Nope"):
+        load_data(DataConfig(name="torchvision", torchvision_set="Nope", path=str(tmp_path)))
+
+
+def test_torchvision_adapter_iterating_pil_images(tmp_path: Path, monkeypatch) -> None:
+    class FakeSet:
+        def __init__(self, root, split="train", download=False):
+            assert split == "train"
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return _rgb(8, 8, index), index % 2
+
+    _fake_torchvision(monkeypatch, FakeSet)
+    config = DataConfig(name="torchvision", torchvision_set="FakeSet", path=str(tmp_path))
+    loaded = load_data(config)
+    assert loaded.train.shape[1:] == (3, 8, 8)
+    assert sorted(torch.cat([loaded.train_labels, loaded.heldout_labels]).tolist()) == [0, 0, 1, 1]
+
+
+def test_image_data_repr_is_short(digits: ImageData) -> None:
+    text = repr(digits)
+    assert "levels=17" in text and len(text) < 200
+
+
+def test_data_error_is_value_error() -> None:
+    assert issubclass(DataError, ValueError)
+    assert data_module.MAX_LEVELS == 256
+
+
+def test_levels_beyond_uint8_are_refused() -> None:
+    with pytest.raises(DataError, match="data.levels"):
+        load_data(DataConfig(name="digits", levels=1024))

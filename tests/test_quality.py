@@ -1,0 +1,218 @@
+"""Tests of ddpm_engine.quality: Frechet distance, the cached digit classifier, metrics.
+
+Data come straight from scikit-learn's load_digits so these tests do not depend on
+ddpm_engine.data. The classifier is trained once per module into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from ddpm_engine import quality
+from ddpm_engine.quality import (
+    DigitClassifier,
+    feature_statistics,
+    frechet_distance,
+    load_digit_classifier,
+    sample_quality,
+)
+
+# ---------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """80/20 split of scikit-learn digits: uint8 0..16 images and [-1, 1] floats."""
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.uint8)[:, None]
+    labels = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.8 * len(images))
+    tr, te = perm[:n_train], perm[n_train:]
+    to_float = lambda x: x.float() / 16.0 * 2.0 - 1.0  # noqa: E731
+    return {
+        "train_u8": images[tr],
+        "train_y": labels[tr],
+        "train": to_float(images[tr]),
+        "test": to_float(images[te]),
+        "test_y": labels[te],
+    }
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddpm_cache")
+
+
+@pytest.fixture(scope="module")
+def classifier(digits, cache_dir):
+    return load_digit_classifier(digits["train_u8"], digits["train_y"], cache_dir)
+
+
+def _gaussian_stats(d: int, seed: int):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, 2 * d))
+    return rng.normal(size=d), a @ a.T / d
+
+
+# ---------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------
+
+
+def test_fd_of_identical_statistics_is_zero():
+    mu, cov = _gaussian_stats(16, 0)
+    assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_of_diagonal_gaussians_matches_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0, 3.0]), np.array([1.0, 1.0, 0.5, -1.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25, 2.0]), np.array([9.0, 1.0, 0.25, 0.5])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    got = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_fd_is_symmetric():
+    a, b = _gaussian_stats(20, 1), _gaussian_stats(20, 2)
+    assert frechet_distance(*a, *b) == pytest.approx(frechet_distance(*b, *a), rel=1e-10)
+
+
+def test_fd_matches_scipy_sqrtm_for_full_covariances():
+    (mu1, c1), (mu2, c2) = _gaussian_stats(32, 3), _gaussian_stats(32, 4)
+    covmean = scipy.linalg.sqrtm(c1 @ c2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(c1 + c2 - 2 * covmean)
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fd_is_finite_for_singular_covariances():
+    rng = np.random.default_rng(5)
+    # Fewer samples than dimensions: both covariances have rank < 64.
+    a = feature_statistics(rng.normal(size=(10, 64)))
+    b = feature_statistics(rng.normal(size=(12, 64)) + 0.1)
+    fd = frechet_distance(*a, *b)
+    assert math.isfinite(fd) and fd > 0
+    assert frechet_distance(*a, *b, eps=1e-6) == pytest.approx(fd, rel=1e-3)
+
+
+def test_feature_statistics_matches_numpy():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    mu, cov = feature_statistics(x)
+    assert mu.dtype == np.float64 and cov.shape == (6, 6)
+    np.testing.assert_allclose(mu, x.double().mean(0).numpy(), atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x.double().numpy(), rowvar=False), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# classifier and cache
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_classifier_accuracy_on_heldout_digits(classifier, digits):
+    assert _accuracy(classifier, digits["test"], digits["test_y"]) > 0.95
+
+
+def test_classifier_handles_other_sizes_and_channels(classifier, digits):
+    up = F.interpolate(digits["test"], size=(16, 16), mode="bilinear", align_corners=False)
+    assert _accuracy(classifier, up, digits["test_y"]) > 0.9
+    assert _accuracy(classifier, up.repeat(1, 3, 1, 1), digits["test_y"]) > 0.9
+    assert classifier.features(up).shape == (len(up), 64)
+
+
+def test_second_load_hits_the_cache(classifier, digits, cache_dir, monkeypatch):
+    files = list(cache_dir.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pt"  # written atomically: no temp left
+
+    def fail(*args, **kwargs):
+        raise AssertionError("classifier retrained despite a cached copy")
+
+    monkeypatch.setattr(quality, "_train_classifier", fail)
+    again = load_digit_classifier(digits["train_u8"], digits["train_y"], cache_dir)
+    for a, b in zip(classifier.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_cache_key_depends_on_the_data(digits):
+    x, y = digits["train_u8"], digits["train_y"]
+    key = quality._cache_key(x, y)
+    assert key == quality._cache_key(x.clone(), y.clone())
+    assert key != quality._cache_key(x[1:], y[1:])
+    assert key != quality._cache_key(x, torch.roll(y, 1))
+
+
+def test_cache_dir_defaults_to_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    assert quality._cache_dir(None) == tmp_path
+
+
+# ---------------------------------------------------------------------------------------
+# sample quality
+# ---------------------------------------------------------------------------------------
+
+
+def _one_class(digits, cls: int = 3) -> torch.Tensor:
+    """As many samples as the held-out set, all copies of held-out digits of one class."""
+    x = digits["test"][digits["test_y"] == cls]
+    n = len(digits["test"])
+    return x.repeat(math.ceil(n / len(x)), 1, 1, 1)[:n]
+
+
+def _noise(n: int) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_fd_separates_real_from_noise_and_collapse(classifier, digits):
+    ref = digits["train"]
+    real = sample_quality(digits["test"], ref, classifier)
+    noise = sample_quality(_noise(len(digits["test"])), ref, classifier)
+    collapsed = sample_quality(_one_class(digits), ref, classifier)
+    assert real["fd"] * 10 < noise["fd"]
+    assert real["fd"] * 10 < collapsed["fd"]
+    assert real["confidence"] > noise["confidence"]
+
+
+def test_coverage_of_real_and_collapsed_samples(classifier, digits):
+    real = sample_quality(digits["test"], digits["train"], classifier)
+    collapsed = sample_quality(_one_class(digits), digits["train"], classifier)
+    assert real["coverage"] == 1.0
+    assert real["class_entropy"] > 3.2  # log2(10) = 3.32 for a uniform spread
+    assert collapsed["coverage"] <= 0.2
+    assert collapsed["class_entropy"] < 0.5
+
+
+def test_pixel_fallback_without_classifier(digits):
+    ref = digits["train"]
+    real = sample_quality(digits["test"], ref, None)
+    noise = sample_quality(_noise(len(digits["test"])), ref, None)
+    assert math.isnan(real["coverage"])
+    assert real["fd"] * 10 < noise["fd"]
+    big = F.interpolate(digits["test"], size=(32, 32), mode="bilinear", align_corners=False)
+    assert math.isfinite(sample_quality(big.repeat(1, 3, 1, 1), ref.repeat(1, 3, 1, 1))["fd"])
+
+
+def test_saturation_and_mean_gap(digits):
+    ones = torch.ones(16, 1, 8, 8)
+    out = sample_quality(ones, digits["train"], None)
+    assert out["sat_frac"] == 1.0
+    assert 0.0 < out["ref_sat_frac"] < 1.0
+    assert out["pixel_mean_gap"] == pytest.approx(1.0 - float(digits["train"].mean()), abs=1e-6)
+
+
+def test_sample_quality_is_deterministic(classifier, digits):
+    a = sample_quality(digits["test"], digits["train"], classifier)
+    b = sample_quality(digits["test"], digits["train"], classifier)
+    assert a == b

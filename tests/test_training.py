@@ -1,0 +1,113 @@
+"""Training behaviour: it learns, it is deterministic, it resumes exactly, it fails loudly."""
+
+import math
+
+import pytest
+import torch
+
+from ddpm_engine import ExperimentConfig, MemoryRecorder, NonFiniteLossError, RunInterrupted, run_experiment
+from ddpm_engine.data import load_data
+from ddpm_engine.diagnostics import per_t_probe, probe_timesteps
+from ddpm_engine.model import build_model
+from ddpm_engine.schedule import make_schedule
+from ddpm_engine.training import Trainer
+
+
+def small_config(**sections) -> ExperimentConfig:
+    """A config that trains in seconds: a narrow UNet, short chain, few samples."""
+    base = {
+        "model": {"preset": "tiny", "base_channels": 16, "time_embed_dim": 32},
+        "diffusion": {"T": 50},
+        "train": {"steps": 40, "batch_size": 32, "log_every": 5, "checkpoint_every": 10, "warmup_steps": 5},
+        "sample": {"num_samples": 16},
+        "eval": {"probe_every": 20, "probe_images": 32, "quality": False, "drift_hist_steps": 5},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return ExperimentConfig.from_dict(base)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    config = small_config()
+    a = run_experiment(config, MemoryRecorder(), device="cpu")
+    b = run_experiment(config, MemoryRecorder(), device="cpu")
+    assert a.tables["train"]["loss"].tolist() == b.tables["train"]["loss"].tolist()
+    assert torch.equal(a.samples, b.samples)
+    c = run_experiment(small_config(train={"seed": 1}), MemoryRecorder(), device="cpu")
+    assert a.tables["train"]["loss"].tolist() != c.tables["train"]["loss"].tolist()
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    config = small_config()
+    straight = run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "a")
+
+    calls = {"n": 0}
+
+    def stop_at_step_15() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 15
+
+    with pytest.raises(RunInterrupted) as stopped:
+        run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "b", should_stop=stop_at_step_15)
+    assert stopped.value.step == 15
+    resumed = run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from_step == 15
+    torch.testing.assert_close(
+        torch.tensor(resumed.tables["train"]["loss"].to_numpy()),
+        torch.tensor(straight.tables["train"]["loss"].to_numpy()),
+        rtol=0, atol=0,
+    )
+    assert resumed.tables["train"]["step"].tolist() == list(range(5, 41, 5))
+    assert torch.equal(resumed.samples, straight.samples)
+
+
+def test_a_finished_checkpoint_skips_training(tmp_path):
+    config = small_config()
+    run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path)
+    again = run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path)
+    assert again.resumed_from_step == 40
+
+
+def test_non_finite_loss_names_the_step_and_the_last_finite_loss():
+    config = small_config()
+    data = load_data(config.data)
+    schedule = make_schedule(config.diffusion)
+    model = build_model(config.model, data.channels, data.image_size)
+    trainer = Trainer(config, model, schedule, data.to_model_space(data.train), data.levels, torch.device("cpu"))
+    for _ in range(5):
+        trainer.train_step()
+    trainer.flush_window(1.0)
+    last = trainer.last_finite_loss
+    trainer.train_step()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    trainer.train_step()
+    with pytest.raises(NonFiniteLossError, match=r"at step 7; last finite loss") as err:
+        trainer.flush_window(1.0)
+    assert str(trainer.last_finite_loss) in str(err.value)
+    assert trainer.last_finite_loss != last  # step 6's loss, not the previous window's
+
+
+@pytest.mark.slow
+def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t():
+    config = ExperimentConfig.from_dict(
+        {
+            "train": {"steps": 300, "batch_size": 64, "log_every": 50, "lr": 2e-3},
+            "sample": {"num_samples": 8},
+            "eval": {"probe_every": 300, "probe_images": 128, "probe_timesteps": 16, "quality": False},
+        }
+    )
+    data = load_data(config.data)
+    schedule = make_schedule(config.diffusion)
+    torch.manual_seed(config.train.seed)
+    untrained = build_model(config.model, data.channels, data.image_size)
+    x0 = data.to_model_space(data.heldout[:128])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.eval.probe_seed))
+    grid = probe_timesteps(schedule.T, 16)
+    before = per_t_probe(untrained, schedule, x0, noise, grid, sigma="beta", levels=data.levels)
+    result = run_experiment(config, MemoryRecorder(), device="cpu", data=data)
+    after = result.tables["per_t"].query("step == 300").set_index("t")
+    before = before.set_index("t")
+    assert list(after.index) == grid
+    assert (after["loss_mse"] < before["loss_mse"]).all(), (before["loss_mse"], after["loss_mse"])
+    assert math.isfinite(result.summary["bpd"])
