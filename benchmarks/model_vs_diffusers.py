@@ -46,7 +46,9 @@ class TrainStep:
 
     def __init__(self, model, predict, batch: int, image_channels: int, image_size: int):
         self.model, self.predict = model, predict
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # foreach: one fused op per moment update instead of ~100 small ones (CPU default
+        # is the per-parameter loop); the same for both models.
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         self.x0 = torch.rand(batch, image_channels, image_size, image_size) * 2 - 1
         betas = torch.linspace(1e-4, 0.02, T)
         self.alpha_bars = torch.cumprod(1 - betas, 0)
@@ -116,10 +118,15 @@ def main() -> None:
             timings[name].append(seconds_per_step(steps[name], args.steps_per_round))
 
     medians = {name: statistics.median(values) for name, values in timings.items()}
+    bests = {name: min(values) for name, values in timings.items()}
     for name, value in medians.items():
-        spread = f"{min(timings[name]):.4f}..{max(timings[name]):.4f}"
+        spread = f"{bests[name]:.4f}..{max(timings[name]):.4f}"
         print(f"{name:>9}: {value:.4f} s/step (median of {args.rounds} rounds, range {spread})")
-    print(f"ratio diffusers / ours: {medians['diffusers'] / medians['ours']:.2f}")
+    # The best round is the least disturbed by other processes on a shared machine.
+    print(
+        f"ratio diffusers / ours: {medians['diffusers'] / medians['ours']:.2f} (medians), "
+        f"{bests['diffusers'] / bests['ours']:.2f} (best rounds)"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def run_experiment(
 ) -> RunResult:
     """Train, probe, sample and measure one config; resume from ``checkpoint_dir`` if it holds
     a checkpoint. Emits scalars while training and the tables train, per_t, drift,
-    drift_hist and quality at the end, plus the image ``samples``.
+    probe (bound and held-out loss per probe), drift, drift_hist and quality at the end, plus the image ``samples``.
 
     ``should_stop`` is polled after every step; when it returns True a checkpoint is written
     and RunInterrupted is raised.
@@ -184,6 +184,7 @@ def run_experiment(
     tables = {
         "train": pd.DataFrame(train_rows, columns=["step", "loss", "lr", "grad_norm", "images_per_s"]),
         "per_t": pd.DataFrame(trainer.history["per_t"]),
+        "probe": pd.DataFrame(trainer.history["bound"]),
         "drift": drift_table,
         "drift_hist": drift_hist,
         "quality": pd.DataFrame([summary]),

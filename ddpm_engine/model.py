@@ -110,29 +110,30 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        # [B, 3C, H, W] -> [B, 3, heads, head_dim, HW]; the transpose to tokens-major is a
-        # free stride change, scaled_dot_product_attention accepts the strided views.
-        qkv = self.to_qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)
-        attended = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, head_dim]
-        attended = attended.transpose(-1, -2).reshape(b, c, h, w)
+        head_dim = c // self.heads
+        # Token-major [B, HW, 3, heads, head_dim] is exactly the memory order of a
+        # channels_last feature map, so both permutes below are free views there.
+        qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, 3, self.heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, HW, head_dim]
+        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = attended.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + self.to_out(attended)
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         # Learned stride-2 conv; padding 1 gives ceil(n / 2), so odd sides shrink cleanly.
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, side: tuple[int, int]) -> Tensor:
         # Resize to the skip's exact side (2x, or 2x - 1 after an odd side was halved).
@@ -182,38 +183,37 @@ class UNet(nn.Module):
                 return SelfAttention(channels, heads, groups)
             return nn.Identity()
 
-        self.conv_in = nn.Conv2d(image_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(image_channels, widths[0], 3, padding=1)
 
+        # The level transitions change the width (as in the annotated UNet): the stride-2
+        # conv widens into the next level and the upsampling conv narrows back. So every
+        # residual block of a down level is width -> width (no 1x1 shortcut), and the
+        # upsampling conv, which runs at the larger side, works at the smaller width.
         self.down_stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
-        channels = base
         for level, (width, side) in enumerate(zip(widths, sides)):
-            blocks, attentions = [], []
-            for _ in range(config.num_res_blocks):
-                blocks.append(res_block(channels, width))
-                attentions.append(attention_or_identity(width, side))
-                channels = width
+            blocks = [res_block(width, width) for _ in range(config.num_res_blocks)]
+            attentions = [attention_or_identity(width, side) for _ in blocks]
             self.down_stages.append(Stage(blocks, attentions))
             if level < len(widths) - 1:
-                self.downsamples.append(Downsample(channels))
+                self.downsamples.append(Downsample(width, widths[level + 1]))
 
-        self.mid_block1 = res_block(channels, channels)
-        self.mid_attention = attention_or_identity(channels, sides[-1])
-        self.mid_block2 = res_block(channels, channels)
+        self.mid_block1 = res_block(widths[-1], widths[-1])
+        self.mid_attention = attention_or_identity(widths[-1], sides[-1])
+        self.mid_block2 = res_block(widths[-1], widths[-1])
 
         self.up_stages = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         for level in reversed(range(len(widths))):
             width, side = widths[level], sides[level]
-            blocks, attentions = [], []
-            for _ in range(config.num_res_blocks):
-                blocks.append(res_block(channels + width, width))  # + the skip it concatenates
-                attentions.append(attention_or_identity(width, side))
-                channels = width
+            # Input: this level's width plus the skip (same width) it concatenates.
+            blocks = [res_block(2 * width, width) for _ in range(config.num_res_blocks)]
+            attentions = [attention_or_identity(width, side) for _ in blocks]
             self.up_stages.append(Stage(blocks, attentions))
             if level > 0:
-                self.upsamples.append(Upsample(channels))
+                self.upsamples.append(Upsample(width, widths[level - 1]))
 
+        channels = widths[0]
         self.norm_out = group_norm(channels, groups)
         self.conv_out = nn.Conv2d(channels, image_channels, 3, padding=1)
         # Zero output at initialisation: the first prediction is eps_hat = 0 (loss 1 for

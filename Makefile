@@ -1,0 +1,25 @@
+# Two entry points for a fresh clone: `make study` (set up, run the default study) and
+# `make test` (set up, run the test suite). Setup is idempotent and re-runs when
+# pyproject.toml changes. TORCH_SPEC pins the CPU wheel used here; GPU users can pass
+# e.g. `make study TORCH_SPEC=torch` to get their CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STUDY ?= studies/timestep_ablation.yaml
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+study: setup
+	$(VENV)/bin/harness run $(STUDY)
+
+test: setup
+	$(PY) -m pytest -q
+
+.PHONY: setup study test

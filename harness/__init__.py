@@ -1,0 +1,1 @@
+"""ddpm-ablate harness: studies, scheduling, tracking and reports around ddpm_engine."""

@@ -1,0 +1,294 @@
+"""The `harness` command line: plan, run, status and report ablation studies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .plan import RunSpec, expand, study_manifest
+from .spec import Study, StudyError, load_study
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Run declarative ablation studies of DDPMs and turn them into evidence.\n\n"
+    "Example: `harness run studies/timestep_ablation.yaml`",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+STUDY_ARG = typer.Argument(..., help="A study YAML file, e.g. studies/timestep_ablation.yaml.", show_default=False)
+SET_OPT = typer.Option(None, "--set", help="Override the base config: `--set train.steps=500` (repeatable).")
+RESULTS_OPT = typer.Option(Path("results"), "--results", help="Folder of Parquet tables and checkpoints.")
+REPORTS_OPT = typer.Option(Path("reports"), "--reports", help="Folder of HTML reports.")
+
+
+def fail_input(error: Exception) -> None:
+    """Bad input: one clear message, exit code 2, no traceback."""
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def load(study_path: Path, set_options: list[str] | None) -> tuple[Study, list[RunSpec]]:
+    try:
+        study = load_study(study_path, set_options or [])
+        return study, expand(study)
+    except StudyError as error:
+        fail_input(error)
+
+
+def preflight_data(study: Study, specs: list[RunSpec]) -> dict:
+    """Load every distinct data set once, before anything runs, so that a missing folder is
+    reported against the study file (and the decoded cache is warm for the workers)."""
+    from ddpm_engine.data import DataError, load_data
+
+    loaded = {}
+    for spec in specs:
+        key = spec.config.data.model_dump_json()
+        if key in loaded:
+            continue
+        try:
+            loaded[key] = load_data(spec.config.data)
+        except DataError as error:
+            where = next(
+                (("ablations", axis, spec.arm.levels[axis], k) for axis in spec.arm.levels
+                 for k in study.ablations[axis][spec.arm.levels[axis]] if k.startswith("data.")),
+                ("base", "data"),
+            )
+            fail_input(study.error(where, str(error)))
+    return loaded
+
+
+def status_of(results: Path, study: Study) -> dict[str, dict]:
+    from .tracking import run_statuses
+
+    return run_statuses(results, study.study)
+
+
+@app.command()
+def plan(
+    study_path: Path = STUDY_ARG,
+    set_options: Optional[list[str]] = SET_OPT,
+    device: str = typer.Option("auto", help="Device to measure the step time on: auto, cpu, cuda."),
+    results: Path = RESULTS_OPT,
+    measure: bool = typer.Option(True, help="Time a few training steps per distinct model to estimate cost."),
+):
+    """Show the expansion (arms x seeds) with parameters and estimated time; runs nothing.
+
+    Example: `harness plan studies/timestep_ablation.yaml --set train.steps=500`
+    """
+    study, specs = load(study_path, set_options)
+    data = preflight_data(study, specs)
+    from ddpm_engine.device import resolve_device
+
+    from .cost import estimate, format_seconds
+
+    dev = resolve_device(device)
+    done = status_of(results, study)
+    table = Table(title=f"{study.study}: {study.question}", title_justify="left")
+    for column in ("arm", "seeds", "changed keys", "params", f"est. {dev.type.upper()} time / run", "done / pending"):
+        table.add_column(column, overflow="fold")
+    cache: dict = {}
+    total = 0.0
+    by_arm: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        by_arm.setdefault(spec.arm.label, []).append(spec)
+    for arm, arm_specs in by_arm.items():
+        first = arm_specs[0]
+        changed = ", ".join(f"{k}={v}" for k, v in first.arm.overrides.items()) or "(base)"
+        params, seconds = "", ""
+        if measure:
+            est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
+            params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
+            total += est.total_seconds * len(arm_specs)
+        finished = sum(done.get(s.key, {}).get("status") == "finished" for s in arm_specs)
+        table.add_row(arm, ",".join(str(s.seed) for s in arm_specs), changed, params, seconds,
+                      f"{finished} / {len(arm_specs) - finished}")
+    console.print(table)
+    summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seeds)} seeds)"
+    if measure:
+        summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time in all"
+    console.print(summary)
+
+
+@app.command()
+def run(
+    study_path: Path = STUDY_ARG,
+    set_options: Optional[list[str]] = SET_OPT,
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPU slots sharing the cores (default 1); on CUDA, at most one per GPU."),
+    device: str = typer.Option("auto", help="auto (CUDA GPUs, else CPU), cpu or cuda."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run every key again from scratch (finished ones too)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the failed keys again (finished ones stay)."),
+    results: Path = RESULTS_OPT,
+    reports: Path = REPORTS_OPT,
+    report: bool = typer.Option(True, help="Build the HTML report at the end."),
+):
+    """Run every arm x seed of a study; finished runs are skipped, interrupted ones resume.
+
+    Examples:
+
+    * `harness run studies/timestep_ablation.yaml`
+    * `harness run studies/capacity_ablation.yaml --set train.steps=500 --workers 2`
+    * `harness run studies/objective_ablation.yaml --retry-failed`
+    """
+    study, specs = load(study_path, set_options)
+    preflight_data(study, specs)
+    from .scheduler import LocalScheduler, slot_devices
+    from .tracking import RunTracker, ensure_experiment, git_commit, make_client
+
+    try:
+        slots = slot_devices(device, workers)
+    except ValueError as error:
+        fail_input(error)
+    statuses = status_of(results, study)
+    todo, skipped = [], []
+    for spec in specs:
+        state = statuses.get(spec.key, {}).get("status")
+        if rerun or state in (None, "running", "interrupted") or (state == "failed" and retry_failed):
+            todo.append(spec)
+        else:
+            skipped.append((spec, state))
+    manifest_path = results / study.study / "study.json"
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(study_manifest(study, specs), indent=2))
+
+    client = make_client()
+    experiment_id = ensure_experiment(client, study.study)  # before any worker starts
+    commit = git_commit()
+    console.print(
+        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done or failed; "
+        f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
+    )
+    if skipped and any(state == "failed" for _, state in skipped):
+        console.print("[yellow]failed runs are not retried without --retry-failed[/]")
+
+    outcomes = []
+    if todo:
+        scheduler = LocalScheduler(
+            todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit), results, slots,
+            fresh_keys={s.key for s in todo} if rerun else set(),
+        )
+        outcomes = _run_with_progress(scheduler, todo)
+    final = status_of(results, study)
+    _print_summary(specs, final)
+    if report:
+        _build_report(study.study, results, reports)
+    n_failed = sum(final.get(s.key, {}).get("status") == "failed" for s in specs)
+    if any(o.status in ("interrupted", "pending") for o in outcomes):
+        console.print("[yellow]stopped: run the same command again to resume[/]")
+        raise typer.Exit(130)
+    if n_failed:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(scheduler, todo: list[RunSpec]):
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
+        study_task = progress.add_task("study", total=len(todo), info="")
+        run_tasks: dict[str, int] = {}
+
+        def on_event(kind: str, spec: RunSpec, payload: tuple) -> None:
+            if kind == "started":
+                run_tasks[spec.key] = progress.add_task(f"  {spec.name}", total=spec.config.train.steps, info="starting")
+            elif kind == "scalars" and spec.key in run_tasks:
+                step, values = payload
+                if "loss" in values:
+                    progress.update(run_tasks[spec.key], completed=step,
+                                    info=f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):.0f} img/s")
+                elif "hist_w1" in values:
+                    progress.update(run_tasks[spec.key], info="sampled")
+            elif kind in ("finished", "failed", "interrupted", "not_started"):
+                if spec.key in run_tasks:
+                    progress.remove_task(run_tasks.pop(spec.key))
+                if kind != "not_started":
+                    progress.advance(study_task)
+                if kind == "failed":
+                    progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {payload[0]}")
+
+        scheduler.on_event = on_event
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            if scheduler.stop.is_set():
+                raise KeyboardInterrupt
+            progress.console.print("[yellow]Ctrl-C: checkpointing the running runs and stopping...[/]")
+            scheduler.request_stop()
+
+        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, on_sigint)
+        try:
+            return scheduler.run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _print_summary(specs: list[RunSpec], statuses: dict[str, dict]) -> None:
+    table = Table(title="runs", title_justify="left")
+    for column in ("arm", "seed", "run key", "status", "seconds", "note"):
+        table.add_column(column, overflow="fold")
+    for spec in specs:
+        row = statuses.get(spec.key, {})
+        state = row.get("status", "pending")
+        color = {"finished": "green", "failed": "red"}.get(state, "yellow")
+        seconds = row.get("seconds")
+        table.add_row(spec.arm.label, str(spec.seed), spec.key, f"[{color}]{state}[/]",
+                      f"{seconds:.0f}" if isinstance(seconds, float) and seconds == seconds else "",
+                      str(row.get("error") or ""))
+    console.print(table)
+
+
+def _build_report(study: str, results: Path, reports: Path) -> None:
+    try:
+        from .report import build_report
+    except ImportError:
+        return
+    path = build_report(study, results, reports)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def status(
+    study_path: Path = STUDY_ARG,
+    set_options: Optional[list[str]] = SET_OPT,
+    results: Path = RESULTS_OPT,
+):
+    """Show each run of a study: pending, running, finished or failed (with the reason).
+
+    Example: `harness status studies/timestep_ablation.yaml`
+    """
+    study, specs = load(study_path, set_options)
+    _print_summary(specs, status_of(results, study))
+
+
+@app.command()
+def report(
+    study_path: Path = STUDY_ARG,
+    results: Path = RESULTS_OPT,
+    reports: Path = REPORTS_OPT,
+):
+    """Build reports/<study>/index.html from the study's Parquet tables.
+
+    Example: `harness report studies/timestep_ablation.yaml`
+    """
+    study, _ = load(study_path, None)
+    _build_report(study.study, results, reports)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Cost estimates for `harness plan`: parameters, and time from a few measured steps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ddpm_engine.config import ExperimentConfig
+from ddpm_engine.data import ImageData
+from ddpm_engine.device import autocast_factory
+from ddpm_engine.diagnostics import probe_timesteps
+from ddpm_engine.model import build_model, count_parameters
+from ddpm_engine.schedule import make_schedule
+from ddpm_engine.training import Trainer
+
+# A forward pass costs about a third of forward + backward + optimizer step.
+FORWARD_SHARE = 1 / 3
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int
+    step_seconds: float
+    train_seconds: float
+    sample_seconds: float
+    probe_seconds: float
+
+    @property
+    def total_seconds(self) -> float:
+        return self.train_seconds + self.sample_seconds + self.probe_seconds
+
+
+def measure_step_seconds(config: ExperimentConfig, data: ImageData, device: torch.device, steps: int = 3) -> tuple[int, float]:
+    """Parameters and seconds per training step, timed over ``steps`` after one warm-up."""
+    schedule = make_schedule(config.diffusion)
+    model = build_model(config.model, data.channels, data.image_size).to(device)
+    images = data.to_model_space(data.train[: max(config.train.batch_size, 1)]).to(device)
+    trainer = Trainer(config, model, schedule, images, data.levels, device, autocast_factory(device, config.train.precision))
+    trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return count_parameters(model), (time.perf_counter() - start) / steps
+
+
+def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, cache: dict) -> Estimate:
+    """Time of one run: measured training steps, plus sampling and probes scaled from them."""
+    signature = (
+        config.model.model_dump_json(), config.train.batch_size, config.train.precision,
+        data.channels, data.image_size,
+    )
+    if signature not in cache:
+        cache[signature] = measure_step_seconds(config, data, device)
+    params, step = cache[signature]
+    per_image_forward = step * FORWARD_SHARE / config.train.batch_size
+    T = config.diffusion.T
+    sample_steps = T if config.sample.sampler == "ddpm" else min(config.sample.steps or T, T)
+    n_probes = -(-config.train.steps // config.eval.probe_every)
+    probe_images = min(config.eval.probe_images, len(data.heldout))
+    grid = len(probe_timesteps(T, config.eval.probe_timesteps))
+    return Estimate(
+        params=params,
+        step_seconds=step,
+        train_seconds=step * config.train.steps,
+        sample_seconds=per_image_forward * sample_steps * config.sample.num_samples,
+        probe_seconds=per_image_forward * grid * probe_images * n_probes,
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

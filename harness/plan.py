@@ -1,0 +1,135 @@
+"""Expand a study into runs: arms x seeds, each a resolved engine config with a run key."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from ddpm_engine.config import ExperimentConfig
+
+from .spec import Study, _describe, apply_overrides
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    levels: dict[str, str]  # axis -> level
+    overrides: dict[str, Any]  # dotted key -> value, merged over all axes
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    study: str
+    arm: Arm
+    seed: int
+    config: ExperimentConfig = field(repr=False)
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm.label}-s{self.seed}"
+
+    @property
+    def config_json(self) -> str:
+        return canonical_json(self.config.to_dict())
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def run_key(config: ExperimentConfig, seed: int) -> str:
+    """First 12 hex of sha256 over the canonical JSON of (resolved config, seed)."""
+    payload = canonical_json({"config": config.to_dict(), "seed": seed})
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def baseline_levels(study: Study) -> dict[str, str]:
+    """The baseline's level per axis: as declared, else each axis's first level."""
+    chosen = dict(study.baseline or {})
+    for axis, levels in study.ablations.items():
+        chosen.setdefault(axis, next(iter(levels)))
+    return chosen
+
+
+def expand_arms(study: Study) -> list[Arm]:
+    """The arms of the study's design, in a stable order (baseline first where it exists)."""
+    axes = list(study.ablations)
+    base = baseline_levels(study)
+    if study.arms is not None:
+        choices = [(name, {**base, **levels}) for name, levels in study.arms.items()]
+    elif not axes:
+        choices = [("base", {})]
+    elif study.design == "factorial":
+        combos = itertools.product(*(list(study.ablations[a]) for a in axes))
+        choices = [("-".join(combo), dict(zip(axes, combo))) for combo in combos]
+    else:  # one_at_a_time: the baseline, then each non-baseline level alone
+        all_levels = [lvl for a in axes for lvl in study.ablations[a]]
+        choices = [("baseline", dict(base))]
+        for axis in axes:
+            for level in study.ablations[axis]:
+                if level != base[axis]:
+                    label = level if all_levels.count(level) == 1 else f"{axis}.{level}"
+                    choices.append((label, {**base, axis: level}))
+    arms = []
+    for label, levels in choices:
+        overrides: dict[str, Any] = {}
+        for axis in axes:
+            overrides.update(study.ablations[axis][levels[axis]])
+        arms.append(Arm(label=label, levels=levels, overrides=overrides))
+    return arms
+
+
+def baseline_arm(study: Study, arms: list[Arm]) -> str | None:
+    base = baseline_levels(study)
+    for arm in arms:
+        if arm.levels == base:
+            return arm.label
+    return None
+
+
+def expand(study: Study) -> list[RunSpec]:
+    """Every (arm, seed) of the study as a RunSpec; a combination of levels that is invalid
+    together (though each is valid alone) is reported against the arm."""
+    runs = []
+    for arm in expand_arms(study):
+        raw = apply_overrides(study.base, arm.overrides)
+        for seed in study.seeds:
+            raw_seeded = apply_overrides(raw, {"train.seed": seed})
+            try:
+                config = ExperimentConfig.model_validate(raw_seeded)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ("arms", arm.label) if study.arms else ("ablations",)
+                raise study.error(
+                    where,
+                    f"arm {arm.label!r} ({', '.join(f'{a}={l}' for a, l in arm.levels.items())}): "
+                    f"{'.'.join(map(str, error['loc']))}: {_describe(error, ExperimentConfig, tuple(error['loc']))}",
+                ) from None
+            runs.append(RunSpec(study=study.study, arm=arm, seed=seed, config=config, key=run_key(config, seed)))
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({r.name for r in runs if keys.count(r.key) > 1})
+        raise study.error(("ablations",), f"arms resolve to identical configs: {', '.join(dupes)}")
+    return runs
+
+
+def study_manifest(study: Study, runs: list[RunSpec]) -> dict:
+    """What a report needs to know about the design (written as results/<study>/study.json)."""
+    arms = expand_arms(study)
+    return {
+        "study": study.study,
+        "question": study.question,
+        "design": "arms" if study.arms is not None else study.design,
+        "axes": {axis: list(levels) for axis, levels in study.ablations.items()},
+        "baseline": baseline_levels(study) if study.ablations else None,
+        "baseline_arm": baseline_arm(study, arms),
+        "seeds": list(study.seeds),
+        "arms": [{"arm": a.label, "levels": a.levels, "overrides": a.overrides} for a in arms],
+        "runs": [{"run_key": r.key, "arm": r.arm.label, "seed": r.seed} for r in runs],
+    }

@@ -1,0 +1,234 @@
+"""Local scheduling: a few long-lived worker processes ("slots") drain the run list.
+
+Each slot owns one device (a CUDA GPU, or a share of the CPU threads) and runs the engine;
+the parent process is the single writer to MLflow and Parquet, fed by an event queue. A
+slot that dies takes only its current run down (recorded as failed); Ctrl-C asks every slot
+to checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .plan import RunSpec
+from .tracking import RunTracker
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    status: str  # finished | failed | interrupted | pending (never started)
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
+    return Path(results) / spec.study / "checkpoints" / spec.key
+
+
+def estimated_cost(spec: RunSpec) -> float:
+    """A relative cost for ordering (longest first): training plus sampling work, both
+    roughly proportional to parameters x pixels x forward passes."""
+    c = spec.config
+    size = (c.data.image_size or 8) ** 2
+    width = (c.model.base_channels or 32) ** 2 * sum(m * m for m in c.model.channel_mults or (1,))
+    train = c.train.steps * c.train.batch_size * 3
+    sample_steps = c.diffusion.T if c.sample.sampler == "ddpm" else (c.sample.steps or c.diffusion.T)
+    return width * size * (train + sample_steps * c.sample.num_samples)
+
+
+def slot_devices(device: str, workers: int | None) -> list[tuple[str, int]]:
+    """(device, torch threads) per slot: one slot per CUDA GPU, else ``workers`` CPU slots
+    sharing the cores."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        n = min(workers or count, count)
+        return [(f"cuda:{i}", 1) for i in range(n)]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is visible")
+    n = max(1, workers or 1)
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [("cpu", threads)] * n
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class QueueRecorder:
+    """Forwards engine events to the parent process."""
+
+    def __init__(self, events: mp.Queue, key: str):
+        self.events, self.key = events, key
+
+    def scalars(self, step, values):
+        self.events.put(("scalars", self.key, step, dict(values)))
+
+    def table(self, name, frame):
+        self.events.put(("table", self.key, name, frame))
+
+    def image(self, name, pixels):
+        self.events.put(("image", self.key, name, pixels))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the parent dies (e.g. SIGKILL), so no orphan keeps training unseen."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(3)
+        time.sleep(1.0)
+
+
+def slot_main(slot: int, device: str, threads: int, tasks: mp.Queue, events: mp.Queue, stop, parent_pid: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides, the slot checkpoints.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    torch.set_num_threads(threads)
+    from ddpm_engine import RunInterrupted, run_experiment
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        key, config, ckpt = task
+        if stop.is_set():
+            events.put(("not_started", key))
+            continue
+        events.put(("started", key, slot))
+        try:
+            result = run_experiment(
+                config, QueueRecorder(events, key), device=device, checkpoint_dir=ckpt,
+                should_stop=stop.is_set,
+            )
+            events.put(("finished", key, result.summary))
+        except RunInterrupted as exc:
+            events.put(("interrupted", key, exc.step))
+        except Exception as exc:  # any failure of one run is recorded; the slot goes on
+            reason = f"{type(exc).__name__}: {exc}"
+            events.put(("failed", key, reason, traceback.format_exc()))
+
+
+# ------------------------------------------------------------------ parent side
+
+
+class LocalScheduler:
+    """Runs specs on local slots; the caller gets progress callbacks and outcomes."""
+
+    def __init__(
+        self,
+        specs: list[RunSpec],
+        make_tracker: Callable[[RunSpec], RunTracker],
+        results: Path,
+        slots: list[tuple[str, int]],
+        fresh_keys: set[str] = frozenset(),
+        on_event: Callable[[str, RunSpec, tuple], None] | None = None,
+    ):
+        self.specs = sorted(specs, key=estimated_cost, reverse=True)
+        self.by_key = {s.key: s for s in specs}
+        self.make_tracker, self.results, self.slots = make_tracker, Path(results), slots
+        self.fresh_keys = set(fresh_keys)
+        self.on_event = on_event or (lambda kind, spec, payload: None)
+        self.ctx = mp.get_context("spawn")
+        self.stop = self.ctx.Event()
+        self.outcomes: dict[str, RunOutcome] = {}
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def run(self) -> list[RunOutcome]:
+        if not self.specs:
+            return []
+        tasks, events = self.ctx.Queue(), self.ctx.Queue()
+        trackers: dict[str, RunTracker] = {}
+        for spec in self.specs:
+            ckpt = checkpoint_dir(self.results, spec)
+            if spec.key in self.fresh_keys and ckpt.exists():
+                shutil.rmtree(ckpt)
+            trackers[spec.key] = self.make_tracker(spec)
+            tasks.put((spec.key, spec.config, str(ckpt)))
+        n_slots = min(len(self.slots), len(self.specs))
+        for _ in range(n_slots):
+            tasks.put(None)
+        procs: dict[int, mp.Process] = {}
+        current: dict[int, str] = {}
+
+        def launch(slot: int) -> None:
+            device, threads = self.slots[slot]
+            proc = self.ctx.Process(
+                target=slot_main, args=(slot, device, threads, tasks, events, self.stop, os.getpid()), daemon=True
+            )
+            proc.start()
+            procs[slot] = proc
+
+        for slot in range(n_slots):
+            launch(slot)
+
+        while len(self.outcomes) < len(self.specs):
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                self._reap_dead(procs, current, trackers, launch, tasks)
+                if not any(p.is_alive() for p in procs.values()) and events.empty():
+                    break
+                continue
+            self._handle(event, trackers, current)
+        for proc in procs.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+        return [self.outcomes.get(s.key, RunOutcome(s, "pending")) for s in self.specs]
+
+    def _handle(self, event: tuple, trackers: dict[str, RunTracker], current: dict[int, str]) -> None:
+        kind, key = event[0], event[1]
+        spec, tracker = self.by_key[key], trackers[key]
+        if kind == "started":
+            current[event[2]] = key
+            tracker.start(fresh=key in self.fresh_keys)
+        elif kind == "not_started":
+            self.outcomes[key] = RunOutcome(spec, "pending")
+        elif kind == "scalars":
+            tracker.scalars(event[2], event[3])
+        elif kind == "table":
+            tracker.table(event[2], event[3])
+        elif kind == "image":
+            tracker.image(event[2], event[3])
+        elif kind == "finished":
+            tracker.finish(event[2])
+            self.outcomes[key] = RunOutcome(spec, "finished", summary=event[2])
+        elif kind == "failed":
+            tracker.fail(event[2])
+            self.outcomes[key] = RunOutcome(spec, "failed", error=event[2])
+        elif kind == "interrupted":
+            tracker.interrupted(event[2])
+            self.outcomes[key] = RunOutcome(spec, "interrupted", error=f"stopped at step {event[2]}")
+        if kind in ("finished", "failed", "interrupted"):
+            for slot, running in list(current.items()):
+                if running == key:
+                    del current[slot]
+        self.on_event(kind, spec, event[2:])
+
+    def _reap_dead(self, procs, current, trackers, launch, tasks) -> None:
+        """A slot that died mid-run (killed, out of memory) fails that run; a fresh slot
+        takes over the rest of the queue."""
+        for slot, proc in list(procs.items()):
+            if proc.is_alive() or slot not in current:
+                continue
+            key = current.pop(slot)
+            reason = f"worker process died (exit code {proc.exitcode}) while running this run"
+            trackers[key].fail(reason)
+            self.outcomes[key] = RunOutcome(self.by_key[key], "failed", error=reason)
+            self.on_event("failed", self.by_key[key], (reason, ""))
+            if len(self.outcomes) < len(self.specs) and not self.stop.is_set():
+                tasks.put(None)  # the replacement slot needs its own end-of-queue marker
+                launch(slot)

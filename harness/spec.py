@@ -1,0 +1,290 @@
+"""Study files: YAML -> validated Study, with every error naming file, line and key path.
+
+The engine's pydantic config is the schema of `base` and of every override, so the rules
+of a study file are exactly the engine's rules. Validation stops at the first problem and
+reports it as one line: ``studies/x.yaml:12: ablations.timesteps.T200.diffusion.T: ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddpm_engine.config import ExperimentConfig, field_docs
+
+ENGINE_KEYS = sorted(field_docs())  # every dotted leaf key of the engine config
+
+
+class StudyError(Exception):
+    """A problem in a study file or a --set override, located by file, line and key path."""
+
+    def __init__(self, source: str, line: int | None, key: str, message: str):
+        self.source, self.line, self.key, self.message = source, line, key, message
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class Study(BaseModel):
+    """The schema of a study file (DESIGN.md sec. 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the study (folder and MLflow experiment).")
+    question: str = Field(min_length=1, description="The question the study answers.")
+    base: dict[str, Any] = Field(default_factory=dict, description="Engine config shared by every arm.")
+    ablations: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, description="axis -> level name -> {dotted.key: value} overrides."
+    )
+    design: Literal["factorial", "one_at_a_time"] = Field("factorial", description="How levels combine.")
+    baseline: dict[str, str] | None = Field(None, description="axis -> level of the baseline arm.")
+    arms: dict[str, dict[str, str]] | None = Field(
+        None, description="Explicit arms: name -> {axis: level}; axes left out take the baseline level."
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Training seeds of every arm.")
+
+    # Filled by load_study: the source path and where each key sits, for error messages.
+    source: str = Field("", exclude=True)
+    lines: dict[tuple, int] = Field(default_factory=dict, exclude=True, repr=False)
+
+    def line_of(self, path: tuple) -> int | None:
+        """The line of the longest prefix of ``path`` that has one."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return None
+
+    def error(self, path: tuple, message: str) -> StudyError:
+        return StudyError(self.source, self.line_of(path), format_path(path), message)
+
+
+def format_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+def _compose_lines(text: str, source: str) -> dict[tuple, int]:
+    """Map each key path to its 1-based line; duplicate keys are errors (YAML would keep
+    the last silently, hiding e.g. two levels with the same name)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise StudyError(
+                        source, line, format_path(path + (key,)),
+                        f"duplicate key {key!r} (first defined on line {seen[key]})",
+                    )
+                seen[key] = line
+                lines[path + (key,)] = line
+                walk(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return lines
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    try:
+        data = yaml.safe_load(text)
+        lines = _compose_lines(text, source)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise StudyError(source, line, "", f"malformed YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise StudyError(source, None, "", f"malformed YAML: {exc}") from None
+    return data, lines
+
+
+# ---------------------------------------------------------------- pydantic errors, located
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """Field names of the (nested) pydantic model at ``path``, for did-you-mean."""
+    for part in path:
+        info = model.model_fields.get(part)
+        annotation = getattr(info, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict, model: type[BaseModel], path: tuple) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown key{_suggest(path[-1], _fields_at(model, path[:-1]))}"
+    if kind == "missing":
+        return "required key is missing"
+    if "input" in error and kind not in ("model_type", "dict_type"):
+        return f"{message} (got {error['input']!r})"
+    return message
+
+
+def located_error(
+    exc: ValidationError, model: type[BaseModel], locate, prefix: tuple = ()
+) -> StudyError:
+    """The first pydantic error as a StudyError; ``locate(path)`` gives (source, line)."""
+    error = exc.errors()[0]
+    path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    source, line = locate(prefix + path)
+    return StudyError(source, line, format_path(prefix + path), _describe(error, model, path))
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def set_dotted(config: dict, key: str, value: Any) -> None:
+    """config[a][b][c] = value for key "a.b.c", creating sections on the way."""
+    *sections, leaf = key.split(".")
+    node = config
+    for part in sections:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def check_engine_key(key: str) -> str | None:
+    """None if ``key`` names an engine config field, else the reason with a suggestion."""
+    if key in ENGINE_KEYS:
+        return None
+    return f"no such engine config field{_suggest(key, ENGINE_KEYS)}"
+
+
+def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    config = copy.deepcopy(base)
+    for key, value in overrides.items():
+        set_dotted(config, key, value)
+    return config
+
+
+def parse_set_options(options: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values parse as YAML scalars (``200``, ``1e-3``, ``null``)."""
+    overrides: dict[str, Any] = {}
+    for option in options:
+        key, sep, raw = option.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise StudyError("--set", None, option, "expected key=value, e.g. --set train.steps=500")
+        reason = check_engine_key(key)
+        if reason:
+            raise StudyError("--set", None, key, reason)
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return overrides
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
+    """Read, parse and fully validate a study file (including every arm's engine config).
+
+    Raises StudyError (file, line, key path, reason) at the first problem.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise StudyError(source, None, "", "no such study file")
+    if path.is_dir():
+        raise StudyError(source, None, "", "is a directory, expected a YAML study file")
+    data, lines = _parse_yaml(path.read_text(encoding="utf-8"), source)
+    if not isinstance(data, dict):
+        raise StudyError(source, 1, "", "a study file must be a mapping with keys study, question, ablations, ...")
+
+    def locate(key_path: tuple) -> tuple[str, int | None]:
+        for end in range(len(key_path), -1, -1):
+            if key_path[:end] in lines:
+                return source, lines[key_path[:end]]
+        return source, None
+
+    try:
+        study = Study.model_validate(data)
+    except ValidationError as exc:
+        raise located_error(exc, Study, locate) from None
+    study.source, study.lines = source, lines
+
+    base = study.base
+    if set_options:
+        base = apply_overrides(base, parse_set_options(set_options))
+        study.base = base
+    try:
+        ExperimentConfig.model_validate(base)
+    except ValidationError as exc:
+        raise located_error(exc, ExperimentConfig, locate, ("base",)) from None
+
+    _check_ablations(study, locate)
+    return study
+
+
+def _check_ablations(study: Study, locate) -> None:
+    if not study.seeds:
+        raise study.error(("seeds",), "empty expansion: list at least one seed")
+    if len(set(study.seeds)) != len(study.seeds):
+        raise study.error(("seeds",), "duplicate seeds")
+    for axis, levels in study.ablations.items():
+        if not levels:
+            raise study.error(("ablations", axis), "empty expansion: an axis needs at least one level")
+        for level, overrides in levels.items():
+            for key, value in overrides.items():
+                where = ("ablations", axis, level, key)
+                reason = check_engine_key(key)
+                if reason:
+                    raise study.error(where, reason)
+            config = apply_overrides(study.base, overrides)
+            try:
+                ExperimentConfig.model_validate(config)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                loc = ".".join(str(p) for p in error["loc"])
+                key = next((k for k in overrides if loc.startswith(k) or k.startswith(loc)), None)
+                where = ("ablations", axis, level) + ((key,) if key else ())
+                message = _describe(error, ExperimentConfig, tuple(error["loc"]))
+                if key is None:
+                    message = f"{loc}: {message}"
+                raise study.error(where, message) from None
+
+    if study.baseline is not None:
+        for axis, level in study.baseline.items():
+            if axis not in study.ablations:
+                raise study.error(("baseline", axis), f"no such ablation axis{_suggest(axis, study.ablations)}")
+            if level not in study.ablations[axis]:
+                raise study.error(
+                    ("baseline", axis), f"no level {level!r} in axis {axis!r}{_suggest(level, study.ablations[axis])}"
+                )
+    if study.arms is not None:
+        if not study.arms:
+            raise study.error(("arms",), "empty expansion: `arms` lists no arm")
+        for arm, choice in study.arms.items():
+            for axis, level in choice.items():
+                if axis not in study.ablations:
+                    raise study.error(("arms", arm, axis), f"no such ablation axis{_suggest(axis, study.ablations)}")
+                if level not in study.ablations[axis]:
+                    raise study.error(
+                        ("arms", arm, axis), f"no level {level!r} in axis {axis!r}{_suggest(level, study.ablations[axis])}"
+                    )

@@ -1,0 +1,203 @@
+"""Tracking: a Recorder that fans one run's events out to MLflow and Parquet.
+
+One MLflow experiment per study, one MLflow run per run key (a resumed key reuses its run),
+the `runs` Parquet row as the source of truth for done / failed / pending.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from PIL import Image
+
+from .plan import RunSpec
+from .tables import read_table, write_table
+
+PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store in the working directory.
+
+    Set explicitly because MLflow falls back to a ./mlruns file store when one exists,
+    which recent MLflow refuses; `mlflow ui` started here shows the same runs.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def make_client() -> MlflowClient:
+    uri = tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # worker processes inherit the same store
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_location(study: str) -> str | None:
+    """Artifacts beside the default SQLite store go to ./mlartifacts, never ./mlruns: a
+    ./mlruns folder makes a plain `mlflow ui` pick the (refused) file store instead of
+    mlflow.db. A tracking server chooses its own artifact root."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("sqlite:"):
+        return (Path.cwd() / "mlartifacts" / study).as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, study: str) -> str:
+    """The study's experiment id, created (or restored from deletion) if needed."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        try:
+            return client.create_experiment(study, artifact_location=artifact_location(study))
+        except Exception:  # another process created it between the two calls
+            experiment = client.get_experiment_by_name(study)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_statuses(results: Path, study: str) -> dict[str, dict]:
+    """run key -> its latest `runs` row (status, error, mlflow_run_id, ...)."""
+    frame = read_table(results, study, "runs")
+    if frame.empty:
+        return {}
+    return {row["run_key"]: row for row in frame.to_dict("records")}
+
+
+def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
+    """The live (not deleted) MLflow run of a run key, newest first, or None."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"]
+    )
+    return found[0] if found else None
+
+
+class RunTracker:
+    """The Recorder of one run: MLflow metrics (batched, asynchronous) and Parquet tables."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, spec: RunSpec, results: Path, commit: str = ""):
+        self.client, self.experiment_id, self.spec = client, experiment_id, spec
+        self.results = Path(results)
+        self.commit = commit or git_commit()
+        self.run_id: str | None = None
+        self.started = time.time()
+        self.paths: list[Path] = []
+        self.pending: list = []
+
+    @property
+    def study(self) -> str:
+        return self.spec.study
+
+    def start(self, fresh: bool = False) -> str:
+        """Create the key's MLflow run, or reopen the one a previous attempt left behind.
+        With ``fresh`` (a --rerun), earlier runs of the key are deleted: one run per key."""
+        existing = find_mlflow_run(self.client, self.experiment_id, self.spec.key)
+        if existing is not None and fresh:
+            for run in self.client.search_runs([self.experiment_id], f"tags.run_key = '{self.spec.key}'"):
+                self.client.delete_run(run.info.run_id)
+            existing = None
+        if existing is not None:
+            self.run_id = existing.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "resumed", "true")
+        else:
+            spec = self.spec
+            tags = {
+                "study": spec.study, "arm": spec.arm.label, "seed": str(spec.seed), "run_key": spec.key,
+                "git_commit": self.commit, "host": socket.gethostname(),
+                **{f"ablation.{axis}": level for axis, level in spec.arm.levels.items()},
+            }
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=spec.name)
+            self.run_id = run.info.run_id
+            params = [Param(k, str(v)) for k, v in flatten(spec.config.to_dict()).items()]
+            for i in range(0, len(params), PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+        self.write_runs_row("running")
+        return self.run_id
+
+    # -- Recorder protocol
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+        if metrics:
+            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+
+    def table(self, name: str, frame: pd.DataFrame) -> None:
+        self.paths.append(write_table(self.results, self.study, name, self.spec.key, frame))
+
+    def image(self, name: str, pixels: np.ndarray) -> None:
+        folder = self.results / self.study / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.spec.key}.png"
+        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(path)
+        self.paths.append(path)
+
+    # -- lifecycle
+    def flush(self) -> None:
+        for operation in self.pending:
+            if operation is not None:
+                operation.wait()
+        self.pending.clear()
+
+    def finish(self, summary: dict[str, float]) -> None:
+        self.flush()
+        config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(self.spec.config.to_dict(), sort_keys=False))
+        self.client.log_artifact(self.run_id, str(config_path), artifact_path="config")
+        for path in self.paths:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
+        self.client.set_terminated(self.run_id, status="FINISHED")
+        self.write_runs_row("finished", params=summary.get("params"), seconds=summary.get("seconds"))
+
+    def fail(self, reason: str) -> None:
+        self.flush()
+        self.client.set_tag(self.run_id, "error", reason[:5000])
+        self.client.set_terminated(self.run_id, status="FAILED")
+        self.write_runs_row("failed", error=reason)
+
+    def interrupted(self, step: int) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status="KILLED")
+        self.write_runs_row("interrupted", error=f"interrupted at step {step}; resumes from its checkpoint")
+
+    def write_runs_row(self, status: str, error: str = "", params=None, seconds=None) -> None:
+        spec = self.spec
+        row = {
+            "study": spec.study, "arm": spec.arm.label, "seed": spec.seed,
+            **{axis: level for axis, level in spec.arm.levels.items()},
+            "status": status, "error": error, "mlflow_run_id": self.run_id or "",
+            "params": float(params) if params is not None else float("nan"),
+            "seconds": float(seconds) if seconds is not None else time.time() - self.started,
+            "config_json": spec.config_json, "host": socket.gethostname(), "pid": os.getpid(),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_table(self.results, spec.study, "runs", spec.key, pd.DataFrame([row]))
