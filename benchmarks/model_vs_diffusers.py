@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument(
         "--diffusers-channels",
         type=lambda s: tuple(int(c) for c in s.split(",")),
-        default=(24, 48, 48),
+        default=(24, 48, 40),
         help="block_out_channels of the diffusers UNet, chosen to match tiny's size",
     )
     args = parser.parse_args()

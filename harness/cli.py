@@ -62,7 +62,7 @@ def preflight_data(study: Study, specs: list[RunSpec]) -> dict:
             where = next(
                 (("ablations", axis, spec.arm.levels[axis], k) for axis in spec.arm.levels
                  for k in study.ablations[axis][spec.arm.levels[axis]] if k.startswith("data.")),
-                ("base", "data"),
+                ("base", "data", "path"),
             )
             fail_input(study.error(where, str(error)))
     return loaded

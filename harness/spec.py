@@ -145,8 +145,10 @@ def _describe(error: dict, model: type[BaseModel], path: tuple) -> str:
 def located_error(
     exc: ValidationError, model: type[BaseModel], locate, prefix: tuple = ()
 ) -> StudyError:
-    """The first pydantic error as a StudyError; ``locate(path)`` gives (source, line)."""
-    error = exc.errors()[0]
+    """The first pydantic error as a StudyError; ``locate(path)`` gives (source, line).
+    Unknown keys come first: a misspelt key usually also causes the "missing" error."""
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     source, line = locate(prefix + path)
     return StudyError(source, line, format_path(prefix + path), _describe(error, model, path))

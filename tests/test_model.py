@@ -29,6 +29,10 @@ def perturb_output_conv(model: UNet) -> None:
         model.conv_out.weight.normal_(0, 0.1)
 
 
+def res_blocks(model: UNet):
+    return [m for m in model.modules() if hasattr(m, "time_projection")]
+
+
 def time_mlp_parameters(model: UNet) -> int:
     return sum(
         p.numel()
@@ -68,16 +72,12 @@ def test_shared_and_per_block_time_mlps_differ_and_both_run():
     shared = small_model(time_mlp="shared")
     per_block = small_model(time_mlp="per_block")
     assert shared.shared_time_mlp is not None and per_block.shared_time_mlp is None
-    assert all(isinstance(b.time_projection, nn.Linear) for b in _res_blocks(shared))
-    assert all(isinstance(b.time_projection, nn.Sequential) for b in _res_blocks(per_block))
+    assert all(isinstance(b.time_projection, nn.Linear) for b in res_blocks(shared))
+    assert all(isinstance(b.time_projection, nn.Sequential) for b in res_blocks(per_block))
     assert time_mlp_parameters(per_block) > time_mlp_parameters(shared)
     x = torch.randn(3, 1, 8, 8)
     for model in (shared, per_block):
         assert model(x, torch.tensor([1, 2, 3])).shape == x.shape
-
-
-def _res_blocks(model: UNet):
-    return [m for m in model.modules() if hasattr(m, "time_projection")]
 
 
 @pytest.mark.parametrize(
@@ -113,9 +113,17 @@ def test_annotated_preset_attends_at_low_resolution_only():
     assert sum(isinstance(m, SelfAttention) for m in model.modules()) == 9
 
 
-@pytest.mark.parametrize("time_mlp", ["shared", "per_block"])
-def test_gradient_reaches_every_parameter(time_mlp):
-    model = small_model(time_mlp=time_mlp, attention_resolutions=(8, 4), attention_heads=2)
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: small_model(time_mlp="shared", attention_resolutions=(8, 4), attention_heads=2),
+        lambda: small_model(time_mlp="per_block", attention_resolutions=(8, 4), attention_heads=2),
+        lambda: build_model(ModelConfig(preset="tiny"), image_channels=1, image_size=8),
+    ],
+    ids=["shared+attention", "per_block+attention", "tiny"],
+)
+def test_gradient_reaches_every_parameter(build):
+    model = build()
     perturb_output_conv(model)
     model(torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 1000])).square().mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
@@ -149,3 +157,23 @@ def test_group_norm_falls_back_to_a_divisor():
 def test_dropout_is_honoured():
     model = small_model(dropout=0.5)
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_self_attention_matches_a_plain_reference(memory_format):
+    torch.manual_seed(0)
+    attention = SelfAttention(channels=8, heads=2, norm_groups=4)
+    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=memory_format)
+    qkv = attention.to_qkv(attention.norm(x)).flatten(2)  # [B, 3C, HW]
+    q, k, v = (part.reshape(2, 2, 4, 15) for part in qkv.chunk(3, dim=1))  # [B, heads, d, HW]
+    weights = torch.softmax(q.transpose(-1, -2) @ k / 4**0.5, dim=-1)  # [B, heads, HW, HW]
+    mixed = (v @ weights.transpose(-1, -2)).reshape(2, 8, 3, 5)
+    expected = x + attention.to_out(mixed)
+    torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_t_is_broadcast_over_the_batch():
+    model = small_model()
+    perturb_output_conv(model)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(model(x, torch.tensor(7)), model(x, torch.full((3,), 7)))

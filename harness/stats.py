@@ -1,0 +1,102 @@
+"""The statistics of a report: small pure functions, unit-tested with known answers.
+
+Every interval is a two-sided Student-t confidence interval over seeds. Arms of a study share
+their seeds (common random numbers), so an arm's effect against the baseline is the mean of
+the per-seed PAIRED differences, with the t interval of those differences.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+LOWER = "lower"
+HIGHER = "higher"
+
+NO_CLEAR_EFFECT = "no clear effect"
+NO_DATA = "no data"
+SINGLE_PAIR = "n=1, no interval"
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    array = np.asarray([v for v in values if v is not None], dtype=float)
+    return array[np.isfinite(array)]
+
+
+def t_quantile(n: int, confidence: float = 0.95) -> float:
+    """The two-sided Student-t critical value for ``n`` values (n - 1 degrees of freedom)."""
+    return float(_scipy_stats.t.ppf(0.5 + confidence / 2.0, n - 1))
+
+
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean, half-width of its Student-t confidence interval, and the number of finite values.
+
+    NaN and None are dropped. n = 0 gives (nan, nan, 0); n = 1 gives (value, nan, 1): one
+    seed has a value but no interval.
+    """
+    x = _finite(values)
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n == 1:
+        return mean, math.nan, 1
+    half = t_quantile(n, confidence) * float(x.std(ddof=1)) / math.sqrt(n)
+    return mean, half, n
+
+
+def paired_effect(
+    arm_values_by_seed: Mapping[int, float],
+    baseline_values_by_seed: Mapping[int, float],
+    confidence: float = 0.95,
+) -> tuple[float, float, int]:
+    """Mean of the per-seed differences (arm - baseline) over the seeds both have a finite
+    value for, the half-width of their Student-t interval, and the number of pairs."""
+    diffs = []
+    for seed, value in arm_values_by_seed.items():
+        base = baseline_values_by_seed.get(seed)
+        if value is None or base is None:
+            continue
+        if math.isfinite(value) and math.isfinite(base):
+            diffs.append(float(value) - float(base))
+    return mean_ci(diffs, confidence)
+
+
+def ci_excludes_zero(estimate: float, half_width: float) -> bool:
+    """True when the interval estimate +- half_width lies entirely on one side of zero."""
+    if not (math.isfinite(estimate) and math.isfinite(half_width)):
+        return False
+    return estimate - half_width > 0 or estimate + half_width < 0
+
+
+def verdict(diff: float, half_width: float, n: int, direction: str | None) -> str:
+    """What a paired difference (arm - baseline) says, in words.
+
+    A difference whose interval includes zero is never a win: it is "no clear effect".
+    ``direction`` is LOWER or HIGHER (which way is better) or None (a cost such as the
+    parameter count, where only "higher" / "lower" is said).
+    """
+    if n == 0 or not math.isfinite(diff):
+        return NO_DATA
+    if n == 1:
+        return SINGLE_PAIR
+    if not ci_excludes_zero(diff, half_width):
+        return NO_CLEAR_EFFECT
+    went_up = diff > 0
+    if direction is None:
+        return "higher" if went_up else "lower"
+    better = went_up if direction == HIGHER else not went_up
+    return "better" if better else "worse"
+
+
+def best_arms(means: Mapping[str, float], direction: str | None) -> set[str]:
+    """The arm(s) with the best finite mean (ties all win); empty when fewer than two arms
+    have a value or the metric has no better direction."""
+    finite = {arm: m for arm, m in means.items() if m is not None and math.isfinite(m)}
+    if direction is None or len(finite) < 2:
+        return set()
+    target = min(finite.values()) if direction == LOWER else max(finite.values())
+    return {arm for arm, m in finite.items() if m == target}

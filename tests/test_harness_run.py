@@ -1,0 +1,190 @@
+"""`harness run` end to end: the real CLI, a real MLflow store, real Parquet."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from mlflow import MlflowClient
+
+STUDY = """\
+study: {name}
+question: Does the harness run end to end?
+base:
+  model: {{preset: tiny, base_channels: 16, time_embed_dim: 32}}
+  diffusion: {{T: 20}}
+  train: {{steps: {steps}, batch_size: 32, log_every: 5, checkpoint_every: {ckpt}, warmup_steps: 2}}
+  sample: {{num_samples: 16}}
+  eval: {{probe_every: 10, probe_images: 32, drift_hist_steps: 5}}
+ablations:
+  timesteps:
+    T20: {{diffusion.T: 20}}
+    T10: {{diffusion.T: 10}}
+seeds: [0, 1]
+"""
+
+
+def write_study(folder: Path, name="smoke", steps=20, ckpt=10) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(STUDY.format(name=name, steps=steps, ckpt=ckpt))
+    return path
+
+
+def harness(args, cwd, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["DDPM_ENGINE_CACHE"] = str(Path(cwd) / ".cache")
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
+    )
+
+
+def mlflow_runs(cwd: Path, study: str):
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def table(cwd: Path, study: str, name: str):
+    return ds.dataset(str(cwd / "results" / study / name), format="parquet").to_table()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("smoke")
+    study = write_study(cwd)
+    first = harness(["run", str(study), "--no-report"], cwd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return cwd, study, first
+
+
+def test_smoke_study_is_tracked_in_mlflow(smoke):
+    cwd, _, _ = smoke
+    client, runs = mlflow_runs(cwd, "smoke")
+    assert len(runs) == 4
+    assert not (cwd / "mlruns").exists()  # a ./mlruns would hide mlflow.db from `mlflow ui`
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert {"study", "arm", "seed", "run_key", "ablation.timesteps", "git_commit"} <= set(tags)
+        assert run.info.run_name == f"{tags['arm']}-s{tags['seed']}"
+        assert run.data.params["diffusion.T"] == tags["arm"][1:]
+        assert run.data.params["train.seed"] == tags["seed"]
+        assert {"loss", "bpd", "heldout_loss", "fd", "final_mean_gap"} <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in history] == [5, 10, 15, 20]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config", "samples", "train", "per_t", "drift", "drift_hist", "quality", "probe"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "per_t")] == [f"per_t/{tags['run_key']}.parquet"]
+
+
+def test_smoke_study_tables_read_back_with_pyarrow(smoke):
+    cwd, _, _ = smoke
+    runs = table(cwd, "smoke", "runs").to_pandas()
+    assert len(runs) == 4 and set(runs["status"]) == {"finished"}
+    assert {"run_key", "study", "arm", "seed", "timesteps", "status", "error", "mlflow_run_id", "params", "seconds", "config_json"} <= set(runs.columns)
+    keys = set(runs["run_key"])
+    expected_rows = {"train": lambda k: 4, "quality": lambda k: 1}
+    for name, rows in expected_rows.items():
+        frame = table(cwd, "smoke", name).to_pandas()
+        assert set(frame["run_key"]) == keys
+        assert frame.groupby("run_key").size().eq(4 if name == "train" else 1).all()
+    per_t = table(cwd, "smoke", "per_t")
+    for column in ("run_key", "step", "t", "alphabar", "wt", "loss_mse", "eps_pred_mean", "eps_pred_std", "err_mean", "vlb_bits"):
+        assert column in per_t.schema.names
+    per_t = per_t.to_pandas()
+    t10 = runs.loc[runs["timesteps"] == "T10", "run_key"].iloc[0]
+    assert sorted(per_t.query("run_key == @t10 and step == 20")["t"]) == list(range(1, 11))
+    drift = table(cwd, "smoke", "drift").to_pandas().query("run_key == @t10")
+    assert drift["t"].tolist() == list(range(10, -1, -1))
+    for column in ("mean", "std", "p01", "p50", "p99", "frac_out", "ref_mean", "ref_std", "ref_frac_out"):
+        assert drift[column].notna().all()
+    hist = table(cwd, "smoke", "drift_hist").to_pandas()
+    assert {"t", "bin_lo", "bin_hi", "count", "ref_count"} <= set(hist.columns)
+    quality = table(cwd, "smoke", "quality").to_pandas()
+    for column in ("bpd", "prior_bits", "l0_bits", "fd", "coverage", "final_mean_gap", "max_mean_gap", "hist_w1", "sat_frac"):
+        assert column in quality.columns
+
+
+def test_second_run_runs_nothing(smoke):
+    cwd, study, _ = smoke
+    again = harness(["run", str(study), "--no-report"], cwd)
+    assert again.returncode == 0, again.stderr
+    assert "0 to run" in again.stdout
+    _, runs = mlflow_runs(cwd, "smoke")
+    assert len(runs) == 4
+
+
+def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
+    study = write_study(tmp_path, name="killed", steps=200, ckpt=20)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["DDPM_ENGINE_CACHE"] = str(tmp_path / ".cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    checkpoints = tmp_path / "results" / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(checkpoints.glob("*/last.pt")):
+        time.sleep(0.2)
+    assert list(checkpoints.glob("*/last.pt")), "no checkpoint appeared"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_key = list(checkpoints.glob("*/last.pt"))[0].parent.name
+
+    again = harness(["run", str(study), "--no-report"], tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client, runs = mlflow_runs(tmp_path, "killed")
+    keys = [r.data.tags["run_key"] for r in runs]
+    assert len(runs) == 4 and len(set(keys)) == 4, "exactly one MLflow run per key"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    resumed = next(r for r in runs if r.data.tags["run_key"] == killed_key)
+    assert resumed.data.tags.get("resumed") == "true"
+    assert resumed.data.metrics["resumed_from_step"] >= 20
+    train = table(tmp_path, "killed", "train").to_pandas()
+    assert not train.duplicated(["run_key", "step"]).any()
+    assert train.groupby("run_key").size().eq(40).all()
+    assert len(table(tmp_path, "killed", "runs").to_pandas()) == 4
+
+
+def test_a_failing_run_is_recorded_and_retried_alone(tmp_path):
+    study = write_study(tmp_path, name="flaky")
+    plan = harness(["status", str(study)], tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    # Block one run's checkpoint folder with a file: saving its checkpoint raises.
+    from harness.plan import expand
+    from harness.spec import load_study
+
+    specs = expand(load_study(study))
+    victim = specs[0]
+    blocker = tmp_path / "results" / "flaky" / "checkpoints" / victim.key
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
+
+    first = harness(["run", str(study), "--no-report"], tmp_path)
+    assert first.returncode == 1, first.stdout + first.stderr
+    client, runs = mlflow_runs(tmp_path, "flaky")
+    by_key = {r.data.tags["run_key"]: r for r in runs}
+    assert by_key[victim.key].info.status == "FAILED"
+    assert "Error" in by_key[victim.key].data.tags["error"]
+    assert sum(r.info.status == "FINISHED" for r in runs) == 3
+    rows = table(tmp_path, "flaky", "runs").to_pandas().set_index("run_key")
+    assert rows.loc[victim.key, "status"] == "failed" and rows.loc[victim.key, "error"]
+
+    # without --retry-failed nothing runs; with it only the failed key runs
+    again = harness(["run", str(study), "--no-report"], tmp_path)
+    assert again.returncode == 1 and "0 to run" in again.stdout
+    blocker.unlink()
+    finished_before = {k: r.info.end_time for k, r in by_key.items() if r.info.status == "FINISHED"}
+    retry = harness(["run", str(study), "--no-report", "--retry-failed"], tmp_path)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "1 to run" in retry.stdout
+    client, runs = mlflow_runs(tmp_path, "flaky")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        if run.data.tags["run_key"] in finished_before:
+            assert run.info.end_time == finished_before[run.data.tags["run_key"]]

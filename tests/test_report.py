@@ -1,0 +1,261 @@
+"""The report page, built from REAL Parquet written by the engine for a tiny study.
+
+Study "smoke": arm T20 (baseline) and arm T50 differ in diffusion.T, two seeds each; arm
+"broken" has one failed run (a runs row only) and one run that never started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_engine import ExperimentConfig, run_experiment
+from ddpm_engine.data import load_data
+from harness.report import build_report
+from harness.tables import write_table
+
+STUDY = "smoke"
+SEEDS = [0, 1]
+ARMS = [
+    {"arm": "T20", "levels": {"timesteps": "T20"}, "overrides": {"diffusion.T": 20}},
+    {"arm": "T50", "levels": {"timesteps": "T50"}, "overrides": {"diffusion.T": 50}},
+    {"arm": "broken", "levels": {"timesteps": "T5"}, "overrides": {"diffusion.T": 5}},
+]
+SECTIONS = [
+    "Question and design", "Metrics per arm", "Effects against the baseline", "Per-t loss",
+    "Per-t bias", "Variational bound per t", "Sample drift", "Samples", "Training curves", "Runs",
+]
+
+
+def tiny_config(T: int, seed: int) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "model": {"base_channels": 16, "time_embed_dim": 32},
+        "diffusion": {"T": T},
+        "train": {"steps": 30, "batch_size": 32, "log_every": 10, "warmup_steps": 5, "seed": seed},
+        "sample": {"num_samples": 16},
+        "eval": {"probe_every": 15, "probe_images": 32, "quality": True, "drift_hist_steps": 5},
+    })
+
+
+def run_key(config: ExperimentConfig, seed: int) -> str:
+    text = json.dumps([config.to_dict(), seed], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class ParquetRecorder:
+    """Writes each table of one run as Parquet and the sample grid as PNG, like the harness."""
+
+    def __init__(self, results: Path, key: str):
+        self.results, self.key = results, key
+
+    def scalars(self, step, values):
+        pass
+
+    def table(self, name, frame):
+        write_table(self.results, STUDY, name, self.key, frame)
+
+    def image(self, name, pixels):
+        path = self.results / STUDY / name / f"{self.key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def runs_row(key, arm, seed, status, error="", params=np.nan, seconds=np.nan, config=None):
+    return pd.DataFrame([{
+        "study": STUDY, "arm": arm["arm"], "seed": seed, **arm["levels"], "status": status, "error": error,
+        "mlflow_run_id": f"mlflow-{key}", "params": float(params), "seconds": float(seconds),
+        "config_json": json.dumps(config.to_dict(), sort_keys=True) if config else "",
+    }])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    (root / STUDY).mkdir()
+    (root / STUDY / "study.json").write_text(json.dumps({
+        "study": STUDY, "question": "Does T explain <dark> samples?", "design": "arms",
+        "axes": {"timesteps": ["T20", "T50", "T5"]}, "baseline": {"timesteps": "T20"},
+        "baseline_arm": "T20", "seeds": SEEDS, "arms": ARMS,
+    }))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than contending
+    try:
+        data = load_data(tiny_config(20, 0).data)
+        for arm in ARMS[:2]:
+            for seed in SEEDS:
+                config = tiny_config(arm["overrides"]["diffusion.T"], seed)
+                key = run_key(config, seed)
+                started = time.perf_counter()
+                result = run_experiment(config, ParquetRecorder(root, key), device="cpu", data=data)
+                write_table(root, STUDY, "runs", key, runs_row(
+                    key, arm, seed, "finished", params=result.summary["params"],
+                    seconds=time.perf_counter() - started, config=config))
+    finally:
+        torch.set_num_threads(threads)
+    broken = tiny_config(5, 0)
+    write_table(root, STUDY, "runs", run_key(broken, 0), runs_row(run_key(broken, 0), ARMS[2], 0, "failed", error="boom", seconds=1.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(results, tmp_path_factory) -> Path:
+    return build_report(STUDY, results, tmp_path_factory.mktemp("reports"))
+
+
+def section(html: str, anchor: str) -> str:
+    match = re.search(rf'<section id="{anchor}">(.*?)</section>', html, re.S)
+    assert match, anchor
+    return match.group(1)
+
+
+def image_sources(html: str) -> list[str]:
+    return re.findall(r'<img[^>]*\bsrc="([^"]+)"', html)
+
+
+def test_page_has_every_section_and_every_image_exists(report):
+    assert report.name == "index.html" and report.exists()
+    html = report.read_text()
+    for heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in html, heading
+    sources = image_sources(html)
+    # six figures and the two finished arms' sample grids
+    assert len(sources) == 8, sources
+    for src in sources:
+        assert not src.startswith(("http:", "https:", "/")), src
+        assert (report.parent / src).is_file(), src
+    assert "could not be drawn" not in html
+    assert "http://" not in html and "https://" not in html  # no network from file://
+    assert "Does T explain &lt;dark&gt; samples?" in html  # autoescaped
+    assert "95% Student-t CI over n seeds" in html
+
+
+def test_metrics_table_shows_the_failed_arm_as_failed(report):
+    metrics = section(report.read_text(), "metrics")
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", metrics, re.S)
+    broken = next(r for r in rows if ">broken<" in r)
+    assert "failed" in broken and "no data" in broken
+    assert "1 failed" in broken and "1 not started" in broken
+    finished = next(r for r in rows if ">T50<" in r)
+    assert "2 finished" in finished and "no data" not in finished
+    assert "±" in finished  # two seeds: a confidence interval
+    assert "★" in metrics or 'class="num best"' in metrics
+
+
+def test_effects_are_paired_against_the_baseline(report):
+    effects = section(report.read_text(), "effects")
+    assert ">T50<" in effects and ">broken<" in effects and ">T20<" not in effects
+    verdicts = re.findall(r'<span class="verdict">([^<]*)</span>', effects)
+    assert verdicts and set(verdicts) <= {"better", "worse", "higher", "lower", "no clear effect", "no data", "n=1, no interval"}
+    assert "no data" in verdicts  # the failed arm has no pairs
+
+
+def test_run_table_lists_every_run_with_status_and_reason(report):
+    runs = section(report.read_text(), "runs")
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", runs, re.S)[1:]
+    assert len(rows) == 6  # 3 arms x 2 seeds, including the one never started
+    failed = next(r for r in rows if "failed" in r)
+    assert "boom" in failed and "mlflow-" in failed
+    assert sum("finished" in r for r in rows) == 4
+    assert sum("not started" in r for r in rows) == 1
+
+
+def test_report_builds_when_a_per_t_file_is_missing(results, tmp_path):
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    victim = sorted((copy / STUDY / "per_t").glob("*.parquet"))[0]
+    victim.unlink()
+    index = build_report(STUDY, copy, tmp_path / "reports")
+    html = index.read_text()
+    assert "could not be drawn" not in html
+    for src in image_sources(html):
+        assert (index.parent / src).is_file()
+
+
+def test_report_with_no_finished_run_omits_figures_with_notes(results, tmp_path):
+    copy = tmp_path / "results"
+    (copy / STUDY / "runs").mkdir(parents=True)
+    shutil.copy(results / STUDY / "study.json", copy / STUDY)
+    for path in (results / STUDY / "runs").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        if frame["status"].iloc[0] == "failed":
+            shutil.copy(path, copy / STUDY / "runs")
+    # a run that is still going: a runs row and nothing else
+    write_table(copy, STUDY, "runs", "abcdef123456", runs_row("abcdef123456", ARMS[0], 0, "running"))
+    index = build_report(STUDY, copy, tmp_path / "reports")
+    html = index.read_text()
+    assert image_sources(html) == []
+    assert html.count('class="missing"') >= 6
+    assert "running" in section(html, "runs") and "boom" in section(html, "runs")
+
+
+def test_planned_run_keys_hide_stale_runs_and_show_pending_ones(results, tmp_path):
+    """study.json may list the planned run keys (the harness writes them): rows of other keys
+    are from an earlier version of the study, planned keys without a row are pending."""
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    runs = pd.concat([pd.read_parquet(p) for p in (copy / STUDY / "runs").glob("*.parquet")])
+    manifest = json.loads((copy / STUDY / "study.json").read_text())
+    manifest["runs"] = [{"run_key": k, "arm": a, "seed": int(s)} for k, a, s in zip(runs["run_key"], runs["arm"], runs["seed"])]
+    manifest["runs"].append({"run_key": "0123456789ab", "arm": "broken", "seed": 1})
+    (copy / STUDY / "study.json").write_text(json.dumps(manifest))
+    write_table(copy, STUDY, "runs", "5ta1e5ta1e00", runs_row("5ta1e5ta1e00", ARMS[0], 0, "failed", error="old config"))
+    html = build_report(STUDY, copy, tmp_path / "reports").read_text()
+    table = section(html, "runs")
+    assert "0123456789ab" in table and "pending" in table
+    assert "5ta1e5ta1e00" not in table and "old config" not in table
+    assert "earlier version of this study" in html
+
+
+def test_unknown_study_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        build_report("no_such_study", tmp_path, tmp_path / "reports")
+
+
+# ---------------------------------------------------------------------------- browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (CI installs the Debian package)")
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@needs_chromium
+def test_page_renders_in_chromium(report, tmp_path):
+    shot = tmp_path / "screenshot.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars", report.as_uri())
+    assert shot.exists()
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2400)
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # text, tables and figures, not a blank page
+    assert np.asarray(image).mean() < 254
+
+
+@needs_chromium
+def test_every_image_loads_without_console_errors(report, tmp_path):
+    done = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", report.as_uri())
+    match = re.search(r'<body[^>]*data-images-ok="([^"]*)"', done.stdout)
+    assert match, "the load handler did not run:\n" + done.stdout[:500]
+    assert match.group(1) == "yes", f"broken images: {match.group(1)}"
+    page_errors = [line for line in done.stderr.splitlines()
+                   if "Uncaught" in line or ("CONSOLE" in line and report.name in line)]
+    assert page_errors == []

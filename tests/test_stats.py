@@ -1,0 +1,81 @@
+"""The report's statistics against hand-computed answers."""
+
+import math
+
+import pytest
+from scipy import stats as scipy_stats
+
+from harness.stats import (
+    HIGHER,
+    LOWER,
+    NO_CLEAR_EFFECT,
+    best_arms,
+    ci_excludes_zero,
+    mean_ci,
+    paired_effect,
+    verdict,
+)
+
+
+def test_mean_ci_of_one_two_three():
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    # sample std 1, so the half-width is t_{0.975, 2} * 1 / sqrt(3); t_{0.975, 2} = 4.302653
+    assert (mean, n) == (2.0, 3)
+    assert half == pytest.approx(4.302652729911275 / math.sqrt(3))
+    assert half == pytest.approx(scipy_stats.t.ppf(0.975, 2) / math.sqrt(3))
+
+
+def test_mean_ci_drops_nan_and_handles_n1_and_empty():
+    mean, half, n = mean_ci([5.0, float("nan"), None])
+    assert (mean, n) == (5.0, 1) and math.isnan(half)
+    mean, half, n = mean_ci([])
+    assert n == 0 and math.isnan(mean) and math.isnan(half)
+    assert mean_ci([4.0, 4.0]) == (4.0, 0.0, 2)
+
+
+def test_paired_effect_known_answer():
+    arm = {0: 1.5, 1: 2.5, 2: 3.5, 7: 100.0}  # seed 7 has no baseline pair and is ignored
+    base = {0: 1.0, 1: 2.0, 2: 2.0}
+    diff, half, n = paired_effect(arm, base)
+    # differences 0.5, 0.5, 1.5: mean 5/6, sample std sqrt(1/3)
+    assert n == 3
+    assert diff == pytest.approx(5 / 6)
+    assert half == pytest.approx(4.302652729911275 * math.sqrt(1 / 3) / math.sqrt(3))
+    assert ci_excludes_zero(diff, half) is False  # 0.833 +- 1.434 includes zero
+
+
+def test_pairing_removes_shared_seed_noise():
+    """Seed-to-seed spread is large, but the arm is lower on every seed by about 0.1:
+    the paired CI excludes zero although the two arms' own CIs overlap."""
+    base = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    arm = {0: 0.9, 1: 1.88, 2: 2.91, 3: 3.89}
+    diff, half, n = paired_effect(arm, base)
+    assert n == 4 and diff == pytest.approx(-0.105)
+    assert ci_excludes_zero(diff, half)
+    assert verdict(diff, half, n, LOWER) == "better"
+    assert verdict(diff, half, n, HIGHER) == "worse"
+    assert verdict(diff, half, n, None) == "lower"
+
+
+def test_ci_including_zero_is_no_clear_effect():
+    diff, half, n = paired_effect({0: 1.0, 1: 3.0, 2: 2.1}, {0: 2.0, 1: 2.0, 2: 2.0})
+    assert diff == pytest.approx(0.1 / 3) and half > abs(diff)
+    assert verdict(diff, half, n, LOWER) == NO_CLEAR_EFFECT == "no clear effect"
+    assert verdict(diff, half, n, HIGHER) == "no clear effect"
+
+
+def test_single_pair_and_no_pair():
+    diff, half, n = paired_effect({0: 3.0}, {0: 1.0})
+    assert (diff, n) == (2.0, 1) and math.isnan(half)
+    assert verdict(diff, half, n, LOWER) == "n=1, no interval"
+    assert not ci_excludes_zero(diff, half)
+    diff, half, n = paired_effect({0: 3.0}, {1: 1.0})
+    assert n == 0 and verdict(diff, half, n, LOWER) == "no data"
+
+
+def test_best_arms():
+    means = {"a": 1.0, "b": 0.5, "c": float("nan"), "d": 0.5}
+    assert best_arms(means, LOWER) == {"b", "d"}
+    assert best_arms(means, HIGHER) == {"a"}
+    assert best_arms(means, None) == set()
+    assert best_arms({"a": 1.0, "b": float("nan")}, LOWER) == set()  # one arm: nothing to compare

@@ -1,0 +1,84 @@
+"""Bad study files: exit code 2, one message naming file, line and key path, no traceback."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+
+HEADER = "study: s\nquestion: Does it validate?\n"
+
+CASES = {
+    "unknown_key": (
+        HEADER + "base:\n  diffusion: {T: 100, schedul: cosine}\n",
+        ":4:", "base.diffusion.schedul", "did you mean 'schedule'",
+    ),
+    "unknown_top_level_key": ("study: s\nquestoin: q\n", ":2:", "questoin", "did you mean 'question'"),
+    "wrong_type": (HEADER + "base:\n  train: {steps: many}\n", ":4:", "base.train.steps", "valid integer"),
+    "out_of_range": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {diffusion.T: 1}\n",
+        ":6:", "ablations.a.y.diffusion.T", "greater than or equal to 2",
+    ),
+    "override_of_missing_field": (
+        HEADER + "ablations:\n  a:\n    x: {train.stepz: 5}\n", ":5:", "ablations.a.x.train.stepz", "did you mean 'train.steps'",
+    ),
+    "duplicate_level": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    x: {train.steps: 6}\n",
+        ":6:", "ablations.a.x", "duplicate key 'x'",
+    ),
+    "baseline_names_missing_level": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\nbaseline: {a: z}\n", ":6:", "baseline.a", "no level 'z'",
+    ),
+    "empty_axis": (HEADER + "ablations:\n  a: {}\n", ":4:", "ablations.a", "empty expansion"),
+    "no_seeds": (HEADER + "seeds: []\n", ":3:", "seeds", "empty expansion"),
+    "malformed_yaml": (HEADER + "ablations:\n  a: {x: [1, 2}\n", ":4:", "", "malformed YAML"),
+    "missing_data_folder": (
+        HEADER + "base:\n  data: {name: image_folder, path: /nonexistent/faces}\n",
+        ":4:", "base.data.path", "/nonexistent/faces",
+    ),
+    "invalid_combination": (
+        HEADER + "ablations:\n  start:\n    lo: {diffusion.beta_start: 0.001}\n    hi: {diffusion.beta_start: 0.01}\n"
+        "  end:\n    lo: {diffusion.beta_end: 0.005}\n    hi: {diffusion.beta_end: 0.02}\n",
+        ":", "ablations", "beta_start must not exceed beta_end",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_bad_study_file_exits_2_naming_file_line_and_key(tmp_path, monkeypatch, case, command):
+    text, line, key, reason = CASES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    args = [command, str(path)] + (["--no-measure"] if command == "plan" else [])
+    result = CliRunner().invoke(app, args)
+    out = " ".join(result.output.split())  # rich may wrap long lines
+    assert result.exit_code == 2, result.output
+    assert f"{path}{line}" in out.replace(" ", "") or (line == ":" and str(path) in out)
+    assert key in out and reason in out, out
+    assert "Traceback" not in result.output
+    # nothing was started or written
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()
+
+
+def test_bad_set_option_names_the_key(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(HEADER)
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", "train.stepz=3"])
+    assert result.exit_code == 2
+    assert "--set" in result.output and "train.stepz" in result.output and "train.steps" in result.output
+
+
+def test_console_script_prints_one_line_and_no_traceback(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(textwrap.dedent(CASES["unknown_key"][0]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(path)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "typo.yaml:4: base.diffusion.schedul: unknown key (did you mean 'schedule'?)" in " ".join(proc.stderr.split())
