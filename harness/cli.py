@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .plan import RunSpec, expand, study_manifest
+from .plan import RunSpec, changed_keys, expand, study_manifest
 from .spec import Study, StudyError, load_study
 
 app = typer.Typer(
@@ -104,7 +104,7 @@ def plan(
         by_arm.setdefault(spec.arm.label, []).append(spec)
     for arm, arm_specs in by_arm.items():
         first = arm_specs[0]
-        changed = ", ".join(f"{k}={v}" for k, v in first.arm.overrides.items()) or "(base)"
+        changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         params, seconds = "", ""
         if measure:
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)

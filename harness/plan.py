@@ -119,6 +119,24 @@ def expand(study: Study) -> list[RunSpec]:
     return runs
 
 
+def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(study: Study, spec: RunSpec) -> dict[str, Any]:
+    """Resolved config values where this run differs from the study's base (seed aside):
+    what an arm really changes, including what a preset change drags along."""
+    base = flat_config(ExperimentConfig.model_validate(study.base).to_dict())
+    mine = flat_config(spec.config.to_dict())
+    return {k: v for k, v in mine.items() if base.get(k) != v and k != "train.seed"}
+
+
 def study_manifest(study: Study, runs: list[RunSpec]) -> dict:
     """What a report needs to know about the design (written as results/<study>/study.json)."""
     arms = expand_arms(study)

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from .plan import RunSpec
+from .plan import RunSpec, flat_config
 from .tables import read_table, write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -72,16 +72,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_statuses(results: Path, study: str) -> dict[str, dict]:
@@ -137,7 +127,7 @@ class RunTracker:
             }
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=spec.name)
             self.run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in flatten(spec.config.to_dict()).items()]
+            params = [Param(k, str(v)) for k, v in flat_config(spec.config.to_dict()).items()]
             for i in range(0, len(params), PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
         self.write_runs_row("running")
