@@ -178,7 +178,16 @@ class ObjectiveConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(2000, ge=1, description="Optimizer steps.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps (the budget when budget_by is steps).")
+    budget_by: Literal["steps", "images", "seconds"] = Field(
+        "steps",
+        description="What is held equal across arms: steps, images seen (budget_images), or "
+        "training wall-clock seconds (budget_seconds; not reproducible step for step).",
+    )
+    budget_images: int | None = Field(None, ge=1, description="Images to train on when budget_by is images.")
+    budget_seconds: float | None = Field(
+        None, gt=0, description="Training seconds (probes excluded) when budget_by is seconds."
+    )
     batch_size: int = Field(128, ge=1, description="Images per step.")
     lr: float = Field(1e-3, gt=0.0, lt=1.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -194,6 +203,23 @@ class TrainConfig(_Section):
         "fp32", description="bf16 runs forward and backward under bf16 autocast."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+
+
+    @model_validator(mode="after")
+    def _budget_is_given(self) -> "TrainConfig":
+        if self.budget_by == "images" and self.budget_images is None:
+            raise ValueError("budget_by: images needs train.budget_images")
+        if self.budget_by == "seconds" and self.budget_seconds is None:
+            raise ValueError("budget_by: seconds needs train.budget_seconds")
+        return self
+
+    def planned_steps(self) -> int | None:
+        """Steps the budget allows, or None when it is wall-clock time."""
+        if self.budget_by == "images":
+            return -(-self.budget_images // self.batch_size)
+        if self.budget_by == "seconds":
+            return None
+        return self.steps
 
 
 class SampleConfig(_Section):

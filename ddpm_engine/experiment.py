@@ -117,11 +117,20 @@ def run_experiment(
         trainer.history["bound"].append({"step": trainer.step, **bound})
         return bound
 
+    planned = tc.planned_steps()
+
+    def budget_spent() -> bool:
+        if planned is not None:
+            return trainer.step >= planned
+        return trainer.train_seconds >= tc.budget_seconds
+
     window_start, window_images = time.perf_counter(), 0
-    while trainer.step < tc.steps:
+    while not budget_spent():
+        step_start = time.perf_counter()
         trainer.train_step()
+        trainer.train_seconds += time.perf_counter() - step_start
         window_images += tc.batch_size
-        last = trainer.step == tc.steps
+        last = budget_spent()
         if trainer.step % tc.log_every == 0 or last:
             now = time.perf_counter()
             row = trainer.flush_window(window_images / max(now - window_start, 1e-9))
@@ -178,6 +187,9 @@ def run_experiment(
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak_memory_mb(device),
         resumed_from_step=float(resumed_from),
+        train_steps=float(trainer.step),
+        train_images=float(trainer.step * tc.batch_size),
+        train_loop_seconds=trainer.train_seconds,
     )
     recorder.scalars(trainer.step, {k: v for k, v in summary.items() if isinstance(v, float)})
 

@@ -85,6 +85,7 @@ class Trainer:
         )
         self.generator = torch.Generator(device=device).manual_seed(tc.seed)
         self.step = 0
+        self.train_seconds = 0.0  # wall time inside train_step, for budget_by: seconds
         self.history: dict[str, list] = {"train": [], "per_t": [], "bound": []}
         self.last_finite_loss: float | None = None
         self._window: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
@@ -162,6 +163,7 @@ class Trainer:
             "t_sampler": self.t_sampler.state_dict(),
             "history": self.history,
             "last_finite_loss": self.last_finite_loss,
+            "train_seconds": self.train_seconds,
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -180,6 +182,7 @@ class Trainer:
         self.t_sampler.load_state_dict(state["t_sampler"])
         self.history = state["history"]
         self.last_finite_loss = state["last_finite_loss"]
+        self.train_seconds = state.get("train_seconds", 0.0)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 

@@ -61,13 +61,15 @@ def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, ca
     per_image_forward = step * FORWARD_SHARE / config.train.batch_size
     T = config.diffusion.T
     sample_steps = T if config.sample.sampler == "ddpm" else min(config.sample.steps or T, T)
-    n_probes = -(-config.train.steps // config.eval.probe_every)
+    planned = config.train.planned_steps()
+    steps = planned if planned is not None else max(1, int(config.train.budget_seconds / step))
+    n_probes = -(-steps // config.eval.probe_every)
     probe_images = min(config.eval.probe_images, len(data.heldout))
     grid = len(probe_timesteps(T, config.eval.probe_timesteps))
     return Estimate(
         params=params,
         step_seconds=step,
-        train_seconds=step * config.train.steps,
+        train_seconds=step * steps,
         sample_seconds=per_image_forward * sample_steps * config.sample.num_samples,
         probe_seconds=per_image_forward * grid * probe_images * n_probes,
     )

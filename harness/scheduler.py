@@ -44,7 +44,10 @@ def estimated_cost(spec: RunSpec) -> float:
     c = spec.config
     size = (c.data.image_size or 8) ** 2
     width = (c.model.base_channels or 32) ** 2 * sum(m * m for m in c.model.channel_mults or (1,))
-    train = c.train.steps * c.train.batch_size * 3
+    steps = c.train.planned_steps()
+    if steps is None:  # a wall-clock budget: its seconds stand in for the work
+        return c.train.budget_seconds * 1e12
+    train = steps * c.train.batch_size * 3
     sample_steps = c.diffusion.T if c.sample.sampler == "ddpm" else (c.sample.steps or c.diffusion.T)
     return width * size * (train + sample_steps * c.sample.num_samples)
 

@@ -111,3 +111,17 @@ def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t():
     assert list(after.index) == grid
     assert (after["loss_mse"] < before["loss_mse"]).all(), (before["loss_mse"], after["loss_mse"])
     assert math.isfinite(result.summary["bpd"])
+
+
+def test_budget_by_images_and_seconds():
+    by_images = run_experiment(
+        small_config(train={"budget_by": "images", "budget_images": 320, "batch_size": 32}), MemoryRecorder(), device="cpu"
+    )
+    assert by_images.summary["train_steps"] == 10 and by_images.summary["train_images"] == 320
+    by_seconds = run_experiment(
+        small_config(train={"budget_by": "seconds", "budget_seconds": 1.0}), MemoryRecorder(), device="cpu"
+    )
+    assert by_seconds.summary["train_loop_seconds"] >= 1.0
+    assert by_seconds.summary["train_steps"] >= 1
+    with pytest.raises(ValueError, match="budget_images"):
+        small_config(train={"budget_by": "images"})
