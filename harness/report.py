@@ -6,6 +6,11 @@ network. Statistics live in ``harness.stats``; HTML lives in ``templates/report.
 
 Only runs whose ``runs`` row says ``finished`` feed metrics and figures; every other run is
 shown with its status. A figure without data is replaced by a note, never an exception.
+
+The Findings section tests the seed's three observations (``harness.findings``). Effects are
+per-seed PAIRED differences against the baseline with their 95% Student-t CI (df = n - 1);
+only an effect whose CI excludes zero gets a verdict other than "no clear effect", and the
+metrics table's star goes only to an arm that is clearly best (``stats.clear_best_arms``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from . import findings as findings_mod  # noqa: E402
 from . import stats  # noqa: E402
 from .stats import HIGHER, LOWER  # noqa: E402
 from .tables import read_table  # noqa: E402
@@ -286,7 +292,9 @@ def arm_status(data: StudyData, arm: str) -> tuple[list[str], str]:
 def metrics_table(data: StudyData, values: dict) -> list[dict]:
     rows = []
     summaries = {name: {arm: stats.mean_ci(values[name][arm].values()) for arm in data.arms} for name in METRICS}
-    best = {name: stats.best_arms({a: s[0] for a, s in summaries[name].items()}, METRICS[name].direction) for name in METRICS}
+    # ★ only for an arm that is clearly best (paired CI against every other arm excludes zero
+    # in its favour): a best mean whose lead lies inside its CI is not a win
+    best = {name: stats.clear_best_arms(values[name], METRICS[name].direction) for name in METRICS}
     for arm in data.arms:
         n_finished = int((data.finished()["arm"] == arm).sum())
         status_text, status_class = arm_status(data, arm)
@@ -334,15 +342,61 @@ def effects_table(data: StudyData, values: dict, baseline: str | None) -> list[d
             diff, half, n = stats.paired_effect(values[name][arm], values[name][baseline])
             word = stats.verdict(diff, half, n, metric.direction)
             pairs = max(pairs, n)
+            excludes = stats.ci_excludes_zero(diff, half)
             cells.append({
                 "text": fmt_signed(diff) if n else "",
                 "half": fmt(half, 2) if n > 1 else "",
+                "n": n,
                 "verdict": word,
-                "excludes_zero": stats.ci_excludes_zero(diff, half),
+                "excludes_zero": excludes,
+                "title": (f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs: "
+                          + ("excludes 0" if excludes else "includes 0")) if n > 1 else "",
                 "class": {"better": "eff-better", "worse": "eff-worse", "higher": "eff-sig", "lower": "eff-sig"}.get(word, "eff-none"),
             })
+        for cell in cells:  # a metric with fewer pairs than the row's says so
+            cell["n_note"] = f"n={cell['n']}" if 0 < cell["n"] < pairs else ""
         rows.append({"arm": arm, "pairs": pairs, "cells": cells})
     return rows
+
+
+def _estimate_cell(est: findings_mod.Estimate, signed: bool) -> dict:
+    show = fmt_signed if signed else fmt
+    return {"nodata": est.n == 0, "text": show(est.mean) if est.n else "–",
+            "half": fmt(est.half, 2) if est.has_interval else "",
+            "ci": f"CI {fmt(est.lo)} to {fmt(est.hi)}" if est.has_interval else (f"n={est.n}" if est.n == 1 else "")}
+
+
+def findings_context(data: StudyData, baseline: str | None) -> dict:
+    """The Findings section: F1-F3 of ``harness.findings`` as template rows. A failure here
+    is shown on the page instead of breaking it."""
+    try:
+        found = findings_mod.compute_findings(data.runs, data.tables["per_t"], data.tables["quality"],
+                                              arms=data.arms, baseline=baseline)
+    except Exception as exc:  # noqa: BLE001 - a broken finding must not break the page
+        log.exception("findings failed")
+        return {"error": f"The findings could not be computed ({type(exc).__name__}: {exc}).", "entries": []}
+    items = []
+    for finding in found:
+        rows = []
+        for arm in finding.arms:
+            cells = []
+            for column in finding.columns:
+                if column.kind == "t":
+                    cells.append({"kind": "t", "text": arm.t_used.get(column.key) or "–"})
+                elif column.kind == "shown":
+                    cells.append({"kind": "shown", **_estimate_cell(arm.shown[column.key], column.signed)})
+                else:
+                    check = arm.checks[column.key]
+                    cells.append({"kind": "check", **_estimate_cell(check.estimate, column.signed),
+                                  "status": check.status, "word": check.word,
+                                  "class": "fnd-" + check.status.replace(" ", "-")})
+            rows.append({"arm": arm.arm, "baseline": arm.arm == finding.baseline, "n": arm.n_runs,
+                         "status": arm.status, "class": "fnd-" + arm.status.replace(" ", "-"), "cells": cells})
+        items.append({"key": finding.key, "anchor": "finding-" + finding.key.lower(), "title": finding.title,
+                      "definition": finding.definition, "sentence": finding.sentence,
+                      "columns": [{"label": c.label, "check": c.kind == "check"} for c in finding.columns],
+                      "rows": rows, "has_data": finding.n_with_data > 0})
+    return {"error": "", "entries": items}
 
 
 def metric_columns() -> list[dict]:
@@ -753,6 +807,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         metric_groups=metric_columns(),
         metric_rows=metrics_table(data, values),
         effect_rows=effects_table(data, values, baseline),
+        findings=findings_context(data, baseline),
         figures=figures,
         samples=grids,
         samples_note=samples_note,

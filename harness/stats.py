@@ -19,6 +19,7 @@ HIGHER = "higher"
 NO_CLEAR_EFFECT = "no clear effect"
 NO_DATA = "no data"
 SINGLE_PAIR = "n=1, no interval"
+ROUNDING = 1e-12  # relative size of a difference that is floating-point rounding, not an effect
 
 
 def _finite(values: Iterable[float]) -> np.ndarray:
@@ -54,14 +55,21 @@ def paired_effect(
     confidence: float = 0.95,
 ) -> tuple[float, float, int]:
     """Mean of the per-seed differences (arm - baseline) over the seeds both have a finite
-    value for, the half-width of their Student-t interval, and the number of pairs."""
+    value for, the half-width of their Student-t interval, and the number of pairs.
+
+    A difference within floating-point rounding of the two values (relative ``ROUNDING``)
+    counts as exactly zero: otherwise equal values reached by different arithmetic give
+    identical tiny differences, a zero-width interval that "excludes zero", and a verdict.
+    """
     diffs = []
     for seed, value in arm_values_by_seed.items():
         base = baseline_values_by_seed.get(seed)
         if value is None or base is None:
             continue
+        value, base = float(value), float(base)
         if math.isfinite(value) and math.isfinite(base):
-            diffs.append(float(value) - float(base))
+            diff = value - base
+            diffs.append(0.0 if abs(diff) <= ROUNDING * max(abs(value), abs(base)) else diff)
     return mean_ci(diffs, confidence)
 
 
@@ -100,3 +108,29 @@ def best_arms(means: Mapping[str, float], direction: str | None) -> set[str]:
         return set()
     target = min(finite.values()) if direction == LOWER else max(finite.values())
     return {arm for arm, m in finite.items() if m == target}
+
+
+def clear_best_arms(
+    values_by_arm: Mapping[str, Mapping[int, float]],
+    direction: str | None,
+    confidence: float = 0.95,
+) -> set[str]:
+    """The arm with the best mean when it is CLEARLY best, else the empty set.
+
+    Clearly best: its paired difference (same seeds) against every other arm with a finite
+    value has a CI that excludes zero in its favour (``verdict`` says "better"). A best mean
+    whose lead over some arm lies inside its CI is not a win, so ties, single pairs and
+    overlapping differences mark nothing.
+    """
+    means = {arm: mean_ci(v.values())[0] for arm, v in values_by_arm.items()}
+    best = best_arms(means, direction)
+    if len(best) != 1:
+        return set()
+    (winner,) = best
+    for arm, values in values_by_arm.items():
+        if arm == winner or mean_ci(values.values())[2] == 0:
+            continue
+        diff, half, n = paired_effect(values_by_arm[winner], values, confidence)
+        if verdict(diff, half, n, direction) != "better":
+            return set()
+    return {winner}

@@ -71,6 +71,7 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
         "max_mean_gap": "largest |mean gap| along the chain",
         "hist_w1": "Wasserstein-1 of final pixel values vs held-out data",
         "sat_frac": "fraction of sample pixels with |x| >= 0.99",
+        "ref_sat_frac": "the same fraction for the data (training images)",
     },
 }
 TABLES = list(TABLE_COLUMNS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ ARMS = [
     {"arm": "broken", "levels": {"timesteps": "T5"}, "overrides": {"diffusion.T": 5}},
 ]
 SECTIONS = [
-    "Question and design", "Metrics per arm", "Effects against the baseline", "Per-t loss",
+    "Question and design", "Findings", "Metrics per arm", "Effects against the baseline", "Per-t loss",
     "Per-t bias", "Variational bound per t", "Sample drift", "Samples", "Training curves", "Runs",
 ]
 
@@ -134,7 +135,7 @@ def test_page_has_every_section_and_every_image_exists(report):
     for src in sources:
         assert not src.startswith(("http:", "https:", "/")), src
         assert (report.parent / src).is_file(), src
-    assert "could not be drawn" not in html
+    assert "could not be drawn" not in html and "could not be computed" not in html
     assert "http://" not in html and "https://" not in html  # no network from file://
     assert "Does T explain &lt;dark&gt; samples?" in html  # autoescaped
     assert "95% Student-t CI over n seeds" in html
@@ -220,6 +221,89 @@ def test_planned_run_keys_hide_stale_runs_and_show_pending_ones(results, tmp_pat
 def test_unknown_study_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         build_report("no_such_study", tmp_path, tmp_path / "reports")
+
+
+# ------------------------------------------------------- hand-made tables, known answers
+
+HAND = "handmade_effects"
+HAND_SEEDS = [0, 1, 2]
+# fd (lower is better): "sharp" is lower on every seed by about 2 (a clear paired effect);
+# "noisy" has a lower mean than the baseline too, but its paired differences disagree in sign.
+HAND_FD = {"base": [10.0, 12.0, 14.0], "sharp": [8.0, 9.9, 12.1], "noisy": [7.0, 13.0, 13.4]}
+HAND_W1 = {"base": [0.30, 0.32, 0.31], "sharp": [0.10, 0.12, 0.11], "noisy": [0.29, 0.33, 0.30]}
+T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
+
+
+@pytest.fixture(scope="module")
+def handmade(tmp_path_factory) -> tuple[Path, str]:
+    from handmade import write_run, write_study
+
+    root = tmp_path_factory.mktemp("handmade")
+    write_study(root, HAND, list(HAND_FD), HAND_SEEDS, "base")
+    for arm in HAND_FD:
+        for i, seed in enumerate(HAND_SEEDS):
+            write_run(root, HAND, arm, seed, quality=pd.DataFrame([{"fd": HAND_FD[arm][i], "hist_w1": HAND_W1[arm][i]}]))
+    html = build_report(HAND, root, tmp_path_factory.mktemp("handmade_reports")).read_text()
+    return root, html
+
+
+def _cells(row_html: str) -> list[str]:
+    return re.findall(r"<td[^>]*>.*?</td>", row_html, re.S)
+
+
+def _row(table_html: str, arm: str) -> str:
+    return next(r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", table_html, re.S) if f">{arm}<" in r or f">{arm} <" in r)
+
+
+def test_paired_effects_equal_hand_computed_numbers(handmade):
+    from harness import report, stats
+
+    root, _ = handmade
+    data = report.load_study(HAND, root)
+    values = report.metric_values(data)
+    # sharp - base per seed: -2.0, -2.1, -1.9: mean -2, sample std 0.1
+    diff, half, n = stats.paired_effect(values["fd"]["sharp"], values["fd"]["base"])
+    assert n == 3 and diff == pytest.approx(-2.0)
+    assert half == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
+    assert stats.verdict(diff, half, n, stats.LOWER) == "better"
+    # noisy - base per seed: -3.0, +1.0, -0.6: mean -0.8667 (looks better), sample std 2.0134
+    diff, half, n = stats.paired_effect(values["fd"]["noisy"], values["fd"]["base"])
+    diffs = np.array([-3.0, 1.0, -0.6])
+    assert diff == pytest.approx(diffs.mean()) and diff < 0
+    assert half == pytest.approx(T_975_DF2 * diffs.std(ddof=1) / math.sqrt(3))
+    assert diff + half > 0  # the CI includes zero
+    assert stats.verdict(diff, half, n, stats.LOWER) == "no clear effect"
+
+
+def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade):
+    from harness.report import METRICS
+
+    _, html = handmade
+    effects = section(html, "effects")
+    assert "95% Student-t CI over the n pairs" in effects and "n − 1 degrees of freedom" in effects
+    fd = 2 + list(METRICS).index("fd")  # after the arm and pairs cells
+    sharp = _cells(_row(effects, "sharp"))[fd]
+    assert "eff-better" in sharp and ">better<" in sharp and "✱" in sharp
+    assert "−2" in sharp or "-2" in sharp
+    assert "± 0.25" in sharp  # 4.3027 * 0.1 / sqrt(3) = 0.248
+    assert "95% CI -2.25 to -1.75 over 3 pairs: excludes 0" in sharp
+    noisy_row = _row(effects, "noisy")
+    noisy = _cells(noisy_row)[fd]
+    assert ">no clear effect<" in noisy and "eff-none" in noisy and "✱" not in noisy
+    assert "-0.867" in noisy and "includes 0" in noisy
+    assert "better" not in noisy_row and "eff-better" not in noisy_row
+
+
+def test_best_star_only_for_a_clear_best(handmade):
+    """sharp has the best fd mean but its lead over noisy lies inside the paired CI: no star.
+    On hist_w1 sharp is lower than both other arms on every seed: starred."""
+    from harness.report import METRICS
+
+    _, html = handmade
+    metrics = section(html, "metrics")
+    assert metrics.count('class="num best"') == 1
+    starred = _cells(_row(metrics, "sharp"))[2 + list(METRICS).index("hist_w1")]
+    assert 'class="num best"' in starred
 
 
 # ---------------------------------------------------------------------------- browser

@@ -11,6 +11,7 @@ from harness.stats import (
     NO_CLEAR_EFFECT,
     best_arms,
     ci_excludes_zero,
+    clear_best_arms,
     mean_ci,
     paired_effect,
     verdict,
@@ -79,3 +80,25 @@ def test_best_arms():
     assert best_arms(means, HIGHER) == {"a"}
     assert best_arms(means, None) == set()
     assert best_arms({"a": 1.0, "b": float("nan")}, LOWER) == set()  # one arm: nothing to compare
+
+
+def test_clear_best_arm_needs_a_clear_paired_lead_over_every_arm():
+    base = {0: 10.0, 1: 12.0, 2: 14.0}
+    sharp = {0: 8.0, 1: 9.9, 2: 12.1}  # lower than base by about 2 on every seed
+    noisy = {0: 7.0, 1: 13.0, 2: 13.4}  # mean 11.1: above sharp's 10.0, but it wins on seed 0
+    assert best_arms({"base": 12.0, "sharp": 10.0, "noisy": 11.13}, LOWER) == {"sharp"}
+    assert clear_best_arms({"base": base, "sharp": sharp, "noisy": noisy}, LOWER) == set()
+    assert clear_best_arms({"base": base, "sharp": sharp}, LOWER) == {"sharp"}
+    assert clear_best_arms({"base": base, "sharp": sharp, "empty": {}}, LOWER) == {"sharp"}
+    assert clear_best_arms({"base": base, "sharp": sharp}, None) == set()
+    assert clear_best_arms({"a": {0: 1.0}, "b": {0: 2.0}}, LOWER) == set()  # one pair: no interval
+
+
+def test_rounding_differences_are_no_effect():
+    """0.1 + 0.2 - 0.3 is 5.6e-17, the same on every seed: a zero-width interval that would
+    'exclude zero'. It is rounding, so the paired difference is exactly zero."""
+    arm = {0: 0.1 + 0.2, 1: 0.1 + 0.2, 2: 0.1 + 0.2}
+    base = {0: 0.3, 1: 0.3, 2: 0.3}
+    diff, half, n = paired_effect(arm, base)
+    assert (diff, half, n) == (0.0, 0.0, 3)
+    assert verdict(diff, half, n, LOWER) == NO_CLEAR_EFFECT
