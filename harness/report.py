@@ -775,6 +775,50 @@ def design_context(data: StudyData, baseline: str | None, baseline_how: str) -> 
 # --------------------------------------------------------------------------------------
 
 
+def tuning_context(data: StudyData, results_root: Path, notes: list[str]) -> list[dict]:
+    """Each arm's search (the `tuning` table): trials, the best value per tuned key."""
+    frame = _read(Path(results_root), data.manifest.get("study", ""), "tuning", notes)
+    if frame.empty:
+        return []
+    rows = []
+    for arm in [a for a in data.arms if a in set(frame["arm"])] + sorted(set(frame["arm"]) - set(data.arms)):
+        trials = frame[frame["arm"] == arm]
+        best = trials[trials["best"]]
+        params = {c[len("param."):]: best[c].iloc[0] for c in trials.columns if c.startswith("param.") and len(best)}
+        states = trials["state"].value_counts().to_dict()
+        rows.append({
+            "arm": arm,
+            "metric": str(trials["metric"].iloc[0]),
+            "best_value": fmt(float(best["value"].iloc[0])) if len(best) else "–",
+            "best_params": [f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in params.items()],
+            "trials": ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+        })
+    return rows
+
+
+def budget_statement(data: StudyData) -> str:
+    """How training budgets compare across arms (train.budget_by of the finished runs)."""
+    budgets = set()
+    for text in data.runs.get("config_json", pd.Series(dtype=str)).dropna():
+        if not text:
+            continue
+        train = json.loads(text).get("train", {})
+        kind = train.get("budget_by", "steps")
+        amount = {"steps": train.get("steps"), "images": train.get("budget_images"),
+                  "seconds": train.get("budget_seconds")}[kind]
+        budgets.add((kind, amount))
+    if not budgets:
+        return "unknown (no run has started)"
+    kinds = {k for k, _ in budgets}
+    parts = ", ".join(f"{amount} {kind}" for kind, amount in sorted(budgets, key=str))
+    if len(kinds) == 1:
+        kind = next(iter(kinds))
+        held = {"steps": "equal optimizer steps", "images": "equal images seen",
+                "seconds": "equal training wall-clock time"}[kind]
+        return f"arms are compared at {held} ({parts})"
+    return f"arms mix budget kinds ({parts}); compare with care"
+
+
 def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
     """Write ``reports_root/<study>/index.html`` and its images; return the index path.
 
@@ -808,6 +852,8 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         metric_rows=metrics_table(data, values),
         effect_rows=effects_table(data, values, baseline),
         findings=findings_context(data, baseline),
+        tuning=tuning_context(data, results_root, data.notes),
+        budget=budget_statement(data),
         figures=figures,
         samples=grids,
         samples_note=samples_note,
