@@ -30,6 +30,9 @@ STUDY_ARG = typer.Argument(..., help="A study YAML file, e.g. studies/timestep_a
 SET_OPT = typer.Option(None, "--set", help="Override the base config: `--set train.steps=500` (repeatable).")
 RESULTS_OPT = typer.Option(Path("results"), "--results", help="Folder of Parquet tables and checkpoints.")
 REPORTS_OPT = typer.Option(Path("reports"), "--reports", help="Folder of HTML reports.")
+STORAGE_OPT = typer.Option(
+    None, "--storage", help="Optuna storage shared by workers on many machines, e.g. `postgresql://user@db-host/optuna`.",
+)
 
 
 def fail_input(error: Exception) -> None:
@@ -131,6 +134,8 @@ def run(
     results: Path = RESULTS_OPT,
     reports: Path = REPORTS_OPT,
     report: bool = typer.Option(True, help="Build the HTML report at the end."),
+    storage: Optional[str] = STORAGE_OPT,
+    no_work: bool = typer.Option(False, "--no-work", help="With --storage: only enqueue the runs; `harness worker` runs them."),
 ):
     """Run every arm x seed of a study; finished runs are skipped, interrupted ones resume.
 
@@ -139,9 +144,12 @@ def run(
     * `harness run studies/timestep_ablation.yaml`
     * `harness run studies/capacity_ablation.yaml --set train.steps=500 --workers 2`
     * `harness run studies/objective_ablation.yaml --retry-failed`
+    * `harness run studies/timestep_ablation.yaml --storage postgresql://me@db/optuna --no-work` (then start workers)
     """
     study, specs = load(study_path, set_options)
     preflight_data(study, specs)
+    if storage:
+        _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
     from .tracking import RunTracker, ensure_experiment, git_commit, make_client
 
@@ -190,6 +198,62 @@ def run(
         raise typer.Exit(1)
 
 
+def _run_on_storage(study, specs, storage, results, reports, device, retry_failed, rerun, workers, work) -> None:
+    from .distributed import DistributedError, run_on_storage
+
+    if rerun:
+        fail_input(ValueError("--rerun is not supported with --storage (use --retry-failed, or a new study name)"))
+    if workers is not None and workers > 1:
+        fail_input(ValueError("--workers is for local runs; with --storage start more `harness worker` processes"))
+    try:
+        code = run_on_storage(study, specs, storage, results=results, reports=reports, device=device,
+                              retry_failed=retry_failed, work=work, console=console)
+    except DistributedError as error:
+        fail_input(error)
+    raise typer.Exit(code)
+
+
+@app.command()
+def worker(
+    study_path: Path = typer.Argument(..., help="The study YAML file (or just its name).", show_default=False),
+    storage: str = typer.Option(..., "--storage", help="The Optuna storage URL the study was enqueued in.", show_default=False),
+    device: str = typer.Option("auto", help="auto (CUDA if visible, else CPU), cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice, all cores)."),
+    results: Path = RESULTS_OPT,
+    heartbeat_interval: Optional[int] = typer.Option(
+        None, "--heartbeat-interval", min=1, envvar="DDPM_ABLATE_HEARTBEAT_INTERVAL",
+        help="Seconds between heartbeats of the running trial [default: 10]."),
+    grace_period: Optional[int] = typer.Option(
+        None, "--grace-period", min=1, envvar="DDPM_ABLATE_GRACE_PERIOD",
+        help="Seconds without a heartbeat before a run counts as dead and is re-queued [default: 30]."),
+    max_retry: Optional[int] = typer.Option(
+        None, "--max-retry", min=0, envvar="DDPM_ABLATE_MAX_RETRY", help="Times a dead worker's run is re-queued [default: 3]."),
+    wait: bool = typer.Option(True, help="When the queue is empty, wait while other workers' runs are running, to take over a dead worker's run; --no-wait exits at once."),
+):
+    """Claim waiting runs of a study from the shared Optuna storage and run them here, until none remain.
+
+    Tracks to MLFLOW_TRACKING_URI (a shared `mlflow server`). Enqueue first with
+    `harness run STUDY --storage URL --no-work`.
+
+    Examples:
+
+    * `harness worker studies/timestep_ablation.yaml --storage postgresql://me@db-host/optuna`
+    * `harness worker timestep_ablation --storage postgresql://me@db-host/optuna --device cuda:1`
+    * `harness worker studies/timestep_ablation.yaml --storage $OPTUNA_URL --threads 4 --no-wait`
+    """
+    from .distributed import DistributedError, QueueSettings, load_queue, open_storage, resolve_study_name, work_on_storage
+
+    try:
+        name = resolve_study_name(study_path)
+        settings = QueueSettings.from_env(heartbeat_interval, grace_period, max_retry)
+        store = open_storage(storage, settings)
+        queue = load_queue(store, name)
+    except (DistributedError, StudyError) as error:
+        fail_input(error)
+    raise typer.Exit(work_on_storage(queue, store, results=results, device=device, settings=settings, wait=wait,
+                                     console=console, threads=threads))
+
+
 def _run_with_progress(scheduler, todo: list[RunSpec]):
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -201,7 +265,7 @@ def _run_with_progress(scheduler, todo: list[RunSpec]):
 
         def on_event(kind: str, spec: RunSpec, payload: tuple) -> None:
             if kind == "started":
-                run_tasks[spec.key] = progress.add_task(f"  {spec.name}", total=spec.config.train.steps, info="starting")
+                run_tasks[spec.key] = progress.add_task(f"  {spec.name}", total=spec.config.train.planned_steps(), info="starting")
             elif kind == "scalars" and spec.key in run_tasks:
                 step, values = payload
                 if "loss" in values:
@@ -263,12 +327,26 @@ def status(
     study_path: Path = STUDY_ARG,
     set_options: Optional[list[str]] = SET_OPT,
     results: Path = RESULTS_OPT,
+    storage: Optional[str] = STORAGE_OPT,
 ):
     """Show each run of a study: pending, running, finished or failed (with the reason).
 
-    Example: `harness status studies/timestep_ablation.yaml`
+    With `--storage`: each run waiting, running (on which host), done or failed, across all workers.
+
+    Examples: `harness status studies/timestep_ablation.yaml`,
+    `harness status studies/timestep_ablation.yaml --storage postgresql://me@db-host/optuna`
     """
     study, specs = load(study_path, set_options)
+    if storage:
+        from .distributed import DistributedError, load_queue, open_storage, print_status, storage_manifest
+
+        try:
+            store = open_storage(storage)
+            queue = load_queue(store, study.study)
+        except DistributedError as error:
+            fail_input(error)
+        print_status(console, store, queue, storage_manifest(queue) or study_manifest(study, specs))
+        return
     _print_summary(specs, status_of(results, study))
 
 
@@ -277,12 +355,25 @@ def report(
     study_path: Path = STUDY_ARG,
     results: Path = RESULTS_OPT,
     reports: Path = REPORTS_OPT,
+    from_mlflow: bool = typer.Option(False, "--from-mlflow", help="First pull the runs' Parquet tables and samples from MLFLOW_TRACKING_URI into --results (on a machine that ran nothing)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage of a distributed study: implies --from-mlflow and takes the design (with its --set overrides) from the storage."),
 ):
     """Build reports/<study>/index.html from the study's Parquet tables.
 
-    Example: `harness report studies/timestep_ablation.yaml`
+    Examples: `harness report studies/timestep_ablation.yaml`,
+    `MLFLOW_TRACKING_URI=http://mlflow-host:5000 harness report studies/timestep_ablation.yaml --from-mlflow`
     """
-    study, _ = load(study_path, None)
+    study, specs = load(study_path, None)
+    if from_mlflow or storage:
+        from .distributed import DistributedError, load_queue, open_storage, pull_from_mlflow, storage_manifest
+        from .tracking import make_client
+
+        try:
+            manifest = storage_manifest(load_queue(open_storage(storage), study.study)) if storage else None
+            pull_from_mlflow(make_client(), study.study, results, manifest or study_manifest(study, specs),
+                             {s.key: s.config_json for s in specs}, log=console.print)
+        except DistributedError as error:
+            fail_input(error)
     _build_report(study.study, results, reports)
 
 

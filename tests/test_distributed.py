@@ -1,0 +1,333 @@
+"""Scale-out end to end: a throwaway PostgreSQL (Optuna storage + MLflow backend), a real
+`mlflow server`, and `harness worker` processes draining a study.
+
+Skips with a reason when the PostgreSQL server binaries are missing, unless
+DDPM_ABLATE_REQUIRE_SERVERS=1 (CI), where a missing binary fails the tests.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+REQUIRE = os.environ.get("DDPM_ABLATE_REQUIRE_SERVERS") == "1"
+HEARTBEAT, GRACE = 1, 4  # seconds: small so a killed worker's run is retried quickly
+
+STUDY = """\
+study: {name}
+question: Do workers on many machines drain a study?
+base:
+  model: {{preset: tiny, base_channels: 16, time_embed_dim: 32}}
+  diffusion: {{T: 20}}
+  train: {{steps: {steps}, batch_size: 32, log_every: 5, checkpoint_every: {ckpt}, warmup_steps: 2}}
+  sample: {{num_samples: 16}}
+  eval: {{probe_every: {probe}, probe_images: 32, drift_hist_steps: 5}}
+ablations:
+  lr:
+    base: {{}}
+    lr_low: {{train.lr: 0.0001}}
+    lr_high: {{train.lr: 0.003}}
+seeds: {seeds}
+"""
+
+
+def write_study(folder: Path, name: str, steps: int = 20, ckpt: int = 10, probe: int = 10, seeds=(0, 1)) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(STUDY.format(name=name, steps=steps, ckpt=ckpt, probe=probe, seeds=list(seeds)))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def missing(reason: str):
+    if REQUIRE:
+        pytest.fail(f"{reason} (DDPM_ABLATE_REQUIRE_SERVERS=1)")
+    pytest.skip(reason)
+
+
+def pg_bin() -> Path | None:
+    """Debian's PostgreSQL binaries (or DDPM_ABLATE_PG_BIN, a folder holding initdb)."""
+    if os.environ.get("DDPM_ABLATE_PG_BIN"):
+        folder = Path(os.environ["DDPM_ABLATE_PG_BIN"])
+        return folder if (folder / "initdb").exists() else None
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as the `postgres` user."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return args
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """(optuna URL, MLflow tracking URI) of a throwaway PostgreSQL and an `mlflow server`."""
+    bindir = pg_bin()
+    if bindir is None:
+        missing("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb or $DDPM_ABLATE_PG_BIN): "
+                "apt-get install postgresql")
+    import psycopg2
+
+    root = Path(tempfile.mkdtemp(prefix="ddpm-pg-"))  # /tmp: traversable by the postgres user
+    data, port = root / "data", free_port()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    run = lambda args: subprocess.run(as_postgres(args), check=True, capture_output=True, text=True)  # noqa: E731
+    mlflow_proc = None
+    try:
+        run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "60", "-o",
+             f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start"])
+        admin = f"postgresql://postgres@127.0.0.1:{port}"
+        conn = psycopg2.connect(f"{admin}/postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE optuna")
+            cur.execute("CREATE DATABASE mlflow")
+        conn.close()
+
+        mport = free_port()
+        log = open(root / "mlflow.log", "w")
+        mlflow_proc = subprocess.Popen(
+            # an explicit driver: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", f"{admin.replace('postgresql://', 'postgresql+psycopg2://')}/mlflow",
+             "--artifacts-destination", str(tmp_path_factory.mktemp("artifacts")),
+             "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        uri = f"http://127.0.0.1:{mport}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if mlflow_proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (root / "mlflow.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield f"{admin}/optuna", uri
+    finally:
+        if mlflow_proc is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(mlflow_proc.pid, sig)
+                    mlflow_proc.wait(timeout=3)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if (data / "postmaster.pid").exists():
+            subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                           capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def env_for(cwd: Path, mlflow_uri: str) -> dict:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=mlflow_uri, DDPM_ENGINE_CACHE=str(cwd.parent / "engine-cache"),
+               DDPM_ABLATE_HEARTBEAT_INTERVAL=str(HEARTBEAT), DDPM_ABLATE_GRACE_PERIOD=str(GRACE))
+    return env
+
+
+def harness(args, cwd: Path, mlflow_uri: str, timeout: float = 180):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env_for(cwd, mlflow_uri),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_worker(study: Path, url: str, cwd: Path, mlflow_uri: str, name: str):
+    log = open(cwd / f"{name}.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "worker", str(study), "--storage", url, "--device", "cpu", "--threads", "1"],
+        cwd=cwd, env=env_for(cwd, mlflow_uri), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def wait_all(procs, timeout: float) -> None:
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("workers did not finish in time")
+
+
+def optuna_trials(url: str, name: str):
+    import optuna
+
+    from harness.distributed import db_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=db_url(url)).get_trials(deepcopy=False)
+
+
+def mlflow_runs(uri: str, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def assert_each_key_finished_once(url: str, mlflow_uri: str, name: str, keys: set[str]):
+    from optuna.trial import TrialState
+
+    trials = optuna_trials(url, name)
+    complete = [t.user_attrs["run_key"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted(keys), "exactly one COMPLETE trial per run key"
+    assert not [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+    _, runs = mlflow_runs(mlflow_uri, name)
+    finished = [r.data.tags["run_key"] for r in runs if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(keys), "exactly one FINISHED MLflow run per run key"
+    assert len(runs) == len(keys), "one MLflow run per key, retries included"
+    return trials, runs
+
+
+def planned_keys(study: Path) -> dict[str, str]:
+    from harness.plan import expand
+    from harness.spec import load_study
+
+    return {s.key: s.name for s in expand(load_study(study))}
+
+
+def test_two_workers_drain_a_study_and_a_fresh_machine_reports_it(servers, tmp_path):
+    url, mlflow_uri = servers
+    head, node = tmp_path / "head", tmp_path / "node"
+    head.mkdir(), node.mkdir()
+    study = write_study(head, "drain")
+    keys = planned_keys(study)
+    assert len(keys) == 6
+
+    first = harness(["run", str(study), "--storage", url, "--no-work"], head, mlflow_uri)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "enqueued 6" in first.stdout
+    again = harness(["run", str(study), "--storage", url, "--no-work"], head, mlflow_uri)
+    assert again.returncode == 0 and "enqueued 0" in again.stdout, again.stdout + again.stderr
+    trials = optuna_trials(url, "drain")
+    assert sorted(t.user_attrs["run_key"] for t in trials) == sorted(keys) and {t.state.name for t in trials} == {"WAITING"}
+
+    workers = [start_worker(study, url, cwd, mlflow_uri, "worker") for cwd in (head, node)]
+    wait_all(workers, 180)
+    logs = [(cwd / "worker.log").read_text() for cwd in (head, node)]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)
+    trials, runs = assert_each_key_finished_once(url, mlflow_uri, "drain", set(keys))
+    assert len({t.user_attrs["pid"] for t in trials}) == 2, "both workers took work"
+
+    # an empty queue: a new worker claims nothing and never lets the sampler invent a trial
+    idle = harness(["worker", "drain", "--storage", url, "--no-wait"], node, mlflow_uri)
+    assert idle.returncode == 0, idle.stdout + idle.stderr
+    assert len(optuna_trials(url, "drain")) == 6
+
+    status = harness(["status", str(study), "--storage", url], node, mlflow_uri)
+    assert status.returncode == 0, status.stderr
+    assert "6 runs: 6 done, 0 running, 0 waiting, 0 failed" in " ".join(status.stdout.split())
+
+    # a machine that ran nothing builds the report from what the workers logged to MLflow
+    fresh = tmp_path / "laptop"
+    fresh.mkdir()
+    shutil.copy(study, fresh / study.name)
+    report = harness(["report", study.name, "--from-mlflow"], fresh, mlflow_uri)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "pulled 6 MLflow run(s)" in report.stdout
+    html = (fresh / "reports" / "drain" / "index.html").read_text()
+    for arm in ("base", "lr_low", "lr_high"):
+        assert arm in html
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(str(fresh / "results" / "drain" / "runs"), format="parquet").to_table().to_pandas()
+    assert sorted(rows["run_key"]) == sorted(keys) and set(rows["status"]) == {"finished"}
+    per_t = ds.dataset(str(fresh / "results" / "drain" / "per_t"), format="parquet").to_table().to_pandas()
+    assert set(per_t["run_key"]) == set(keys)
+    assert "finished" in html and "not started" not in html
+
+
+def test_a_killed_workers_run_is_retried_by_the_other(servers, tmp_path):
+    url, mlflow_uri = servers
+    study = write_study(tmp_path, "killed", steps=200, ckpt=20, probe=100, seeds=(0,))
+    keys = planned_keys(study)
+    enqueue = harness(["run", str(study), "--storage", url, "--no-work"], tmp_path, mlflow_uri)
+    assert enqueue.returncode == 0, enqueue.stdout + enqueue.stderr
+
+    victim = start_worker(study, url, tmp_path, mlflow_uri, "victim")
+    survivor = start_worker(study, url, tmp_path, mlflow_uri, "survivor")
+    checkpoints = tmp_path / "results" / "killed" / "checkpoints"
+    deadline, victim_key = time.time() + 120, None
+    while time.time() < deadline and victim_key is None:
+        for trial in optuna_trials(url, "killed"):
+            key = trial.user_attrs.get("run_key")
+            if trial.state.name == "RUNNING" and trial.user_attrs.get("pid") == victim.pid \
+                    and (checkpoints / key / "last.pt").exists():
+                victim_key = key
+        time.sleep(0.3)
+    assert victim_key, "the victim never claimed a trial and checkpointed:\n" + (tmp_path / "victim.log").read_text()
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    wait_all([survivor], 200)
+    log = (tmp_path / "survivor.log").read_text()
+    assert survivor.returncode == 0, log
+    trials, runs = assert_each_key_finished_once(url, mlflow_uri, "killed", set(keys))
+    of_victim = sorted((t for t in trials if t.user_attrs["run_key"] == victim_key), key=lambda t: t.number)
+    assert [t.state.name for t in of_victim] == ["FAIL", "COMPLETE"], "stale trial failed, its retry completed"
+    retry = of_victim[-1]
+    assert retry.user_attrs["pid"] == survivor.pid and retry.system_attrs["retry_history"] == [of_victim[0].number]
+    run = next(r for r in runs if r.data.tags["run_key"] == victim_key)
+    assert run.data.tags.get("resumed") == "true"
+    assert run.data.metrics["resumed_from_step"] >= 20, "the retry resumed from the shared checkpoint"
+
+
+def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
+    """`harness run --storage` (without --no-work) drains the queue itself; a Python
+    exception marks the trial FAIL and the MLflow run FAILED with its reason."""
+    url, mlflow_uri = servers
+    study = tmp_path / "flaky.yaml"
+    study.write_text(STUDY.format(name="flaky", steps=20, ckpt=10, probe=10, seeds=[0]).split("ablations:")[0]
+                     + "ablations:\n  lr:\n    base: {}\nseeds: [0]\n")
+    (key,) = planned_keys(study)
+    blocker = tmp_path / "results" / "flaky" / "checkpoints" / key
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder: saving the checkpoint raises")
+
+    first = harness(["run", str(study), "--storage", url], tmp_path, mlflow_uri)
+    assert first.returncode == 1, first.stdout + first.stderr
+    (trial,) = optuna_trials(url, "flaky")
+    assert trial.state.name == "FAIL" and "Error" in trial.user_attrs["error"]
+    _, (run,) = mlflow_runs(mlflow_uri, "flaky")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == trial.user_attrs["error"]
+    assert (tmp_path / "reports" / "flaky" / "index.html").exists()
+
+    status = harness(["status", str(study), "--storage", url], tmp_path, mlflow_uri)
+    assert "failed" in status.stdout and "1 failed" in " ".join(status.stdout.split())
+    again = harness(["run", str(study), "--storage", url, "--no-work"], tmp_path, mlflow_uri)
+    assert "enqueued 0" in again.stdout and "1 failed" in again.stdout, again.stdout
+    retry = harness(["run", str(study), "--storage", url, "--no-work", "--retry-failed"], tmp_path, mlflow_uri)
+    assert "enqueued 1" in retry.stdout, retry.stdout
+    assert [t.state.name for t in optuna_trials(url, "flaky")] == ["FAIL", "WAITING"]
