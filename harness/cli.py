@@ -121,6 +121,12 @@ def plan(
     if measure:
         summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time in all"
     console.print(summary)
+    if study.tune is not None:
+        tune = study.tune
+        space = ", ".join(f"{k} ~ {d.kind}{d.extremes()}" for k, d in tune.space.items())
+        console.print(f"tuned per arm first: {space}; {tune.trials} trials x "
+                      f"{tune.steps or 'full'} steps per arm, {tune.resolved_direction} {tune.metric}; "
+                      "run keys above change to the tuned values")
 
 
 @app.command()
@@ -148,6 +154,8 @@ def run(
     """
     study, specs = load(study_path, set_options)
     preflight_data(study, specs)
+    if study.tune is not None:
+        specs = _tune(study, specs, results, device, storage)
     if storage:
         _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
@@ -196,6 +204,37 @@ def run(
         raise typer.Exit(130)
     if n_failed:
         raise typer.Exit(1)
+
+
+def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storage: str | None) -> list[RunSpec]:
+    """Tune each arm (resuming earlier trials) and return the specs with the best values."""
+    import optuna
+
+    from .tracking import ensure_experiment, make_client
+    from .tuning import tune_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage:
+        from .distributed import db_url
+
+        storage = db_url(storage)
+    client = make_client()
+    experiment_id = ensure_experiment(client, study.study)
+    stop = {"requested": False}
+
+    def on_trial(arm: str, number: int, values: dict, value, state: str) -> None:
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        result = f"{study.tune.metric}={value:.4g}" if value is not None else state
+        console.print(f"tune {arm} trial {number}: {shown} -> {result}")
+
+    console.print(f"[bold]{study.study}[/]: tuning {', '.join(study.tune.space)} per arm "
+                  f"({study.tune.trials} trials, {study.tune.resolved_direction} {study.tune.metric})")
+    try:
+        return tune_study(study, specs, results=results, client=client, experiment_id=experiment_id,
+                          storage=storage, device=device, should_stop=lambda: stop["requested"], on_trial=on_trial)
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped while tuning: run the same command again to resume the search[/]")
+        raise typer.Exit(130)
 
 
 def _run_on_storage(study, specs, storage, results, reports, device, retry_failed, rerun, workers, work) -> None:

@@ -7,13 +7,14 @@ reports it as one line: ``studies/x.yaml:12: ablations.timesteps.T200.diffusion.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddpm_engine.config import ExperimentConfig, field_docs
 
@@ -27,6 +28,68 @@ class StudyError(Exception):
         self.source, self.line, self.key, self.message = source, line, key, message
         where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class Distribution(BaseModel):
+    """One search dimension: exactly one of loguniform / uniform / int / choice."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    integer: tuple[builtins.int, builtins.int] | None = Field(None, alias="int")
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [k for k in ("loguniform", "uniform", "integer", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform: [lo, hi], uniform: [lo, hi], int: [lo, hi], choice: [...]")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one value")
+        else:
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind} needs lo < hi, got [{lo}, {hi}]")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError("loguniform needs lo > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "integer", "choice") if getattr(self, k) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values to validate against the engine config before anything runs."""
+        return list(self.choice) if self.kind == "choice" else list(getattr(self, self.kind))
+
+
+class Tune(BaseModel):
+    """Per-arm hyperparameter search before the seed replicates (Optuna TPE + pruning)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: dict[str, Distribution] = Field(min_length=1, description="dotted engine key -> distribution")
+    trials: int = Field(8, ge=1, le=1000, description="Trials per arm.")
+    metric: str = Field("heldout_loss", description="Summary metric of a trial to optimise.")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: maximize for coverage, minimize otherwise."
+    )
+    steps: int | None = Field(None, ge=1, description="Shortened train.steps of each trial.")
+    seed: int = Field(0, ge=0, description="Training seed of the trials and of the TPE sampler.")
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or ("maximize" if self.metric in MAXIMISED_METRICS else "minimize")
+
+
+TUNABLE_METRICS = {
+    "heldout_loss", "final_loss", "bpd", "fd", "coverage", "hist_w1", "max_mean_gap", "final_mean_gap",
+    "sat_frac", "class_entropy", "confidence",
+}
+MAXIMISED_METRICS = {"coverage", "class_entropy", "confidence"}
 
 
 class Study(BaseModel):
@@ -46,6 +109,7 @@ class Study(BaseModel):
         None, description="Explicit arms: name -> {axis: level}; axes left out take the baseline level."
     )
     seeds: list[int] = Field(default_factory=lambda: [0], description="Training seeds of every arm.")
+    tune: Tune | None = Field(None, description="Tune each arm before its seed replicates.")
 
     # Filled by load_study: the source path and where each key sits, for error messages.
     source: str = Field("", exclude=True)
@@ -241,7 +305,26 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
         raise located_error(exc, ExperimentConfig, locate, ("base",)) from None
 
     _check_ablations(study, locate)
+    if study.tune is not None:
+        _check_tune(study)
     return study
+
+
+def _check_tune(study: Study) -> None:
+    tune = study.tune
+    if tune.metric not in TUNABLE_METRICS:
+        raise study.error(("tune", "metric"), f"not a tunable metric{_suggest(tune.metric, TUNABLE_METRICS)}; "
+                          f"one of {', '.join(sorted(TUNABLE_METRICS))}")
+    for key, distribution in tune.space.items():
+        where = ("tune", "space", key)
+        reason = check_engine_key(key)
+        if reason:
+            raise study.error(where, reason)
+        for value in distribution.extremes():
+            try:
+                ExperimentConfig.model_validate(apply_overrides(study.base, {key: value}))
+            except ValidationError as exc:
+                raise study.error(where, f"{value!r}: {_describe(exc.errors()[0], ExperimentConfig, ())}") from None
 
 
 def _check_ablations(study: Study, locate) -> None:

@@ -1,0 +1,226 @@
+"""Tuned ablations: each arm gets its own Optuna search before its seed replicates.
+
+A learning rate tuned for the baseline alone is biased against the other arms; searching
+per arm removes that bias. Trials use a shortened step budget, the TPE sampler and median
+pruning on the periodic probe loss (held-out L_simple). The search of each arm lives in an
+Optuna study in ``results/<study>/tuning.db`` (or the shared --storage), so an interrupted
+tuning resumes with the trials it already has. Every trial is an MLflow run nested under
+the arm's tuning run; the best values go into the arm's resolved config (and so into its
+run keys), and into the ``tuning`` Parquet table for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from ddpm_engine import RunInterrupted, run_experiment
+from ddpm_engine.config import ExperimentConfig
+
+from .plan import Arm, RunSpec, run_key
+from .spec import Distribution, Study, Tune, apply_overrides
+from .tables import write_table
+
+
+def suggest(trial: optuna.Trial, key: str, distribution: Distribution) -> Any:
+    kind = distribution.kind
+    if kind == "loguniform":
+        return trial.suggest_float(key, *distribution.loguniform, log=True)
+    if kind == "uniform":
+        return trial.suggest_float(key, *distribution.uniform)
+    if kind == "integer":
+        return trial.suggest_int(key, *distribution.integer)
+    return trial.suggest_categorical(key, distribution.choice)
+
+
+class TrialRecorder:
+    """Recorder of one trial: metrics to its nested MLflow run, probe losses to Optuna."""
+
+    def __init__(self, client: MlflowClient, run_id: str, trial: optuna.Trial):
+        self.client, self.run_id, self.trial = client, run_id, trial
+        self.pruned = False
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(v)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        if "heldout_loss" in values and math.isfinite(values["heldout_loss"]):
+            self.trial.report(values["heldout_loss"], step)
+            self.pruned = self.pruned or self.trial.should_prune()
+
+    def table(self, name: str, frame: pd.DataFrame) -> None:
+        """Trials keep no tables: they are searched, not reported run by run."""
+
+    def image(self, name: str, pixels) -> None:
+        """Trials keep no sample grids."""
+
+
+def tuning_storage(results: Path, study: Study, storage: str | None) -> str:
+    if storage:
+        return storage
+    path = Path(results) / study.study / "tuning.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path.resolve()}"
+
+
+def arm_search_name(study: Study, arm: Arm, tune: Tune) -> str:
+    """The Optuna study of one arm; a different search space or budget is a new search."""
+    signature = json.dumps({"arm": arm.overrides, "base": study.base, "tune": tune.model_dump(mode="json")}, sort_keys=True)
+    return f"{study.study}.tune.{arm.label}.{hashlib.sha256(signature.encode()).hexdigest()[:8]}"
+
+
+def trial_config(study: Study, arm: Arm, tune: Tune, values: dict[str, Any]) -> ExperimentConfig:
+    overrides = {**arm.overrides, **values, "train.seed": tune.seed}
+    if tune.steps is not None:
+        overrides["train.steps"] = tune.steps
+        overrides["train.budget_by"] = "steps"
+    return ExperimentConfig.model_validate(apply_overrides(study.base, overrides))
+
+
+def tune_arm(
+    study: Study,
+    arm: Arm,
+    *,
+    client: MlflowClient,
+    experiment_id: str,
+    storage: str,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    on_trial: Callable[[str, int, dict, float | None, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the arm's remaining trials and return its best values."""
+    tune = study.tune
+    name = arm_search_name(study, arm, tune)
+    search = optuna.create_study(
+        study_name=name, storage=storage, load_if_exists=True, direction=tune.resolved_direction,
+        sampler=optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(4, tune.trials)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    parent_id = _tuning_parent_run(client, experiment_id, study, arm, name)
+    # A trial left RUNNING by a killed process will never report: fail it and go on.
+    for stale in search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        search.tell(stale.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    done = [t for t in search.get_trials(deepcopy=False) if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    for _ in range(max(0, tune.trials - len(done))):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
+        trial = search.ask()
+        values = {key: suggest(trial, key, dist) for key, dist in tune.space.items()}
+        config = trial_config(study, arm, tune, values)
+        run = client.create_run(
+            experiment_id, run_name=f"tune-{arm.label}-t{trial.number}",
+            tags={"mlflow.parentRunId": parent_id, "study": study.study, "arm": arm.label,
+                  "tune_trial": str(trial.number), "optuna_study": name},
+        )
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+        recorder = TrialRecorder(client, run.info.run_id, trial)
+        try:
+            result = run_experiment(
+                config, recorder, device=device,
+                should_stop=lambda: recorder.pruned or (should_stop is not None and should_stop()),
+            )
+        except RunInterrupted:
+            if not recorder.pruned:
+                search.tell(trial, state=optuna.trial.TrialState.FAIL)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                raise KeyboardInterrupt from None
+            search.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            client.set_tag(run.info.run_id, "pruned", "true")
+            client.set_terminated(run.info.run_id, status="FINISHED")
+            if on_trial:
+                on_trial(arm.label, trial.number, values, None, "pruned")
+            continue
+        except Exception as exc:  # a diverging learning rate is an answer, not a crash
+            search.tell(trial, state=optuna.trial.TrialState.FAIL)
+            client.set_tag(run.info.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(run.info.run_id, status="FAILED")
+            if on_trial:
+                on_trial(arm.label, trial.number, values, None, "failed")
+            continue
+        value = float(result.summary.get(tune.metric, float("nan")))
+        if math.isfinite(value):
+            search.tell(trial, value)
+        else:
+            search.tell(trial, state=optuna.trial.TrialState.FAIL)
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        if on_trial:
+            on_trial(arm.label, trial.number, values, value, "complete")
+    complete = [t for t in search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not complete:
+        raise RuntimeError(f"tuning of arm {arm.label!r} produced no complete trial (all pruned or failed)")
+    best = search.best_trial
+    client.log_batch(parent_id, params=[Param(f"best.{k}", str(v)) for k, v in best.params.items()],
+                     metrics=[Metric(f"best_{tune.metric}", float(best.value), int(time.time() * 1000), 0)])
+    client.set_terminated(parent_id, status="FINISHED")
+    return dict(best.params)
+
+
+def _tuning_parent_run(client: MlflowClient, experiment_id: str, study: Study, arm: Arm, name: str) -> str:
+    found = client.search_runs([experiment_id], f"tags.optuna_study = '{name}' and tags.tune_parent = 'true'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=f"tune-{arm.label}",
+        tags={"study": study.study, "arm": arm.label, "tune_parent": "true", "optuna_study": name},
+    )
+    return run.info.run_id
+
+
+def tuning_table(study: Study, arm: Arm, storage: str) -> pd.DataFrame:
+    search = optuna.load_study(study_name=arm_search_name(study, arm, study.tune), storage=storage)
+    best = search.best_trial.number if any(t.state == optuna.trial.TrialState.COMPLETE for t in search.trials) else -1
+    rows = [
+        {"arm": arm.label, "trial": t.number, "state": t.state.name.lower(), "value": t.value,
+         "metric": study.tune.metric, "params_json": json.dumps(t.params, sort_keys=True), "best": t.number == best,
+         **{f"param.{k}": v for k, v in t.params.items()}}
+        for t in search.trials
+    ]
+    return pd.DataFrame(rows)
+
+
+def apply_tuning(study: Study, specs: list[RunSpec], best: dict[str, dict[str, Any]]) -> list[RunSpec]:
+    """The study's specs with each arm's tuned values in its config (and so its run key)."""
+    tuned = []
+    for spec in specs:
+        values = best[spec.arm.label]
+        arm = Arm(label=spec.arm.label, levels=spec.arm.levels, overrides={**spec.arm.overrides, **values})
+        config = ExperimentConfig.model_validate(
+            apply_overrides(study.base, {**arm.overrides, "train.seed": spec.seed})
+        )
+        tuned.append(RunSpec(study=spec.study, arm=arm, seed=spec.seed, config=config, key=run_key(config, spec.seed)))
+    return tuned
+
+
+def tune_study(
+    study: Study,
+    specs: list[RunSpec],
+    *,
+    results: Path,
+    client: MlflowClient,
+    experiment_id: str,
+    storage: str | None = None,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    on_trial=None,
+) -> list[RunSpec]:
+    """Tune every arm (resuming earlier trials), record the `tuning` table, and return the
+    specs with tuned configs."""
+    url = tuning_storage(results, study, storage)
+    arms = {s.arm.label: s.arm for s in specs}
+    best = {}
+    for label, arm in arms.items():
+        best[label] = tune_arm(study, arm, client=client, experiment_id=experiment_id, storage=url,
+                               device=device, should_stop=should_stop, on_trial=on_trial)
+        key = hashlib.sha256(arm_search_name(study, arm, study.tune).encode()).hexdigest()[:12]
+        write_table(results, study.study, "tuning", key, tuning_table(study, arm, url))
+    return apply_tuning(study, specs, best)
