@@ -1,0 +1,105 @@
+"""Objective knobs and diagnostics helpers, checked against their definitions."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from ddpm_engine.config import DiffusionConfig, ObjectiveConfig
+from ddpm_engine.diagnostics import probe_timesteps, trapezoid_sum, wasserstein1
+from ddpm_engine.objectives import Objective, TimestepSampler, gaussian_noise
+from ddpm_engine.schedule import make_schedule
+
+SCHEDULE = make_schedule(DiffusionConfig(T=100))
+
+
+class ConstantPredictor(torch.nn.Module):
+    """Predicts eps = c everywhere, so every loss has a closed form."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.c)
+
+
+def rows(config: dict, t: torch.Tensor, eps: torch.Tensor, c: float = 0.5) -> torch.Tensor:
+    objective = Objective(ObjectiveConfig(**config), SCHEDULE, "beta", 17, "cpu")
+    x0 = torch.zeros_like(eps)
+    return objective.row_losses(ConstantPredictor(c), x0, t, eps)
+
+
+def test_simple_vlb_and_min_snr_weights():
+    t = torch.tensor([1, 10, 50, 100])
+    eps = torch.zeros(4, 1, 2, 2)
+    simple = rows({}, t, eps)
+    torch.testing.assert_close(simple, torch.full((4,), 0.25))  # (0.5 - 0)^2
+    vlb = rows({"weighting": "vlb"}, t, eps)
+    torch.testing.assert_close(vlb, 0.25 * SCHEDULE.vlb_weights("beta")[t - 1].float())
+    snr = SCHEDULE.snr()[t - 1]
+    min_snr = rows({"min_snr_gamma": 5.0}, t, eps)
+    torch.testing.assert_close(min_snr, 0.25 * (snr.clamp(max=5.0) / snr).float())
+
+
+def test_huber_is_half_squared_error_inside_delta_and_linear_outside():
+    t = torch.tensor([5, 5])
+    eps = torch.zeros(2, 1, 2, 2)
+    inside = rows({"loss": "huber", "huber_delta": 1.0}, t, eps, c=0.5)
+    torch.testing.assert_close(inside, torch.full((2,), 0.125))
+    outside = rows({"loss": "huber", "huber_delta": 1.0}, t, eps, c=3.0)
+    torch.testing.assert_close(outside, torch.full((2,), 1.0 * (3.0 - 0.5)))
+
+
+def test_l0_term_replaces_only_rows_at_t1():
+    t = torch.tensor([1, 2])
+    eps = torch.zeros(2, 1, 2, 2)
+    # predicting eps = 10 moves the decoder mean 0.1 away: two bins off at sigma_1 = 0.01
+    plain = rows({}, t, eps, c=10.0)
+    with_l0 = rows({"l0_term": True}, t, eps, c=10.0)
+    assert with_l0[1] == plain[1]
+    assert with_l0[0] != plain[0] and with_l0[0] > 5
+    # a prediction that keeps the mean inside the right bin costs almost nothing
+    assert rows({"l0_term": True}, t, eps, c=0.5)[0] < 1e-6
+
+
+def test_importance_sampler_is_uniform_until_warm_then_unbiased():
+    sampler = TimestepSampler(10, "importance", history=2, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    t, w = sampler.sample(64, gen)
+    assert torch.all(w == 1.0)
+    losses = torch.arange(1, 11, dtype=torch.float32)  # loss grows with t
+    for _ in range(2):
+        all_t = torch.arange(1, 11)
+        sampler.update(all_t, losses[all_t - 1])
+    p = sampler.probabilities()
+    assert p[-1] > p[0] and float(p.sum()) == pytest.approx(1.0)
+    # E_p[w_t L_t] = (1/T) sum_t L_t: importance weights keep the loss unbiased
+    t, w = sampler.sample(200_000, gen)
+    estimate = float((w * losses[t - 1]).mean())
+    assert estimate == pytest.approx(float(losses.mean()), rel=0.02)
+
+
+def test_noise_clip_bounds_the_noise():
+    gen = torch.Generator().manual_seed(1)
+    eps = gaussian_noise((10_000,), gen, "cpu", clip=1.5)
+    assert float(eps.abs().max()) <= 1.5 and float(eps.abs().max()) > 1.4
+
+
+def test_probe_grid_and_interpolated_sum():
+    assert probe_timesteps(200, 10) == list(range(1, 201))
+    grid = probe_timesteps(1000, 40)
+    assert grid[0] == 1 and grid[1] == 2 and grid[-1] == 1000 and grid == sorted(set(grid))
+    ts = np.array(grid)
+    assert trapezoid_sum(ts, ts.astype(float), 1, 1000) == pytest.approx(1000 * 1001 / 2)
+
+
+def test_wasserstein1_matches_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 500), rng.normal(0.3, 1.2, 700)
+    assert wasserstein1(torch.tensor(a), torch.tensor(b)) == pytest.approx(
+        scipy.stats.wasserstein_distance(a, b), rel=1e-5
+    )
+    assert math.isclose(wasserstein1(torch.tensor(a), torch.tensor(a)), 0.0, abs_tol=1e-12)
