@@ -83,7 +83,7 @@ def engine_step(preset: str, channels: int, size: int, batch: int, precision: st
 
     def step() -> None:
         trainer.train_step()
-        if len(trainer._window) >= 25:  # as the experiment loop does every log_every steps
+        if len(trainer.unlogged) >= 25:  # as the experiment loop does every log_every steps
             trainer.flush_window(0.0)
 
     return step, count_parameters(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import sys
 from typing import Callable, ContextManager
@@ -50,6 +49,3 @@ def peak_memory_mb(device: torch.device) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
-
-def no_autocast() -> ContextManager:
-    return contextlib.nullcontext()

@@ -143,7 +143,7 @@ def run_experiment(
         if checkpoint_dir is not None and (trainer.step % tc.checkpoint_every == 0 or last):
             trainer.save(checkpoint_dir)
         if should_stop is not None and should_stop() and not last:
-            if trainer._window:
+            if trainer.unlogged:
                 trainer.flush_window(window_images / max(time.perf_counter() - window_start, 1e-9))
             if checkpoint_dir is not None:
                 trainer.save(checkpoint_dir)

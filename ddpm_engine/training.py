@@ -88,7 +88,8 @@ class Trainer:
         self.train_seconds = 0.0  # wall time inside train_step, for budget_by: seconds
         self.history: dict[str, list] = {"train": [], "per_t": [], "bound": []}
         self.last_finite_loss: float | None = None
-        self._window: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        # (step, loss, grad norm) since the last flush_window, kept on the device
+        self.unlogged: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
 
     @property
     def sampling_model(self) -> torch.nn.Module:
@@ -125,14 +126,14 @@ class Trainer:
         self.t_sampler.update(t, rows)
         self.step += 1
         # Kept as tensors: reading them would make the host wait for the device every step.
-        self._window.append((self.step, loss.detach(), grad_norm))
+        self.unlogged.append((self.step, loss.detach(), grad_norm))
 
     def flush_window(self, images_per_s: float) -> dict[str, float]:
         """Check the steps since the last flush for a non-finite loss and summarise them."""
-        steps = [s for s, _, _ in self._window]
-        losses = torch.stack([l for _, l, _ in self._window]).float().cpu()
-        norms = [n for _, _, n in self._window if n is not None]
-        self._window.clear()
+        steps = [s for s, _, _ in self.unlogged]
+        losses = torch.stack([l for _, l, _ in self.unlogged]).float().cpu()
+        norms = [n for _, _, n in self.unlogged if n is not None]
+        self.unlogged.clear()
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])

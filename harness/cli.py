@@ -353,10 +353,8 @@ def _print_summary(specs: list[RunSpec], statuses: dict[str, dict]) -> None:
 
 
 def _build_report(study: str, results: Path, reports: Path) -> None:
-    try:
-        from .report import build_report
-    except ImportError:
-        return
+    from .report import build_report
+
     path = build_report(study, results, reports)
     console.print(f"report: {path}")
 
