@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import signal
 import sys
@@ -142,6 +143,7 @@ def run(
     report: bool = typer.Option(True, help="Build the HTML report at the end."),
     storage: Optional[str] = STORAGE_OPT,
     no_work: bool = typer.Option(False, "--no-work", help="With --storage: only enqueue the runs; `harness worker` runs them."),
+    arm: Optional[list[str]] = typer.Option(None, "--arm", help="Run only this arm (repeatable); the others stay pending in the status and the report."),
 ):
     """Run every arm x seed of a study; finished runs are skipped, interrupted ones resume.
 
@@ -150,12 +152,18 @@ def run(
     * `harness run studies/timestep_ablation.yaml`
     * `harness run studies/capacity_ablation.yaml --set train.steps=500 --workers 2`
     * `harness run studies/objective_ablation.yaml --retry-failed`
+    * `harness run studies/darkening_diagnosis.yaml --arm baseline --arm ema` (a subset of the arms)
     * `harness run studies/timestep_ablation.yaml --storage postgresql://me@db/optuna --no-work` (then start workers)
     """
     study, specs = load(study_path, set_options)
-    preflight_data(study, specs)
+    chosen = _chosen_arms(study_path, specs, arm)
+    if chosen is not None and storage:
+        fail_input(ValueError("--arm is for local runs; with --storage every arm is enqueued"))
+    preflight_data(study, [s for s in specs if chosen is None or s.arm.label in chosen])
     if study.tune is not None:
-        specs = _tune(study, specs, results, device, storage)
+        tuned = _tune(study, [s for s in specs if chosen is None or s.arm.label in chosen], results, device, storage)
+        by_name = {s.name: s for s in tuned}
+        specs = [by_name.get(s.name, s) for s in specs]
     if storage:
         _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
@@ -169,7 +177,9 @@ def run(
     todo, skipped = [], []
     for spec in specs:
         state = statuses.get(spec.key, {}).get("status")
-        if rerun or state in (None, "running", "interrupted") or (state == "failed" and retry_failed):
+        if chosen is not None and spec.arm.label not in chosen:
+            skipped.append((spec, "not chosen"))
+        elif rerun or state in (None, "running", "interrupted") or (state == "failed" and retry_failed):
             todo.append(spec)
         else:
             skipped.append((spec, state))
@@ -181,7 +191,7 @@ def run(
     experiment_id = ensure_experiment(client, study.study)  # before any worker starts
     commit = git_commit()
     console.print(
-        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done or failed; "
+        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
         f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
     )
     if skipped and any(state == "failed" for _, state in skipped):
@@ -204,6 +214,19 @@ def run(
         raise typer.Exit(130)
     if n_failed:
         raise typer.Exit(1)
+
+
+def _chosen_arms(study_path: Path, specs: list[RunSpec], arms: list[str] | None) -> set[str] | None:
+    """The arm labels given with --arm, checked against the study's expansion."""
+    if not arms:
+        return None
+    labels = list(dict.fromkeys(s.arm.label for s in specs))
+    for label in arms:
+        if label not in labels:
+            close = difflib.get_close_matches(label, labels, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; its arms are {', '.join(labels)}"
+            fail_input(ValueError(f"--arm {label!r}: {study_path} has no such arm{hint}"))
+    return set(arms)
 
 
 def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storage: str | None) -> list[RunSpec]:

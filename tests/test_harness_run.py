@@ -188,3 +188,23 @@ def test_a_failing_run_is_recorded_and_retried_alone(tmp_path):
     for run in runs:
         if run.data.tags["run_key"] in finished_before:
             assert run.info.end_time == finished_before[run.data.tags["run_key"]]
+
+
+def test_arm_option_runs_a_subset_and_leaves_the_rest_pending(tmp_path):
+    study = write_study(tmp_path, name="subset", steps=10, ckpt=10)
+    typo = harness(["run", str(study), "--arm", "T11"], tmp_path)
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "--arm 'T11'" in typo.stderr and "did you mean 'T10'" in typo.stderr and "Traceback" not in typo.stderr
+
+    first = harness(["run", str(study), "--arm", "T10"], tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 to run" in first.stdout
+    _, runs = mlflow_runs(tmp_path, "subset")
+    assert sorted(r.data.tags["arm"] for r in runs) == ["T10", "T10"]
+    status = harness(["status", str(study)], tmp_path)
+    assert status.stdout.count("pending") == 2 and status.stdout.count("finished") == 2
+    html = (tmp_path / "reports" / "subset" / "index.html").read_text()
+    assert "T20" in html and "pending" in html  # the arm not chosen is shown as not run
+
+    rest = harness(["run", str(study), "--no-report"], tmp_path)
+    assert rest.returncode == 0 and "2 to run" in rest.stdout, rest.stdout + rest.stderr
