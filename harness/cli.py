@@ -167,7 +167,7 @@ def run(
     if storage:
         _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
-    from .tracking import RunTracker, ensure_experiment, git_commit, make_client
+    from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
         slots = slot_devices(device, workers)
@@ -187,9 +187,19 @@ def run(
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(study_manifest(study, specs), indent=2))
 
-    client = make_client()
-    experiment_id = ensure_experiment(client, study.study)  # before any worker starts
-    commit = git_commit()
+    scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
+    scheduler.start()  # slots never touch MLflow: they start training while the store opens
+    try:
+        client = make_client()
+        experiment_id = ensure_experiment(client, study.study)
+        commit = git_commit()
+    except Exception as error:  # a wrong MLFLOW_TRACKING_URI is bad input, not a crash
+        scheduler.abort()
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        fail_input(ValueError(f"cannot use the MLflow tracking store {tracking_uri()}: {type(error).__name__}: {first_line}"))
+    except BaseException:
+        scheduler.abort()
+        raise
     console.print(
         f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
         f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
@@ -199,11 +209,7 @@ def run(
 
     outcomes = []
     if todo:
-        scheduler = LocalScheduler(
-            todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit), results, slots,
-            fresh_keys={s.key for s in todo} if rerun else set(),
-        )
-        outcomes = _run_with_progress(scheduler, todo)
+        outcomes = _run_with_progress(scheduler, todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit))
     final = status_of(results, study)
     _print_summary(specs, final)
     if report:
@@ -316,7 +322,7 @@ def worker(
                                      console=console, threads=threads))
 
 
-def _run_with_progress(scheduler, todo: list[RunSpec]):
+def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -355,7 +361,7 @@ def _run_with_progress(scheduler, todo: list[RunSpec]):
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigint)
         try:
-            return scheduler.run()
+            return scheduler.run(make_tracker)
         finally:
             signal.signal(signal.SIGINT, previous)
 

@@ -126,12 +126,15 @@ def slot_main(slot: int, device: str, threads: int, tasks: mp.Queue, events: mp.
 
 
 class LocalScheduler:
-    """Runs specs on local slots; the caller gets progress callbacks and outcomes."""
+    """Runs specs on local slots; the caller gets progress callbacks and outcomes.
+
+    ``start`` launches the slots at once: they never touch MLflow, so they import torch
+    and train while the parent opens the tracking store; ``run`` then records their events.
+    """
 
     def __init__(
         self,
         specs: list[RunSpec],
-        make_tracker: Callable[[RunSpec], RunTracker],
         results: Path,
         slots: list[tuple[str, int]],
         fresh_keys: set[str] = frozenset(),
@@ -139,54 +142,72 @@ class LocalScheduler:
     ):
         self.specs = sorted(specs, key=estimated_cost, reverse=True)
         self.by_key = {s.key: s for s in specs}
-        self.make_tracker, self.results, self.slots = make_tracker, Path(results), slots
+        self.results, self.slots = Path(results), slots
         self.fresh_keys = set(fresh_keys)
         self.on_event = on_event or (lambda kind, spec, payload: None)
         self.ctx = mp.get_context("spawn")
         self.stop = self.ctx.Event()
         self.outcomes: dict[str, RunOutcome] = {}
+        self.procs: dict[int, mp.Process] = {}
+        self.tasks = self.events = None
 
     def request_stop(self) -> None:
         self.stop.set()
 
-    def run(self) -> list[RunOutcome]:
-        if not self.specs:
-            return []
-        tasks, events = self.ctx.Queue(), self.ctx.Queue()
-        trackers: dict[str, RunTracker] = {}
+    def start(self) -> None:
+        """Queue every run and launch the slots; they begin work at once."""
+        if self.tasks is not None or not self.specs:
+            return
+        self.tasks, self.events = self.ctx.Queue(), self.ctx.Queue()
         for spec in self.specs:
             ckpt = checkpoint_dir(self.results, spec)
             if spec.key in self.fresh_keys and ckpt.exists():
                 shutil.rmtree(ckpt)
-            trackers[spec.key] = self.make_tracker(spec)
-            tasks.put((spec.key, spec.config, str(ckpt)))
+            self.tasks.put((spec.key, spec.config, str(ckpt)))
         n_slots = min(len(self.slots), len(self.specs))
         for _ in range(n_slots):
-            tasks.put(None)
-        procs: dict[int, mp.Process] = {}
-        current: dict[int, str] = {}
-
-        def launch(slot: int) -> None:
-            device, threads = self.slots[slot]
-            proc = self.ctx.Process(
-                target=slot_main, args=(slot, device, threads, tasks, events, self.stop, os.getpid()), daemon=True
-            )
-            proc.start()
-            procs[slot] = proc
-
+            self.tasks.put(None)
         for slot in range(n_slots):
-            launch(slot)
+            self._launch(slot)
 
+    def abort(self, timeout: float = 60.0) -> None:
+        """Stop before ``run``: the slots checkpoint their runs (which resume next time)."""
+        self.stop.set()
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in self.procs.values()) and time.monotonic() < deadline:
+            try:  # a slot cannot exit while its queued events are unread
+                self.events.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+
+    def _launch(self, slot: int) -> None:
+        device, threads = self.slots[slot]
+        proc = self.ctx.Process(
+            target=slot_main, args=(slot, device, threads, self.tasks, self.events, self.stop, os.getpid()), daemon=True
+        )
+        proc.start()
+        self.procs[slot] = proc
+
+    def run(self, make_tracker: Callable[[RunSpec], RunTracker]) -> list[RunOutcome]:
+        """Record the slots' events through one tracker per run until every run has ended."""
+        if not self.specs:
+            return []
+        self.start()
+        trackers = {spec.key: make_tracker(spec) for spec in self.specs}
+        current: dict[int, str] = {}
         while len(self.outcomes) < len(self.specs):
             try:
-                event = events.get(timeout=0.5)
+                event = self.events.get(timeout=0.5)
             except queue.Empty:
-                self._reap_dead(procs, current, trackers, launch, tasks)
-                if not any(p.is_alive() for p in procs.values()) and events.empty():
+                self._reap_dead(current, trackers)
+                if not any(p.is_alive() for p in self.procs.values()) and self.events.empty():
                     break
                 continue
             self._handle(event, trackers, current)
-        for proc in procs.values():
+        for proc in self.procs.values():
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
@@ -221,10 +242,10 @@ class LocalScheduler:
                     del current[slot]
         self.on_event(kind, spec, event[2:])
 
-    def _reap_dead(self, procs, current, trackers, launch, tasks) -> None:
+    def _reap_dead(self, current, trackers) -> None:
         """A slot that died mid-run (killed, out of memory) fails that run; a fresh slot
         takes over the rest of the queue."""
-        for slot, proc in list(procs.items()):
+        for slot, proc in list(self.procs.items()):
             if proc.is_alive() or slot not in current:
                 continue
             key = current.pop(slot)
@@ -233,5 +254,5 @@ class LocalScheduler:
             self.outcomes[key] = RunOutcome(self.by_key[key], "failed", error=reason)
             self.on_event("failed", self.by_key[key], (reason, ""))
             if len(self.outcomes) < len(self.specs) and not self.stop.is_set():
-                tasks.put(None)  # the replacement slot needs its own end-of-queue marker
-                launch(slot)
+                self.tasks.put(None)  # the replacement slot needs its own end-of-queue marker
+                self._launch(slot)

@@ -109,6 +109,7 @@ class RunTracker:
     def start(self, fresh: bool = False) -> str:
         """Create the key's MLflow run, or reopen the one a previous attempt left behind.
         With ``fresh`` (a --rerun), earlier runs of the key are deleted: one run per key."""
+        self.started = time.time()
         existing = find_mlflow_run(self.client, self.experiment_id, self.spec.key)
         if existing is not None and fresh:
             for run in self.client.search_runs([self.experiment_id], f"tags.run_key = '{self.spec.key}'"):

@@ -208,3 +208,16 @@ def test_arm_option_runs_a_subset_and_leaves_the_rest_pending(tmp_path):
 
     rest = harness(["run", str(study), "--no-report"], tmp_path)
     assert rest.returncode == 0 and "2 to run" in rest.stdout, rest.stdout + rest.stderr
+
+
+def test_an_unusable_tracking_store_is_one_clear_error(tmp_path):
+    study = write_study(tmp_path, name="nostore", steps=10, ckpt=10)
+    (tmp_path / "a-file").write_text("not a folder")  # so no database can be created below it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a-file/mlflow.db",
+           "DDPM_ENGINE_CACHE": str(tmp_path / ".cache")}
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot use the MLflow tracking store sqlite:///" in proc.stderr and "Traceback" not in proc.stderr
+    # the slots, already started, were stopped before any run was recorded
+    assert not (tmp_path / "results" / "nostore" / "runs").exists()

@@ -133,3 +133,16 @@ def test_budget_by_images_and_seconds():
     assert by_seconds.summary["train_steps"] >= 1
     with pytest.raises(ValueError, match="budget_images"):
         small_config(train={"budget_by": "images"})
+
+
+def test_torch_compile_option_trains_like_eager():
+    """train.compile runs the training forward pass through torch.compile (inductor on CPU):
+    the same loss curve as eager, within float reassociation."""
+    settings = {"steps": 10, "log_every": 5, "checkpoint_every": 10}
+    eager = run_experiment(small_config(train=settings), MemoryRecorder(), device="cpu")
+    compiled = run_experiment(small_config(train={**settings, "compile": True}), MemoryRecorder(), device="cpu")
+    torch.testing.assert_close(
+        torch.tensor(compiled.tables["train"]["loss"].to_numpy()),
+        torch.tensor(eager.tables["train"]["loss"].to_numpy()),
+        rtol=1e-3, atol=1e-4,
+    )
