@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--diffusers-precision", choices=["fp32", "bf16"], default=None,
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    parser.add_argument("--diffusers-precision", choices=["fp32", "bf16", "auto"], default=None,
                         help="defaults to --precision (matched); fp32 compares our bf16 with their fp32")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import warnings
 from typing import Callable, ContextManager
 
 import torch
@@ -23,17 +24,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_factory(device: torch.device, precision: str) -> Callable[[], ContextManager] | None:
-    """A zero-argument factory of the autocast context for ``precision``, or None for fp32.
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls and convolutions run in hardware here. A CPU without AVX-512
+    (torch reports AVX2) falls back to reference kernels: the tiny UNet trained 4-5x slower
+    under bf16 autocast than in fp32 on such a 2-core machine."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return False
 
-    bf16 autocast measured 1.4-1.6x faster on the larger models on a 2-core AVX-512 CPU
-    (DESIGN.md sec. 8), so it is offered on CPU as well as CUDA.
-    """
-    if precision == "fp32":
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` is bf16 autocast on a GPU that supports it and fp32 elsewhere: on CPU bf16
+    helped only the larger models on an AVX-512 machine (DESIGN.md sec. 8), so there it is a
+    choice the user makes, not a default."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}")
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        warnings.warn(
+            f"train.precision=bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
+            "autocast falls back to slow reference kernels; fp32 is faster here",
+            RuntimeWarning, stacklevel=2,
+        )
+    return precision
+
+
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], ContextManager] | None:
+    """A zero-argument factory of the autocast context for ``precision`` (after
+    ``resolve_precision``), or None for fp32."""
+    if resolve_precision(device, precision) == "fp32":
         return None
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision {precision!r}")
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def sample_chunk_size(device: torch.device, image_pixels: int) -> int:

@@ -181,6 +181,7 @@ def run_experiment(
     summary.update(
         final_loss=float(np.mean([r["loss"] for r in train_rows[-4:]])) if train_rows else float("nan"),
         params=float(params),
+        bf16_autocast=float(autocast is not None),
         images_per_s=float(np.median([r["images_per_s"] for r in train_rows])) if train_rows else float("nan"),
         train_seconds=train_seconds,
         sample_seconds=sample_seconds,

@@ -72,6 +72,7 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
         "hist_w1": "Wasserstein-1 of final pixel values vs held-out data",
         "sat_frac": "fraction of sample pixels with |x| >= 0.99",
         "ref_sat_frac": "the same fraction for the data (training images)",
+        "bf16_autocast": "1.0 if the run trained and sampled under bf16 autocast (train.precision)",
     },
 }
 TABLES = list(TABLE_COLUMNS)

@@ -150,7 +150,7 @@ def servers(tmp_path_factory):
 
 def env_for(cwd: Path, mlflow_uri: str) -> dict:
     env = dict(os.environ)
-    env.update(MLFLOW_TRACKING_URI=mlflow_uri, DDPM_ENGINE_CACHE=str(cwd.parent / "engine-cache"),
+    env.update(MLFLOW_TRACKING_URI=mlflow_uri,
                DDPM_ABLATE_HEARTBEAT_INTERVAL=str(HEARTBEAT), DDPM_ABLATE_GRACE_PERIOD=str(GRACE))
     return env
 

@@ -36,7 +36,6 @@ def write_study(folder: Path, name="smoke", steps=20, ckpt=10) -> Path:
 
 def harness(args, cwd, **kwargs):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["DDPM_ENGINE_CACHE"] = str(Path(cwd) / ".cache")
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
     )
@@ -121,7 +120,6 @@ def test_second_run_runs_nothing(smoke):
 def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
     study = write_study(tmp_path, name="killed", steps=200, ckpt=20)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["DDPM_ENGINE_CACHE"] = str(tmp_path / ".cache")
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -213,8 +211,7 @@ def test_arm_option_runs_a_subset_and_leaves_the_rest_pending(tmp_path):
 def test_an_unusable_tracking_store_is_one_clear_error(tmp_path):
     study = write_study(tmp_path, name="nostore", steps=10, ckpt=10)
     (tmp_path / "a-file").write_text("not a folder")  # so no database can be created below it
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a-file/mlflow.db",
-           "DDPM_ENGINE_CACHE": str(tmp_path / ".cache")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a-file/mlflow.db"}
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr

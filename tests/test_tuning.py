@@ -38,7 +38,6 @@ def test_tuned_smoke_study_end_to_end(tmp_path):
     path = tmp_path / "tuned.yaml"
     path.write_text(STUDY)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["DDPM_ENGINE_CACHE"] = str(tmp_path / ".cache")
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
