@@ -4,6 +4,8 @@
     result = run_experiment(ExperimentConfig(), MemoryRecorder(), device="cpu")
 """
 
+import importlib
+
 from .config import (
     DataConfig,
     DiffusionConfig,
@@ -14,10 +16,24 @@ from .config import (
     SampleConfig,
     TrainConfig,
 )
-from .experiment import RunInterrupted, RunResult, run_experiment, sample_grid
-from .recorder import MemoryRecorder, NullRecorder, Recorder
-from .schedule import Schedule, make_schedule
-from .training import NonFiniteLossError
+
+# Everything but the config needs torch (1.5-2 s to import): loaded on first use, so that a
+# caller which only validates configs (the harness CLI before its workers start) skips it.
+_LAZY = {
+    "RunInterrupted": "experiment", "RunResult": "experiment", "run_experiment": "experiment",
+    "sample_grid": "experiment", "MemoryRecorder": "recorder", "NullRecorder": "recorder",
+    "Recorder": "recorder", "Schedule": "schedule", "make_schedule": "schedule",
+    "NonFiniteLossError": "training",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DataConfig", "DiffusionConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",

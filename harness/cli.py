@@ -53,6 +53,8 @@ def load(study_path: Path, set_options: list[str] | None) -> tuple[Study, list[R
 def preflight_data(study: Study, specs: list[RunSpec]) -> dict:
     """Load every distinct data set once, before anything runs, so that a missing folder is
     reported against the study file (and the decoded cache is warm for the workers)."""
+    if not specs:
+        return {}
     from ddpm_engine.data import DataError, load_data
 
     loaded = {}
@@ -73,7 +75,9 @@ def preflight_data(study: Study, specs: list[RunSpec]) -> dict:
 
 
 def status_of(results: Path, study: Study) -> dict[str, dict]:
-    from .tracking import run_statuses
+    if not (results / study.study / "runs").exists():
+        return {}  # a new study: no need to load pyarrow before the slots start
+    from .tables import run_statuses  # not via tracking: importing MLflow would delay the slots' start
 
     return run_statuses(results, study.study)
 
@@ -159,7 +163,9 @@ def run(
     chosen = _chosen_arms(study_path, specs, arm)
     if chosen is not None and storage:
         fail_input(ValueError("--arm is for local runs; with --storage every arm is enqueued"))
-    preflight_data(study, [s for s in specs if chosen is None or s.arm.label in chosen])
+    # digits are embedded in scikit-learn: nothing can be missing, and loading them here
+    # would only delay the slots' start
+    preflight_data(study, [s for s in specs if (chosen is None or s.arm.label in chosen) and s.config.data.name != "digits"])
     if study.tune is not None:
         tuned = _tune(study, [s for s in specs if chosen is None or s.arm.label in chosen], results, device, storage)
         by_name = {s.name: s for s in tuned}
@@ -167,7 +173,6 @@ def run(
     if storage:
         _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
-    from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
         slots = slot_devices(device, workers)
@@ -188,7 +193,9 @@ def run(
     manifest_path.write_text(json.dumps(study_manifest(study, specs), indent=2))
 
     scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
-    scheduler.start()  # slots never touch MLflow: they start training while the store opens
+    scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
+    from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
+
     try:
         client = make_client()
         experiment_id = ensure_experiment(client, study.study)

@@ -420,7 +420,8 @@ class Worker:
     def _skip_if_done(self, trial, spec: RunSpec) -> bool:
         """A key that already finished (a COMPLETE trial, a FINISHED MLflow run, a finished
         Parquet row here) is not run again."""
-        from .tracking import find_mlflow_run, run_statuses
+        from .tables import run_statuses
+        from .tracking import find_mlflow_run
 
         for other in trials_by_key(self.study).get(spec.key, []):
             if other.number == trial.number:
@@ -614,7 +615,7 @@ def pull_from_mlflow(client, study: str, results: Path, manifest: dict,
     write_manifest(results, manifest)
     configs = configs or {}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from .tracking import run_statuses
+    from .tables import run_statuses
 
     local = run_statuses(results, study)
     newest: dict[str, Any] = {}

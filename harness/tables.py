@@ -113,6 +113,14 @@ def read_table(results: Path, study: str, table: str) -> pd.DataFrame:
     return dataset.to_table().to_pandas()
 
 
+def run_statuses(results: Path, study: str) -> dict[str, dict]:
+    """run key -> its latest `runs` row (status, error, mlflow_run_id, ...)."""
+    frame = read_table(results, study, "runs")
+    if frame.empty:
+        return {}
+    return {row["run_key"]: row for row in frame.to_dict("records")}
+
+
 def _unified_schema(files: list[Path]) -> pa.Schema:
     """Runs of one study may differ in optional columns (e.g. a failed run's empty table);
     the dataset reads them all under the union of their schemas."""

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param
 from PIL import Image
 
 from .plan import RunSpec, flat_config
-from .tables import read_table, write_table
+from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -39,6 +39,9 @@ def tracking_uri() -> str:
 def make_client() -> MlflowClient:
     uri = tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # worker processes inherit the same store
+    # MLflow's async logger otherwise polls its queue with a 1 s timeout, so every run's end
+    # waited up to 1 s for it to stop; buffering also merges a run's metrics into few writes.
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "2")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -72,14 +75,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def run_statuses(results: Path, study: str) -> dict[str, dict]:
-    """run key -> its latest `runs` row (status, error, mlflow_run_id, ...)."""
-    frame = read_table(results, study, "runs")
-    if frame.empty:
-        return {}
-    return {row["run_key"]: row for row in frame.to_dict("records")}
 
 
 def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
@@ -153,31 +148,35 @@ class RunTracker:
 
     # -- lifecycle
     def flush(self) -> None:
+        """Wait until every metric sent so far is stored (raises if MLflow failed to)."""
         for operation in self.pending:
             if operation is not None:
                 operation.wait()
         self.pending.clear()
 
-    def finish(self, summary: dict[str, float]) -> None:
+    def _terminate(self, status: str) -> None:
+        # set_terminated drains MLflow's async queue at once before it sets the status, where
+        # waiting on each operation first would sit out the buffering interval
+        self.client.set_terminated(self.run_id, status=status)
         self.flush()
+
+    def finish(self, summary: dict[str, float]) -> None:
         config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(self.spec.config.to_dict(), sort_keys=False))
         self.client.log_artifact(self.run_id, str(config_path), artifact_path="config")
         for path in self.paths:
             self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        self._terminate("FINISHED")
         self.write_runs_row("finished", params=summary.get("params"), seconds=summary.get("seconds"))
 
     def fail(self, reason: str) -> None:
-        self.flush()
         self.client.set_tag(self.run_id, "error", reason[:5000])
-        self.client.set_terminated(self.run_id, status="FAILED")
+        self._terminate("FAILED")
         self.write_runs_row("failed", error=reason)
 
     def interrupted(self, step: int) -> None:
-        self.flush()
-        self.client.set_terminated(self.run_id, status="KILLED")
+        self._terminate("KILLED")
         self.write_runs_row("interrupted", error=f"interrupted at step {step}; resumes from its checkpoint")
 
     def write_runs_row(self, status: str, error: str = "", params=None, seconds=None) -> None:
