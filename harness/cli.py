@@ -138,7 +138,7 @@ def plan(
 def run(
     study_path: Path = STUDY_ARG,
     set_options: Optional[list[str]] = SET_OPT,
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPU slots sharing the cores (default 1); on CUDA, at most one per GPU."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPU slots sharing the cores (default: one per core, at most one per run); on CUDA, at most one per GPU."),
     device: str = typer.Option("auto", help="auto (CUDA GPUs, else CPU), cpu or cuda."),
     rerun: bool = typer.Option(False, "--rerun", help="Run every key again from scratch (finished ones too)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the failed keys again (finished ones stay)."),
@@ -174,10 +174,6 @@ def run(
         _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
     from .scheduler import LocalScheduler, slot_devices
 
-    try:
-        slots = slot_devices(device, workers)
-    except ValueError as error:
-        fail_input(error)
     statuses = status_of(results, study)
     todo, skipped = [], []
     for spec in specs:
@@ -188,6 +184,10 @@ def run(
             todo.append(spec)
         else:
             skipped.append((spec, state))
+    try:
+        slots = slot_devices(device, workers, runs=len(todo))
+    except ValueError as error:
+        fail_input(error)
     manifest_path = results / study.study / "study.json"
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(study_manifest(study, specs), indent=2))

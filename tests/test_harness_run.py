@@ -80,6 +80,23 @@ def test_smoke_study_is_tracked_in_mlflow(smoke):
         assert [a.path for a in client.list_artifacts(run.info.run_id, "per_t")] == [f"per_t/{tags['run_key']}.parquet"]
 
 
+def test_cpu_slots_default_to_one_per_core_and_runs_overlap(smoke):
+    from harness.scheduler import slot_devices
+
+    cores = os.cpu_count() or 1
+    assert slot_devices("cpu", None, runs=1) == [("cpu", cores)]  # a lone run gets every core
+    assert slot_devices("cpu", None, runs=1000) == [("cpu", 1)] * cores
+    assert slot_devices("cpu", 1, runs=4) == [("cpu", cores)]
+    cwd, _, first = smoke
+    expected = min(4, cores)
+    assert f"{expected} slot(s) on cpu" in " ".join(first.stdout.split())
+    if expected < 2:
+        pytest.skip("one core: the runs cannot overlap")
+    _, runs = mlflow_runs(cwd, "smoke")
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two runs ran at once"
+
+
 def test_smoke_study_tables_read_back_with_pyarrow(smoke):
     cwd, _, _ = smoke
     runs = table(cwd, "smoke", "runs").to_pandas()
