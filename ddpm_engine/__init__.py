@@ -37,7 +37,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataConfig", "DiffusionConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
-    "ObjectiveConfig", "SampleConfig", "TrainConfig", "RunInterrupted", "RunResult",
-    "run_experiment", "sample_grid", "MemoryRecorder", "NullRecorder", "Recorder",
-    "Schedule", "make_schedule", "NonFiniteLossError",
+    "ObjectiveConfig", "SampleConfig", "TrainConfig", *_LAZY,
 ]

@@ -50,9 +50,14 @@ def load(study_path: Path, set_options: list[str] | None) -> tuple[Study, list[R
         fail_input(error)
 
 
-def preflight_data(study: Study, specs: list[RunSpec]) -> dict:
+def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) -> dict:
     """Load every distinct data set once, before anything runs, so that a missing folder is
-    reported against the study file (and the decoded cache is warm for the workers)."""
+    reported against the study file (and the decoded cache is warm for the workers).
+
+    ``embedded=False`` skips the digits, which ship with scikit-learn: nothing can be
+    missing, and `run` would only delay its slots' start by loading them (`plan` times
+    training steps on them, so it keeps the default)."""
+    specs = [s for s in specs if embedded or s.config.data.name != "digits"]
     if not specs:
         return {}
     from ddpm_engine.data import DataError, load_data
@@ -163,11 +168,10 @@ def run(
     chosen = _chosen_arms(study_path, specs, arm)
     if chosen is not None and storage:
         fail_input(ValueError("--arm is for local runs; with --storage every arm is enqueued"))
-    # digits are embedded in scikit-learn: nothing can be missing, and loading them here
-    # would only delay the slots' start
-    preflight_data(study, [s for s in specs if (chosen is None or s.arm.label in chosen) and s.config.data.name != "digits"])
+    selected = [s for s in specs if chosen is None or s.arm.label in chosen]
+    preflight_data(study, selected, embedded=False)
     if study.tune is not None:
-        tuned = _tune(study, [s for s in specs if chosen is None or s.arm.label in chosen], results, device, storage)
+        tuned = _tune(study, selected, results, device, storage)
         by_name = {s.name: s for s in tuned}
         specs = [by_name.get(s.name, s) for s in specs]
     if storage:
