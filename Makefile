@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone: `make study` (set up, run the default study) and
-# `make test` (set up, run the test suite). Setup is idempotent and re-runs when
+# `make test` (set up, check formatting and lint with ruff, run the test suite). Setup is idempotent and re-runs when
 # pyproject.toml changes. TORCH_SPEC pins the CPU wheel used here; GPU users can pass
 # e.g. `make study TORCH_SPEC=torch` to get their CUDA build.
 VENV ?= .venv
@@ -20,6 +20,8 @@ study: setup
 	$(VENV)/bin/harness run $(STUDY)
 
 test: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 .PHONY: setup study test

@@ -8,7 +8,7 @@ the run's wall time.
 
     python -m benchmarks.diagnostics_overhead [--steps 2000] [--rounds 3]
 
-Target (DESIGN.md sec. 8): probes and drift recording at most 10% of a run's wall time.
+Target (docs/design.md, "Targets"): probes and drift recording at most 10% of a run's wall time.
 """
 
 from __future__ import annotations
@@ -37,11 +37,18 @@ def timed_sampling(config: ExperimentConfig, with_drift: bool) -> float:
     if with_drift:
         x0 = data.to_model_space(data.heldout)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-        observer = DriftRecorder(schedule, x0, noise, bins=config.eval.drift_bins,
-                                 hist_steps=config.eval.drift_hist_steps)
+        observer = DriftRecorder(
+            schedule, x0, noise, bins=config.eval.drift_bins, hist_steps=config.eval.drift_hist_steps
+        )
     start = time.perf_counter()
-    sample(model, schedule, shape, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-           observer=observer)
+    sample(
+        model,
+        schedule,
+        shape,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        observer=observer,
+    )
     if observer is not None:
         observer.tables()  # the host copies belong to the recorder's cost
     return time.perf_counter() - start
@@ -58,10 +65,14 @@ def main() -> None:
     seconds = summary["seconds"]
     probe = summary["train_seconds"] - summary["train_loop_seconds"]
     probes = args.steps // config.eval.probe_every + (args.steps % config.eval.probe_every > 0)
-    print(f"default run ({args.steps} steps): {seconds:.1f} s wall; optimizer steps {summary['train_loop_seconds']:.1f} s, "
-          f"sampling {summary['sample_seconds']:.1f} s")
-    print(f"per-t probes ({probes} probes of {config.eval.probe_timesteps} timesteps): "
-          f"{probe:.1f} s = {probe / seconds:.1%} of the run")
+    print(
+        f"default run ({args.steps} steps): {seconds:.1f} s wall; optimizer steps {summary['train_loop_seconds']:.1f} s, "
+        f"sampling {summary['sample_seconds']:.1f} s"
+    )
+    print(
+        f"per-t probes ({probes} probes of {config.eval.probe_timesteps} timesteps): "
+        f"{probe:.1f} s = {probe / seconds:.1%} of the run"
+    )
 
     plain, drift = [], []
     for r in range(args.rounds):
@@ -70,8 +81,10 @@ def main() -> None:
             (drift if with_drift else plain).append(timed_sampling(config, with_drift))
         print(f"round {r}: sampling {plain[-1]:.2f} s, with drift recording {drift[-1]:.2f} s", flush=True)
     extra = statistics.median(drift) - statistics.median(plain)
-    print(f"drift recording: +{extra:.2f} s per run (median sampling {statistics.median(plain):.2f} -> "
-          f"{statistics.median(drift):.2f} s) = {extra / seconds:.1%} of the run")
+    print(
+        f"drift recording: +{extra:.2f} s per run (median sampling {statistics.median(plain):.2f} -> "
+        f"{statistics.median(drift):.2f} s) = {extra / seconds:.1%} of the run"
+    )
     print(f"probes + drift recording: {(probe + extra) / seconds:.1%} of the run's wall time (target <= 10%)")
 
 

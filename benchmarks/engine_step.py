@@ -38,9 +38,14 @@ def diffusers_step(preset: str, channels: int, size: int, batch: int, precision:
     blocks = DIFFUSERS_CHANNELS[preset]
     attention = preset == "annotated"
     model = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=blocks,
-        layers_per_block=1 if preset == "tiny" else 2, norm_num_groups=8,
-        down_block_types=("DownBlock2D",) * (len(blocks) - 1) + (("AttnDownBlock2D",) if attention else ("DownBlock2D",)),
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=blocks,
+        layers_per_block=1 if preset == "tiny" else 2,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * (len(blocks) - 1)
+        + (("AttnDownBlock2D",) if attention else ("DownBlock2D",)),
         up_block_types=(("AttnUpBlock2D",) if attention else ("UpBlock2D",)) + ("UpBlock2D",) * (len(blocks) - 1),
         add_attention=attention,
     )
@@ -78,8 +83,9 @@ def engine_step(preset: str, channels: int, size: int, batch: int, precision: st
     model = build_model(config.model, channels, size)
     images = torch.rand(1024, channels, size, size) * 2 - 1
     device = torch.device("cpu")
-    trainer = Trainer(config, model, make_schedule(config.diffusion), images, 256, device,
-                      autocast_factory(device, precision))
+    trainer = Trainer(
+        config, model, make_schedule(config.diffusion), images, 256, device, autocast_factory(device, precision)
+    )
 
     def step() -> None:
         trainer.train_step()
@@ -103,8 +109,12 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
-    parser.add_argument("--diffusers-precision", choices=["fp32", "bf16", "auto"], default=None,
-                        help="defaults to --precision (matched); fp32 compares our bf16 with their fp32")
+    parser.add_argument(
+        "--diffusers-precision",
+        choices=["fp32", "bf16", "auto"],
+        default=None,
+        help="defaults to --precision (matched); fp32 compares our bf16 with their fp32",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -117,18 +127,22 @@ def main() -> None:
         "diffusers": diffusers_step(*shape, args.diffusers_precision or args.precision),
     }
     (_, n_ours), (_, n_theirs) = steps["ddpm_engine"], steps["diffusers"]
-    print(f"parameters: ddpm_engine {n_ours:,}  diffusers {n_theirs:,} ({n_theirs / n_ours:.2f}x); "
-          f"{args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, {args.threads} threads")
+    print(
+        f"parameters: ddpm_engine {n_ours:,}  diffusers {n_theirs:,} ({n_theirs / n_ours:.2f}x); "
+        f"{args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, {args.threads} threads"
+    )
     for step, _ in steps.values():  # warm-up: allocator, oneDNN caches, optimizer state
         seconds_per_step(step, 3)
     timings: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
-        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
             timings[name].append(seconds_per_step(steps[name][0], args.steps_per_round))
     median = {name: statistics.median(v) for name, v in timings.items()}
     for name, value in median.items():
-        print(f"{name:>12}: {value:.4f} s/step  {args.batch / value:7.0f} images/s  "
-              f"(median of {args.rounds} rounds, range {min(timings[name]):.4f}..{max(timings[name]):.4f})")
+        print(
+            f"{name:>12}: {value:.4f} s/step  {args.batch / value:7.0f} images/s  "
+            f"(median of {args.rounds} rounds, range {min(timings[name]):.4f}..{max(timings[name]):.4f})"
+        )
     print(f"ratio ddpm_engine / diffusers images/s: {median['diffusers'] / median['ddpm_engine']:.2f}")
 
 

@@ -12,7 +12,7 @@ it: the difference of the outside parts is what the harness adds, nearly free of
 
     python -m benchmarks.harness_overhead [--steps 1500] [--rounds 3]
 
-Target (DESIGN.md sec. 8): overhead at most 3% of a run's wall time.
+Target (docs/design.md, "Targets"): overhead at most 3% of a run's wall time.
 """
 
 from __future__ import annotations
@@ -80,25 +80,40 @@ def main() -> None:
             row = {}
             for name, cmd in legs:
                 wall, out = timed(cmd, tmp)
-                engine = json.loads(out.strip().splitlines()[-1])["seconds"] if name == "bare" else engine_seconds(tmp / "results", study["study"])
+                engine = (
+                    json.loads(out.strip().splitlines()[-1])["seconds"]
+                    if name == "bare"
+                    else engine_seconds(tmp / "results", study["study"])
+                )
                 row[name] = (wall, engine)
-                print(f"round {r}: {name:8s} wall {wall:7.1f} s, engine {engine:7.1f} s, outside the engine {wall - engine:5.1f} s", flush=True)
+                print(
+                    f"round {r}: {name:8s} wall {wall:7.1f} s, engine {engine:7.1f} s, outside the engine {wall - engine:5.1f} s",
+                    flush=True,
+                )
             rows.append(row)
     print()
     for r, row in enumerate(rows):
         (bw, be), (hw, he) = row["bare"], row["harness"]
         what = "fresh folder: MLflow creates its schema" if r == 0 else "existing MLflow store"
-        print(f"round {r}: wall overhead {hw - bw:+6.1f} s = {(hw - bw) / hw:+6.1%}; added outside the engine "
-              f"{(hw - he) - (bw - be):+5.1f} s; engine time harness/bare {he / be:.3f}  ({what})")
+        print(
+            f"round {r}: wall overhead {hw - bw:+6.1f} s = {(hw - bw) / hw:+6.1%}; added outside the engine "
+            f"{(hw - he) - (bw - be):+5.1f} s; engine time harness/bare {he / be:.3f}  ({what})"
+        )
     median = statistics.median
     bare_wall, harness_wall = median(r["bare"][0] for r in rows), median(r["harness"][0] for r in rows)
     added = median((r["harness"][0] - r["harness"][1]) - (r["bare"][0] - r["bare"][1]) for r in rows)
     engine_ratio = median(r["harness"][1] / r["bare"][1] for r in rows)
     print(f"bare engine  median wall {bare_wall:.1f} s")
     print(f"harness run  median wall {harness_wall:.1f} s")
-    print(f"overhead     {harness_wall - bare_wall:+.1f} s = {(harness_wall - bare_wall) / harness_wall:+.1%} of the harness run's wall time (medians)")
-    print(f"  of which outside the engine (start, MLflow, tables, artifacts): {added:+.1f} s = {added / harness_wall:+.1%} (median of rounds)")
-    print(f"  and the engine's own time under the harness vs bare: x{engine_ratio:.3f} (median of rounds; machine noise shows here)")
+    print(
+        f"overhead     {harness_wall - bare_wall:+.1f} s = {(harness_wall - bare_wall) / harness_wall:+.1%} of the harness run's wall time (medians)"
+    )
+    print(
+        f"  of which outside the engine (start, MLflow, tables, artifacts): {added:+.1f} s = {added / harness_wall:+.1%} (median of rounds)"
+    )
+    print(
+        f"  and the engine's own time under the harness vs bare: x{engine_ratio:.3f} (median of rounds; machine noise shows here)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """ddpm_engine: a small, readable DDPM library with every seed ablation as a config knob.
 
-    from ddpm_engine import ExperimentConfig, run_experiment, MemoryRecorder
-    result = run_experiment(ExperimentConfig(), MemoryRecorder(), device="cpu")
+from ddpm_engine import ExperimentConfig, run_experiment, MemoryRecorder
+result = run_experiment(ExperimentConfig(), MemoryRecorder(), device="cpu")
 """
 
 import importlib
@@ -20,9 +20,15 @@ from .config import (
 # Everything but the config needs torch (1.5-2 s to import): loaded on first use, so that a
 # caller which only validates configs (the harness CLI before its workers start) skips it.
 _LAZY = {
-    "RunInterrupted": "experiment", "RunResult": "experiment", "run_experiment": "experiment",
-    "sample_grid": "experiment", "MemoryRecorder": "recorder", "NullRecorder": "recorder",
-    "Recorder": "recorder", "Schedule": "schedule", "make_schedule": "schedule",
+    "RunInterrupted": "experiment",
+    "RunResult": "experiment",
+    "run_experiment": "experiment",
+    "sample_grid": "experiment",
+    "MemoryRecorder": "recorder",
+    "NullRecorder": "recorder",
+    "Recorder": "recorder",
+    "Schedule": "schedule",
+    "make_schedule": "schedule",
     "NonFiniteLossError": "training",
 }
 
@@ -36,6 +42,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DataConfig", "DiffusionConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
-    "ObjectiveConfig", "SampleConfig", "TrainConfig", *_LAZY,
+    "DataConfig",
+    "DiffusionConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "SampleConfig",
+    "TrainConfig",
+    *_LAZY,
 ]

@@ -28,12 +28,8 @@ class DataConfig(_Section):
         None,
         description="Folder (image_folder), .npz file (npz) or root folder (torchvision).",
     )
-    npz_key: str | None = Field(
-        None, description="Array name inside the .npz file; None takes the first array."
-    )
-    torchvision_set: str | None = Field(
-        None, description="torchvision.datasets class name, e.g. MNIST or CIFAR10."
-    )
+    npz_key: str | None = Field(None, description="Array name inside the .npz file; None takes the first array.")
+    torchvision_set: str | None = Field(None, description="torchvision.datasets class name, e.g. MNIST or CIFAR10.")
     image_size: int | None = Field(
         None, ge=4, le=1024, description="Square side to resize to; None keeps the native size."
     )
@@ -47,15 +43,11 @@ class DataConfig(_Section):
         description="Quantization levels of a pixel (17 for digits, 256 for 8-bit images); "
         "None takes the data set's own. Used by the L0 decoder and bits/dim.",
     )
-    heldout_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Fraction of images held out from training."
-    )
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of images held out from training.")
     split_seed: int = Field(
         0, ge=0, description="Seed of the fixed train / held-out split (independent of train.seed)."
     )
-    max_images: int | None = Field(
-        None, ge=2, description="Use at most this many images (after a seeded shuffle)."
-    )
+    max_images: int | None = Field(None, ge=2, description="Use at most this many images (after a seeded shuffle).")
     cache_dir: str | None = Field(
         None,
         description="Where decoded, resized image folders are cached as uint8 arrays; "
@@ -93,9 +85,7 @@ MODEL_PRESETS: dict[str, dict] = {
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "annotated"] = Field(
-        "tiny", description="Fills every knob below that is left unset."
-    )
+    preset: Literal["tiny", "annotated"] = Field("tiny", description="Fills every knob below that is left unset.")
     base_channels: int | None = Field(None, ge=4, description="Channels of the first level.")
     channel_mults: tuple[int, ...] | None = Field(
         None, min_length=1, description="Channel multiplier per resolution level."
@@ -115,7 +105,7 @@ class ModelConfig(_Section):
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Dropout in residual blocks.")
 
     @model_validator(mode="after")
-    def _fill_from_preset(self) -> "ModelConfig":
+    def _fill_from_preset(self) -> ModelConfig:
         for key, value in MODEL_PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -133,16 +123,14 @@ class DiffusionConfig(_Section):
         "notebook); by_T multiplies both by 1000/T so that terminal SNR stays near 0.",
     )
     cosine_s: float = Field(0.008, ge=0.0, lt=1.0, description="Cosine schedule offset s.")
-    max_beta: float = Field(
-        0.999, gt=0.0, lt=1.0, description="Cosine schedule: cap on each beta_t."
-    )
+    max_beta: float = Field(0.999, gt=0.0, lt=1.0, description="Cosine schedule: cap on each beta_t.")
     sigma: Literal["beta", "beta_tilde"] = Field(
         "beta",
         description="Reverse-process variance: beta_t or the posterior beta_tilde_t (DDPM 3.2).",
     )
 
     @model_validator(mode="after")
-    def _ordered_betas(self) -> "DiffusionConfig":
+    def _ordered_betas(self) -> DiffusionConfig:
         if self.schedule == "linear" and self.beta_start > self.beta_end:
             raise ValueError("beta_start must not exceed beta_end")
         return self
@@ -169,9 +157,7 @@ class ObjectiveConfig(_Section):
         description="importance: sample t with probability proportional to the root mean "
         "square of its recent losses (Improved DDPM sec. 3.3).",
     )
-    importance_history: int = Field(
-        10, ge=1, description="Losses kept per t for importance sampling."
-    )
+    importance_history: int = Field(10, ge=1, description="Losses kept per t for importance sampling.")
     noise_clip: float | None = Field(
         None, gt=0.0, description="Clip the Gaussian noise to [-c, c] in training and sampling."
     )
@@ -192,9 +178,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0, lt=1.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
-    ema_decay: float | None = Field(
-        0.999, ge=0.0, lt=1.0, description="EMA decay of the weights; None disables EMA."
-    )
+    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0, description="EMA decay of the weights; None disables EMA.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm; None is off.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(25, ge=1, description="Steps between logged training scalars.")
@@ -202,14 +186,14 @@ class TrainConfig(_Section):
     # fp32 stays the default: a default is part of every run key, and bf16 on a CPU pays
     # off only with native bf16 (see device.native_bf16). GPU users opt in with auto.
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32", description="bf16 runs forward and backward under bf16 autocast; auto is bf16 "
-        "on a CUDA GPU that supports it, fp32 elsewhere (summary bf16_autocast says which ran)."
+        "fp32",
+        description="bf16 runs forward and backward under bf16 autocast; auto is bf16 "
+        "on a CUDA GPU that supports it, fp32 elsewhere (summary bf16_autocast says which ran).",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
 
-
     @model_validator(mode="after")
-    def _budget_is_given(self) -> "TrainConfig":
+    def _budget_is_given(self) -> TrainConfig:
         if self.budget_by == "images" and self.budget_images is None:
             raise ValueError("budget_by: images needs train.budget_images")
         if self.budget_by == "seconds" and self.budget_seconds is None:
@@ -229,17 +213,11 @@ class SampleConfig(_Section):
     sampler: Literal["ddpm", "ddim"] = Field(
         "ddpm", description="ddpm: ancestral sampling (DDPM Algorithm 2). ddim: Song et al. 2021."
     )
-    steps: int | None = Field(
-        None, ge=1, description="DDIM steps; None uses T. Ancestral sampling always takes T."
-    )
+    steps: int | None = Field(None, ge=1, description="DDIM steps; None uses T. Ancestral sampling always takes T.")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 deterministic, 1 ~ DDPM).")
-    clip_x0: bool = Field(
-        False, description="Clip the predicted x_0 to [-1, 1] at every step (then use eq. 7)."
-    )
+    clip_x0: bool = Field(False, description="Clip the predicted x_0 to [-1, 1] at every step (then use eq. 7).")
     num_samples: int = Field(128, ge=1, description="Samples drawn at the end of training.")
-    batch_size: int | None = Field(
-        None, ge=1, description="Samples per forward pass; None sizes it for the device."
-    )
+    batch_size: int | None = Field(None, ge=1, description="Samples per forward pass; None sizes it for the device.")
     use_ema: bool = Field(True, description="Sample with the EMA weights (when EMA is on).")
     seed: int = Field(
         1234,
@@ -251,9 +229,7 @@ class SampleConfig(_Section):
 
 class EvalConfig(_Section):
     probe_every: int = Field(500, ge=1, description="Steps between per-t probes (and at the end).")
-    probe_timesteps: int = Field(
-        40, ge=2, description="Timesteps in the probe grid (all t when T <= 200)."
-    )
+    probe_timesteps: int = Field(40, ge=2, description="Timesteps in the probe grid (all t when T <= 200).")
     probe_images: int = Field(256, ge=1, description="Held-out images in each probe.")
     probe_seed: int = Field(
         4321, ge=0, description="Seed of the probe noise, shared by all arms (common random numbers)."
@@ -279,7 +255,7 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ExperimentConfig":
+    def from_dict(cls, values: dict) -> ExperimentConfig:
         return cls.model_validate(values)
 
 

@@ -102,8 +102,7 @@ def load_data(config: DataConfig) -> ImageData:
     }
     if config.levels is not None and config.levels > MAX_LEVELS:
         raise DataError(
-            f"data.levels={config.levels} exceeds {MAX_LEVELS}, the most uint8 storage holds; "
-            "lower data.levels."
+            f"data.levels={config.levels} exceeds {MAX_LEVELS}, the most uint8 storage holds; lower data.levels."
         )
     images, labels, levels, name = loaders[config.name](config)
     # Sources with known levels are re-quantized (e.g. 8-bit faces to 32 levels); npz arrays
@@ -137,15 +136,14 @@ def _load_npz(config: DataConfig):
     if not path.exists():
         raise DataError(f"data.path {path} does not exist; set data.path to an .npz file.")
     if path.is_dir():
-        raise DataError(
-            f"data.path {path} is a directory; for data.name='npz' point it at an .npz file."
-        )
+        raise DataError(f"data.path {path} is a directory; for data.name='npz' point it at an .npz file.")
     array, labels = _read_array_file(path, config.npz_key)
     images = _to_nchw(array, path)
     images, levels = _array_to_levels(images, path, config.levels)
     if labels is not None and labels.shape[0] != images.shape[0]:
         warnings.warn(
-            f"ignoring labels in {path}: {labels.shape[0]} labels for {images.shape[0]} images"
+            f"ignoring labels in {path}: {labels.shape[0]} labels for {images.shape[0]} images",
+            stacklevel=2,
         )
         labels = None
     tensor = torch.from_numpy(np.ascontiguousarray(images))
@@ -186,9 +184,7 @@ def _load_torchvision(config: DataConfig):
 def _load_image_folder(config: DataConfig):
     folder = _require_path(config, "a folder of PNG/JPEG images")
     if not folder.exists():
-        raise DataError(
-            f"data.path {folder} does not exist; set data.path to a folder of PNG/JPEG images."
-        )
+        raise DataError(f"data.path {folder} does not exist; set data.path to a folder of PNG/JPEG images.")
     if not folder.is_dir():
         raise DataError(
             f"data.path {folder} is not a directory; for data.name='image_folder' point it at a "
@@ -247,10 +243,10 @@ def _read_cache(cache_file: Path, count: int) -> np.ndarray | None:
     try:
         images = np.load(cache_file, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        warnings.warn(f"ignoring unreadable cache {cache_file} ({exc}); decoding the images again")
+        warnings.warn(f"ignoring unreadable cache {cache_file} ({exc}); decoding the images again", stacklevel=2)
         return None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
-        warnings.warn(f"ignoring cache {cache_file} of unexpected shape; decoding the images again")
+        warnings.warn(f"ignoring cache {cache_file} of unexpected shape; decoding the images again", stacklevel=2)
         return None
     return images
 
@@ -260,16 +256,14 @@ def _write_cache(cache_file: Path, images: np.ndarray) -> None:
     tmp_name = None
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp"
-        )
+        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, images)
         # Atomic, so a concurrent reader sees the old state or the whole new file.
         os.replace(tmp_name, cache_file)
         tmp_name = None
     except OSError as exc:
-        warnings.warn(f"could not write image cache {cache_file} ({exc}); next load decodes again")
+        warnings.warn(f"could not write image cache {cache_file} ({exc}); next load decodes again", stacklevel=2)
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
@@ -436,10 +430,7 @@ def _array_to_levels(array: np.ndarray, source: Path, levels: int | None) -> tup
         return _integer_levels(array, source, levels or 256)
     if kind == "f":
         return _float_levels(array, source, levels or 256)
-    raise DataError(
-        f"images in {source} have dtype {array.dtype}; "
-        "use uint8, integers or floats in [0, 1] or [-1, 1]."
-    )
+    raise DataError(f"images in {source} have dtype {array.dtype}; use uint8, integers or floats in [0, 1] or [-1, 1].")
 
 
 def _integer_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.ndarray, int]:
@@ -454,9 +445,7 @@ def _integer_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.nd
 
 def _float_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.ndarray, int]:
     if not np.isfinite(array).all():
-        raise DataError(
-            f"images in {source} contain NaN or infinite values; clean the array first."
-        )
+        raise DataError(f"images in {source} contain NaN or infinite values; clean the array first.")
     low, high = float(array.min()), float(array.max())
     if low >= 0.0 and high <= 1.0:
         unit = array
@@ -464,8 +453,7 @@ def _float_levels(array: np.ndarray, source: Path, levels: int) -> tuple[np.ndar
         unit = (array + 1.0) / 2.0
     else:
         raise DataError(
-            f"images in {source} hold floats {low:g}..{high:g}; scale them to [0, 1] or [-1, 1] "
-            "or store uint8 levels."
+            f"images in {source} hold floats {low:g}..{high:g}; scale them to [0, 1] or [-1, 1] or store uint8 levels."
         )
     return np.rint(unit * (levels - 1)).astype(np.uint8), levels
 
@@ -551,9 +539,7 @@ def _resize(images: torch.Tensor, size: int, levels: int) -> torch.Tensor:
     for start in range(0, images.shape[0], _RESIZE_CHUNK):
         chunk = images[start : start + _RESIZE_CHUNK].to(torch.float32)
         # Antialiasing matters when shrinking: plain bilinear aliases thin strokes away.
-        resized = F.interpolate(
-            chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         # Re-quantize so the data still has exactly `levels` levels, as L_0 assumes.
         out[start : start + _RESIZE_CHUNK] = resized.round().clamp(0, levels - 1).to(torch.uint8)
     return out
@@ -570,14 +556,10 @@ def _generator(seed: int) -> torch.Generator:
     return generator
 
 
-def _split(
-    images: torch.Tensor, labels: torch.Tensor | None, levels: int, name: str, config: DataConfig
-) -> ImageData:
+def _split(images: torch.Tensor, labels: torch.Tensor | None, levels: int, name: str, config: DataConfig) -> ImageData:
     count = images.shape[0]
     if count < 2:
-        raise DataError(
-            f"data set {name} has {count} image(s); a train / held-out split needs at least 2."
-        )
+        raise DataError(f"data set {name} has {count} image(s); a train / held-out split needs at least 2.")
     held = min(max(round(count * config.heldout_fraction), 1), count - 1)
     # The permutation order is kept (not sorted) so any prefix of either part is a random sample.
     order = torch.randperm(count, generator=_generator(config.split_seed))

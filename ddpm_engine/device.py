@@ -37,7 +37,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``auto`` is bf16 autocast on a GPU that supports it and fp32 elsewhere: on CPU bf16
-    helped only the larger models on an AVX-512 machine (DESIGN.md sec. 8), so there it is a
+    helped only the larger models on an AVX-512 machine (docs/design.md, "Targets"; the founding card sec. 8), so there it is a
     choice the user makes, not a default."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
@@ -47,7 +47,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
         warnings.warn(
             f"train.precision=bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
             "autocast falls back to slow reference kernels; fp32 is faster here",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
     return precision
 
@@ -72,4 +73,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-

@@ -1,4 +1,4 @@
-"""Diagnostics of DESIGN.md section 4: the per-t probe, the bits/dim bound and sample drift.
+"""Diagnostics (docs/design.md, "Metrics"): the per-t probe, the bits/dim bound and sample drift.
 
 Every probe uses common random numbers: the caller passes the same held-out images and the
 same noise to every arm, so a difference between arms is the models', not the dice's.

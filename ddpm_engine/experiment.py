@@ -1,21 +1,23 @@
 """One experiment, end to end: train -> periodic per-t probe -> sample with drift -> quality.
 
 ``run_experiment`` is the engine's single entry point for the harness: a config in, events
-out to a Recorder. It knows no tracker.
+out to a Recorder. It knows no tracker. It runs four phases in order: ``build``,
+``train_with_probes``, ``sample_with_drift`` and ``measure`` (then ``record`` emits).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, NoReturn
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import ExperimentConfig
+from .config import EvalConfig, ExperimentConfig, TrainConfig
 from .data import ImageData, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
@@ -26,12 +28,20 @@ from .diagnostics import (
     per_t_probe,
     probe_timesteps,
 )
+from .metrics import PER_RUN, per_t_summary
 from .model import build_model, count_parameters
+from .objectives import gaussian_noise
 from .quality import load_digit_classifier, sample_quality
 from .recorder import NullRecorder, Recorder
-from .sampling import sample
-from .schedule import make_schedule
+from .sampling import SAMPLERS, chunked_eps
+from .schedule import Schedule, make_schedule
 from .training import Trainer
+
+# What sample_quality returns, in its order: NaN-filled when eval.quality is off, so every
+# run's summary has the same keys and the quality tables of a study line up.
+# What sample_quality returns, from the registry: NaN for each when eval.quality is off, so
+# that every run's summary has the same keys.
+QUALITY_KEYS = [m.name for m in PER_RUN.values() if m.source == "quality.sample_quality"]
 
 
 class RunInterrupted(Exception):
@@ -50,6 +60,34 @@ class RunResult:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
+@dataclass
+class RunParts:
+    """Everything a run needs before its first step."""
+
+    config: ExperimentConfig
+    device: torch.device
+    data: ImageData
+    schedule: Schedule
+    model: torch.nn.Module
+    trainer: Trainer
+    autocast: Callable[[], ContextManager] | None
+    probe_x0: torch.Tensor  # held-out images, model space
+    probe_noise: torch.Tensor  # same shape as probe_x0
+    probe_grid: list[int]  # probed t
+
+
+@dataclass
+class Sampled:
+    """The samples of a run and the drift of the reverse chain that produced them."""
+
+    x0: torch.Tensor  # model space, unclipped
+    images: torch.Tensor  # uint8, in the data's levels
+    drift: pd.DataFrame
+    drift_hist: pd.DataFrame
+    drift_reference: torch.Tensor  # the held-out x_0 that drift compares against
+    seconds: float
+
+
 def sample_grid(images: torch.Tensor, columns: int = 8, scale: int = 4, pad: int = 1) -> np.ndarray:
     """Tile uint8 images (N x C x H x W) into one H x W x C array, each pixel ``scale`` times
     larger (nearest), so an 8x8 digit is visible without a blurring viewer."""
@@ -60,7 +98,9 @@ def sample_grid(images: torch.Tensor, columns: int = 8, scale: int = 4, pad: int
     big = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).cpu().numpy()
     for i in range(n):
         r, col = divmod(i, columns)
-        grid[pad + r * cell_h : pad + r * cell_h + h * scale, pad + col * cell_w : pad + col * cell_w + w * scale] = big[i]
+        grid[pad + r * cell_h : pad + r * cell_h + h * scale, pad + col * cell_w : pad + col * cell_w + w * scale] = (
+            big[i]
+        )
     return grid
 
 
@@ -74,8 +114,8 @@ def run_experiment(
     data: ImageData | None = None,
 ) -> RunResult:
     """Train, probe, sample and measure one config; resume from ``checkpoint_dir`` if it holds
-    a checkpoint. Emits scalars while training and the tables train, per_t, drift,
-    probe (bound and held-out loss per probe), drift, drift_hist and quality at the end, plus the image ``samples``.
+    a checkpoint. Emits scalars while training and the tables train, per_t, probe (bound and
+    held-out loss per probe), drift, drift_hist and quality at the end, plus the image ``samples``.
 
     ``should_stop`` is polled after every step; when it returns True a checkpoint is written
     and RunInterrupted is raised.
@@ -84,128 +124,244 @@ def run_experiment(
     started = time.perf_counter()
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    tc, ec, sc = config.train, config.eval, config.sample
+    parts = build(config, device, data)
+    resumed_from = train_with_probes(parts, recorder, checkpoint_dir, should_stop)
+    train_seconds = time.perf_counter() - started
+    sampled = sample_with_drift(parts)
+    summary, tables = measure(parts, sampled, resumed_from=resumed_from, train_seconds=train_seconds, started=started)
+    record(recorder, parts, summary, tables, sampled.images)
+    return RunResult(summary=summary, samples=sampled.images, resumed_from_step=resumed_from, tables=tables)
 
+
+def build(config: ExperimentConfig, device: torch.device, data: ImageData | None = None) -> RunParts:
+    """Data (``data`` or loaded from config.data), schedule (config.diffusion), model
+    (config.model, shaped by the data), trainer (config.train and config.objective) and
+    probe inputs (config.eval), all on ``device``."""
     data = data or load_data(config.data)
-    levels = data.levels
     schedule = make_schedule(config.diffusion)
-    torch.manual_seed(tc.seed)
+    # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
+    torch.manual_seed(config.train.seed)
     model = build_model(config.model, data.channels, data.image_size).to(device)
-    params = count_parameters(model)
-    autocast = autocast_factory(device, tc.precision)
+    autocast = autocast_factory(device, config.train.precision)
     trainer = Trainer(
-        config, model, schedule, data.to_model_space(data.train).to(device), levels, device, autocast
+        config, model, schedule, data.to_model_space(data.train).to(device), data.levels, device, autocast
     )
-    resumed = trainer.restore(checkpoint_dir)
-    resumed_from = trainer.step if resumed else 0
+    probe_x0, probe_noise = probe_inputs(config.eval, data, device)
+    return RunParts(
+        config,
+        device,
+        data,
+        schedule,
+        model,
+        trainer,
+        autocast,
+        probe_x0,
+        probe_noise,
+        probe_timesteps(schedule.T, config.eval.probe_timesteps),
+    )
 
-    # Common random numbers: the probe's images and noise depend only on eval settings.
-    probe_x0 = data.to_model_space(data.heldout[: ec.probe_images]).to(device)
-    probe_gen = torch.Generator().manual_seed(ec.probe_seed)
-    probe_noise = torch.randn(probe_x0.shape, generator=probe_gen).to(device)
-    grid = probe_timesteps(schedule.T, ec.probe_timesteps)
 
-    def probe() -> dict[str, float]:
-        frame = per_t_probe(
-            trainer.sampling_model, schedule, probe_x0, probe_noise, grid,
-            sigma=config.diffusion.sigma, levels=levels, clip_x0=False, autocast=autocast,
-        )
-        bound = bits_per_dim_bound(schedule, frame, probe_x0)
-        bound["heldout_loss"] = heldout_loss(schedule, frame)
-        frame.insert(0, "step", trainer.step)
-        trainer.history["per_t"].extend(frame.to_dict("records"))
-        trainer.history["bound"].append({"step": trainer.step, **bound})
-        return bound
+def probe_inputs(eval_config: EvalConfig, data: ImageData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's held-out images and noise. Common random numbers: they depend only on
+    eval settings and the data, so every arm and seed is probed on the same draws."""
+    probe_x0 = data.to_model_space(data.heldout[: eval_config.probe_images]).to(device)
+    generator = torch.Generator().manual_seed(eval_config.probe_seed)
+    return probe_x0, torch.randn(probe_x0.shape, generator=generator).to(device)
 
-    planned = tc.planned_steps()
 
-    def budget_spent() -> bool:
-        if planned is not None:
-            return trainer.step >= planned
-        return trainer.train_seconds >= tc.budget_seconds
+def probe(parts: RunParts) -> dict[str, float]:
+    """Per-t probe of the sampling weights at the trainer's current step. Its rows and bound
+    go into the trainer's history, so a checkpoint keeps them; returns the bound."""
+    trainer, schedule = parts.trainer, parts.schedule
+    frame = per_t_probe(
+        trainer.sampling_model,
+        schedule,
+        parts.probe_x0,
+        parts.probe_noise,
+        parts.probe_grid,
+        sigma=parts.config.diffusion.sigma,
+        levels=parts.data.levels,
+        clip_x0=False,
+        autocast=parts.autocast,
+    )
+    bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
+    bound["heldout_loss"] = heldout_loss(schedule, frame)
+    frame.insert(0, "step", trainer.step)
+    trainer.history["per_t"].extend(frame.to_dict("records"))
+    trainer.history["bound"].append({"step": trainer.step, **bound})
+    return bound
 
-    window_start, window_images = time.perf_counter(), 0
-    while not budget_spent():
+
+@dataclass
+class _ThroughputWindow:
+    """Images trained since the last logged row, and since when (probe time excluded)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def budget_spent(trainer: Trainer, train_config: TrainConfig) -> bool:
+    """Whether training is done: the planned steps are taken, or the seconds are used up."""
+    planned = train_config.planned_steps()
+    if planned is not None:
+        return trainer.step >= planned
+    return trainer.train_seconds >= train_config.budget_seconds
+
+
+def train_with_probes(
+    parts: RunParts,
+    recorder: Recorder,
+    checkpoint_dir: Path | None,
+    should_stop: Callable[[], bool] | None,
+) -> int:
+    """Train until the budget is spent, resuming from ``checkpoint_dir`` when it holds a
+    checkpoint; log, probe and checkpoint at their intervals and at the last step, and make
+    sure the final step is probed. Returns the step resumed from (0 for a fresh run).
+
+    Raises RunInterrupted, after writing a checkpoint, when ``should_stop()`` turns True.
+    """
+    trainer, tc, ec = parts.trainer, parts.config.train, parts.config.eval
+    resumed_from = trainer.step if trainer.restore(checkpoint_dir) else 0
+    window = _ThroughputWindow()
+    while not budget_spent(trainer, tc):
         step_start = time.perf_counter()
         trainer.train_step()
         trainer.train_seconds += time.perf_counter() - step_start
-        window_images += tc.batch_size
-        last = budget_spent()
+        window.images += tc.batch_size
+        last = budget_spent(trainer, tc)
         if trainer.step % tc.log_every == 0 or last:
-            now = time.perf_counter()
-            row = trainer.flush_window(window_images / max(now - window_start, 1e-9))
+            row = trainer.flush_window(window.images_per_s())
             recorder.scalars(trainer.step, {k: v for k, v in row.items() if k != "step"})
-            window_start, window_images = time.perf_counter(), 0
+            window = _ThroughputWindow()
         if trainer.step % ec.probe_every == 0 or last:
-            bound = probe()
-            recorder.scalars(trainer.step, bound)
-            window_start = time.perf_counter()  # probe time is not training throughput
+            recorder.scalars(trainer.step, probe(parts))
+            window.start = time.perf_counter()  # probe time is not training throughput
         if checkpoint_dir is not None and (trainer.step % tc.checkpoint_every == 0 or last):
             trainer.save(checkpoint_dir)
         if should_stop is not None and should_stop() and not last:
-            if trainer.unlogged:
-                trainer.flush_window(window_images / max(time.perf_counter() - window_start, 1e-9))
-            if checkpoint_dir is not None:
-                trainer.save(checkpoint_dir)
-            raise RunInterrupted(trainer.step)
+            _interrupt(trainer, checkpoint_dir, window)
     if not trainer.history["per_t"] or trainer.history["per_t"][-1]["step"] != trainer.step:
-        probe()  # a run resumed after its last step was trained still needs its final probe
-    train_seconds = time.perf_counter() - started
+        probe(parts)  # a run resumed after its last step was trained still needs its final probe
+    return resumed_from
 
-    # Sampling: the same x_T and noise for every arm and seed.
-    sample_gen = torch.Generator(device=device).manual_seed(sc.seed)
-    drift_x0 = data.to_model_space(data.heldout).to(device)
-    drift_noise = torch.randn(drift_x0.shape, generator=torch.Generator().manual_seed(ec.probe_seed + 1)).to(device)
-    drift = DriftRecorder(schedule, drift_x0, drift_noise, bins=ec.drift_bins, hist_steps=ec.drift_hist_steps)
-    chunk = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
-    sample_start = time.perf_counter()
-    x0 = sample(
-        trainer.sampling_model, schedule, (sc.num_samples, data.channels, data.image_size, data.image_size),
-        generator=sample_gen, device=device, sampler=sc.sampler, sigma=config.diffusion.sigma,
-        ddim_steps=sc.steps, eta=sc.eta, clip_x0=sc.clip_x0, noise_clip=config.objective.noise_clip,
-        chunk_size=chunk, observer=drift, autocast=autocast,
+
+def _interrupt(trainer: Trainer, checkpoint_dir: Path | None, window: _ThroughputWindow) -> NoReturn:
+    """Checkpoint and raise RunInterrupted. The steps since the last logged row are flushed
+    first, so a non-finite loss among them is caught and their row is in the checkpoint."""
+    if trainer.unlogged:
+        trainer.flush_window(window.images_per_s())
+    if checkpoint_dir is not None:
+        trainer.save(checkpoint_dir)
+    raise RunInterrupted(trainer.step)
+
+
+def sample_with_drift(parts: RunParts) -> Sampled:
+    """Sample with config.sample's sampler while a DriftRecorder follows the pixels of x_t
+    along the reverse chain against q(x_t) of the held-out images. Common random numbers:
+    x_T and every z come from sample.seed, the same for every arm and seed."""
+    config, data, device = parts.config, parts.data, parts.device
+    sc = config.sample
+    generator = torch.Generator(device=device).manual_seed(sc.seed)
+    drift = drift_recorder(parts)
+    chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
+    started = time.perf_counter()
+    shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
+    x_T = gaussian_noise(shape, generator, device, config.objective.noise_clip)
+    x0 = SAMPLERS[sc.sampler](
+        chunked_eps(parts.trainer.sampling_model, chunk_size, parts.autocast),
+        x_T,
+        parts.schedule,
+        generator=generator,
+        noise_clip=config.objective.noise_clip,
+        clip_x0=sc.clip_x0,
+        sigma=config.diffusion.sigma,
+        steps=sc.steps,
+        eta=sc.eta,
+        callback=drift,
     )
-    sample_seconds = time.perf_counter() - sample_start
+    seconds = time.perf_counter() - started
     drift_table, drift_hist = drift.tables()
+    return Sampled(x0, data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
 
-    samples_uint8 = data.from_model_space(x0)
+
+def drift_recorder(parts: RunParts) -> DriftRecorder:
+    """The sampler's callback that records drift against all held-out images, noised with a
+    stream of its own (probe_seed + 1), independent of the probe's and the sampler's."""
+    ec, data, device = parts.config.eval, parts.data, parts.device
+    reference_x0 = data.to_model_space(data.heldout).to(device)
+    generator = torch.Generator().manual_seed(ec.probe_seed + 1)
+    reference_noise = torch.randn(reference_x0.shape, generator=generator).to(device)
+    return DriftRecorder(
+        parts.schedule, reference_x0, reference_noise, bins=ec.drift_bins, hist_steps=ec.drift_hist_steps
+    )
+
+
+def measure(
+    parts: RunParts, sampled: Sampled, *, resumed_from: int, train_seconds: float, started: float
+) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """The run summary (the final bound, drift, quality, cost and the final probe's per-t
+    summary; the same keys for every config) and the run's tables."""
+    trainer, tc = parts.trainer, parts.config.train
     summary: dict[str, float] = dict(trainer.history["bound"][-1])
     summary.pop("step")
-    summary.update(drift_summary(drift_table, x0, drift_x0))
-    if ec.quality:
-        classifier = None
-        if data.name == "digits" and data.train_labels is not None:
-            classifier = load_digit_classifier(data.train, data.train_labels, config.data.cache_dir)
-        summary.update(sample_quality(x0.float().cpu(), data.to_model_space(data.train).float(), classifier))
+    summary.update(drift_summary(sampled.drift, sampled.x0, sampled.drift_reference))
+    summary.update(quality_summary(parts, sampled.x0))
     train_rows = trainer.history["train"]
     summary.update(
         final_loss=float(np.mean([r["loss"] for r in train_rows[-4:]])) if train_rows else float("nan"),
-        params=float(params),
-        bf16_autocast=float(autocast is not None),
+        params=float(count_parameters(parts.model)),
+        bf16_autocast=float(parts.autocast is not None),
         images_per_s=float(np.median([r["images_per_s"] for r in train_rows])) if train_rows else float("nan"),
         train_seconds=train_seconds,
-        sample_seconds=sample_seconds,
+        sample_seconds=sampled.seconds,
         seconds=time.perf_counter() - started,
-        peak_memory_mb=peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(parts.device),
         resumed_from_step=float(resumed_from),
         train_steps=float(trainer.step),
         train_images=float(trainer.step * tc.batch_size),
         train_loop_seconds=trainer.train_seconds,
     )
-    recorder.scalars(trainer.step, {k: v for k, v in summary.items() if isinstance(v, float)})
-
+    per_t = pd.DataFrame(trainer.history["per_t"])
+    summary.update(per_t_summary(per_t[per_t["step"] == per_t["step"].iloc[-1]].reset_index(drop=True)))
     tables = {
         "train": pd.DataFrame(train_rows, columns=["step", "loss", "lr", "grad_norm", "images_per_s"]),
-        "per_t": pd.DataFrame(trainer.history["per_t"]),
+        "per_t": per_t,
         "probe": pd.DataFrame(trainer.history["bound"]),
-        "drift": drift_table,
-        "drift_hist": drift_hist,
+        "drift": sampled.drift,
+        "drift_hist": sampled.drift_hist,
         "quality": pd.DataFrame([summary]),
     }
+    return summary, tables
+
+
+def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
+    """sample_quality of the samples against the train images (in digit-classifier features
+    for digits), or NaN for each of QUALITY_KEYS when eval.quality is off."""
+    config, data = parts.config, parts.data
+    if not config.eval.quality:
+        return dict.fromkeys(QUALITY_KEYS, math.nan)
+    classifier = None
+    if data.name == "digits" and data.train_labels is not None:
+        classifier = load_digit_classifier(data.train, data.train_labels, config.data.cache_dir)
+    return sample_quality(x0.float().cpu(), data.to_model_space(data.train).float(), classifier)
+
+
+def record(
+    recorder: Recorder,
+    parts: RunParts,
+    summary: dict[str, float],
+    tables: dict[str, pd.DataFrame],
+    images: torch.Tensor,
+) -> None:
+    """Emit the end of run: the summary's scalars at the final step, every table, and a grid
+    of the first 64 samples."""
+    recorder.scalars(parts.trainer.step, {k: v for k, v in summary.items() if isinstance(v, float)})
     for name, frame in tables.items():
         recorder.table(name, frame)
-    recorder.image("samples", sample_grid(_to_display(samples_uint8, levels)[:64]))
-    return RunResult(summary=summary, samples=samples_uint8, resumed_from_step=resumed_from, tables=tables)
+    recorder.image("samples", sample_grid(_to_display(images, parts.data.levels)[:64]))
 
 
 def _to_display(images: torch.Tensor, levels: int) -> torch.Tensor:

@@ -82,11 +82,7 @@ class ResBlock(nn.Module):
         # nn.Dropout(0) still dispatches an op per call in training; skip it entirely.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1)
-            if in_channels != out_channels
-            else nn.Identity()
-        )
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, time_features: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -171,9 +167,7 @@ class UNet(nn.Module):
         def time_projection(channels: int) -> nn.Module:
             if self.shared_time_mlp is not None:
                 return nn.Linear(time_dim, channels)
-            return nn.Sequential(
-                nn.Linear(self.sinusoid.dim, time_dim), nn.SiLU(), nn.Linear(time_dim, channels)
-            )
+            return nn.Sequential(nn.Linear(self.sinusoid.dim, time_dim), nn.SiLU(), nn.Linear(time_dim, channels))
 
         def res_block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, time_projection(c_out), groups, config.dropout)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ObjectiveConfig
-from .diffusion import Tables, at, discretized_gaussian_log_likelihood, q_sample, reverse_mean
+from .diffusion import at, discretized_gaussian_log_likelihood, q_sample, reverse_mean
 from .schedule import Schedule
 
 

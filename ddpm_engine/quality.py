@@ -84,9 +84,7 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 0.0) -> float:
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     cov1, cov2 = np.atleast_2d(_as_float64(cov1)), np.atleast_2d(_as_float64(cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size,) * 2:
-        raise ValueError(
-            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, cov {cov1.shape} vs {cov2.shape}"
-        )
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, cov {cov1.shape} vs {cov2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, cov1, cov2)):
         return float("nan")  # e.g. samples of a diverged model; no distance is meaningful
     if eps > 0:
@@ -164,9 +162,7 @@ def _to_native(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 1:
         x = x.mean(dim=1, keepdim=True)
     if x.shape[-2:] != (_SIDE, _SIDE):
-        x = F.interpolate(
-            x, size=(_SIDE, _SIDE), mode="bilinear", align_corners=False, antialias=True
-        )
+        x = F.interpolate(x, size=(_SIDE, _SIDE), mode="bilinear", align_corners=False, antialias=True)
     return x
 
 
@@ -281,9 +277,7 @@ def _train_single_thread(images: torch.Tensor, labels: torch.Tensor) -> DigitCla
     gen = torch.Generator().manual_seed(_SEED)
     steps_per_epoch = math.ceil(len(x) / _BATCH)
     opt = torch.optim.Adam(model.parameters(), lr=_LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=_LR, total_steps=_EPOCHS * steps_per_epoch
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_LR, total_steps=_EPOCHS * steps_per_epoch)
     model.train()
     for _ in range(_EPOCHS):
         order = torch.randperm(len(x), generator=gen)
@@ -347,7 +341,8 @@ def sample_quality(
         and confidence are NaN.
     Always:
       - pixel_mean_gap: mean pixel of samples minus mean pixel of reference.
-      - sat_frac / ref_sat_frac: fraction of sample / reference pixels with |x| >= 0.99.
+      - sat_frac / ref_sat_frac: fraction of sample / reference pixels with |x| >= 0.99, and
+        sat_gap, their difference.
 
     Tensors may live on any device; the classifier runs on its own device and all
     statistics are computed on CPU in float64.
@@ -425,8 +420,10 @@ def _pixel_features(x: torch.Tensor) -> torch.Tensor:
 def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     s = samples.detach().to("cpu", torch.float64)
     r = reference.detach().to("cpu", torch.float64)
+    sat, ref_sat = ((x.abs() >= _SATURATED).to(torch.float64).mean().item() for x in (s, r))
     return {
         "pixel_mean_gap": float(s.mean() - r.mean()),
-        "sat_frac": float((s.abs() >= _SATURATED).to(torch.float64).mean()),
-        "ref_sat_frac": float((r.abs() >= _SATURATED).to(torch.float64).mean()),
+        "sat_frac": sat,
+        "ref_sat_frac": ref_sat,
+        "sat_gap": sat - ref_sat,
     }

@@ -1,13 +1,19 @@
 """Reverse-process samplers: DDPM ancestral (Algorithm 2) and DDIM (Song et al. 2021).
 
-Both run every sample in lockstep over t and call the model in chunks sized for the device,
-so an observer sees the whole population at each reverse step (drift statistics need the
-percentiles of all samples, not of one chunk).
+Every sampler is a function with one signature, in the style of k-diffusion::
+
+    sampler(denoiser, x_T, schedule, *, generator, noise_clip=None, clip_x0=False,
+            callback=None, **options) -> x_0
+
+``denoiser(x, t) -> eps`` predicts the noise of the whole population at integer step t, and
+``callback(t, x_t)`` sees the whole population at each reverse step (drift statistics need
+the percentiles of all samples, not of one chunk). Adding a sampler is adding one function
+to ``SAMPLERS``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -15,8 +21,10 @@ from .diffusion import Tables, at, eps_from_x0, reverse_mean
 from .objectives import gaussian_noise
 from .schedule import Schedule
 
-# observer(t, x_t): called with x_T first, then x_{t-1} after each step, and x_0 with t=0.
-Observer = Callable[[int, torch.Tensor], None]
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+# callback(t, x_t): called with x_T at t = T first, then with x after each step and its new
+# t, ending with x_0 at t = 0.
+Callback = Callable[[int, torch.Tensor], None]
 
 
 def ddpm_step(
@@ -68,7 +76,96 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     return [int(v) for v in grid]
 
 
+def chunked_eps(
+    model: torch.nn.Module, chunk_size: int = 256, autocast: Callable[[], ContextManager] | None = None
+) -> Denoiser:
+    """The denoiser of ``model``: eps for the whole population, computed ``chunk_size``
+    samples per forward pass (under ``autocast`` when given) to bound memory."""
+
+    def denoiser(x: torch.Tensor, t: int) -> torch.Tensor:
+        eps = torch.empty_like(x)
+        for lo in range(0, x.shape[0], chunk_size):
+            chunk = x[lo : lo + chunk_size]
+            t_vec = _timesteps(t, chunk)
+            if autocast is not None:
+                with autocast():
+                    eps[lo : lo + chunk_size] = model(chunk, t_vec).float()
+            else:
+                eps[lo : lo + chunk_size] = model(chunk, t_vec)
+        return eps
+
+    return denoiser
+
+
+def _timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
+    """t for every row of ``x``, as the long tensor the model and the step formulas take."""
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
 @torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    generator: torch.Generator,
+    noise_clip: float | None = None,
+    clip_x0: bool = False,
+    sigma: str = "beta",
+    callback: Callback | None = None,
+    **unused,
+) -> torch.Tensor:
+    """Ancestral sampling over every t = T..1 (DDPM Algorithm 2); ``sigma`` picks the reverse
+    variance, beta_t or beta_tilde_t (DDPM sec. 3.2). Draws one z per step, the last one too
+    although t = 1 adds no noise. ``unused`` takes other samplers' options (steps, eta)."""
+    tables = schedule.on(x_T.device)
+    sigma2 = schedule.reverse_variance(sigma).to(x_T.device, torch.float32)
+    x = x_T
+    if callback is not None:
+        callback(schedule.T, x)
+    for t in range(schedule.T, 0, -1):
+        eps_pred = denoiser(x, t)
+        z = gaussian_noise(x.shape, generator, x.device, noise_clip)
+        x = ddpm_step(tables, sigma2, x, _timesteps(t, x), eps_pred, z, clip_x0)
+        if callback is not None:
+            callback(t - 1, x)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    generator: torch.Generator,
+    steps: int | None = None,
+    eta: float = 0.0,
+    noise_clip: float | None = None,
+    clip_x0: bool = False,
+    callback: Callback | None = None,
+    **unused,
+) -> torch.Tensor:
+    """DDIM over ``steps`` evenly spaced t (all T when None), eq. 12 with the eta-scaled
+    sigma of eq. 16. Draws one z per visited step even at eta = 0, so that arms differing
+    only in eta share their noise. ``unused`` takes other samplers' options (sigma)."""
+    visited = ddim_timesteps(schedule.T, steps or schedule.T)
+    tables = schedule.on(x_T.device)
+    x = x_T
+    if callback is not None:
+        callback(schedule.T, x)
+    for t, t_next in zip(visited, visited[1:] + [0]):
+        eps_pred = denoiser(x, t)
+        z = gaussian_noise(x.shape, generator, x.device, noise_clip)
+        x = ddim_step(tables, x, _timesteps(t, x), _timesteps(t_next, x), eps_pred, eta, z, clip_x0)
+        if callback is not None:
+            callback(t_next, x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+
+
 def sample(
     model: torch.nn.Module,
     schedule: Schedule,
@@ -83,51 +180,27 @@ def sample(
     clip_x0: bool = False,
     noise_clip: float | None = None,
     chunk_size: int = 256,
-    observer: Observer | None = None,
+    observer: Callback | None = None,
     autocast=None,
 ) -> torch.Tensor:
-    """Draw samples from x_T ~ N(0, I); returns x_0 (unclipped model space).
+    """Draw samples from x_T ~ N(0, I) with ``SAMPLERS[sampler]``; returns x_0 (unclipped
+    model space).
 
-    ``generator`` fixes x_T and every z, so two models sampled with equal generator states
-    see the same noise (common random numbers across arms).
+    ``generator`` gives x_T first, then one z per visited step, so two models sampled with
+    equal generator states see the same noise (common random numbers across arms).
     """
-    tables = schedule.on(device)
-    sigma2 = schedule.reverse_variance(sigma).to(device, torch.float32)
-    x = gaussian_noise(shape, generator, device, noise_clip)
-    n = shape[0]
-
-    def predict(x_now: torch.Tensor, t_now: int) -> torch.Tensor:
-        out = torch.empty_like(x_now)
-        for lo in range(0, n, chunk_size):
-            chunk = x_now[lo : lo + chunk_size]
-            t_vec = torch.full((chunk.shape[0],), t_now, dtype=torch.long, device=device)
-            if autocast is not None:
-                with autocast():
-                    out[lo : lo + chunk_size] = model(chunk, t_vec).float()
-            else:
-                out[lo : lo + chunk_size] = model(chunk, t_vec)
-        return out
-
-    if sampler == "ddpm":
-        visited = list(range(schedule.T, 0, -1))
-    elif sampler == "ddim":
-        visited = ddim_timesteps(schedule.T, ddim_steps or schedule.T)
-    else:
+    if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}")
-
-    if observer is not None:
-        observer(schedule.T, x)
-    for i, t_now in enumerate(visited):
-        t_vec = torch.full((n,), t_now, dtype=torch.long, device=device)
-        eps_pred = predict(x, t_now)
-        z = gaussian_noise(shape, generator, device, noise_clip)
-        if sampler == "ddpm":
-            x = ddpm_step(tables, sigma2, x, t_vec, eps_pred, z, clip_x0)
-            t_next = t_now - 1
-        else:
-            t_next = visited[i + 1] if i + 1 < len(visited) else 0
-            t_prev = torch.full((n,), t_next, dtype=torch.long, device=device)
-            x = ddim_step(tables, x, t_vec, t_prev, eps_pred, eta, z, clip_x0)
-        if observer is not None:
-            observer(t_next, x)
-    return x
+    x_T = gaussian_noise(shape, generator, device, noise_clip)
+    return SAMPLERS[sampler](
+        chunked_eps(model, chunk_size, autocast),
+        x_T,
+        schedule,
+        generator=generator,
+        noise_clip=noise_clip,
+        clip_x0=clip_x0,
+        sigma=sigma,
+        steps=ddim_steps,
+        eta=eta,
+        callback=observer,
+    )

@@ -8,6 +8,7 @@ t for long schedules, and the VLB terms divide by it.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .config import DiffusionConfig
@@ -72,9 +73,7 @@ class Schedule:
         )
         # posterior mean mu_tilde_t = coef_x0 x_0 + coef_xt x_t (DDPM eq. 7)
         self.posterior_mean_coef_x0 = self.alphabar_prev.sqrt() * self.betas / (1 - self.alphabar)
-        self.posterior_mean_coef_xt = (
-            self.alphas.sqrt() * (1 - self.alphabar_prev) / (1 - self.alphabar)
-        )
+        self.posterior_mean_coef_xt = self.alphas.sqrt() * (1 - self.alphabar_prev) / (1 - self.alphabar)
         self._device_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def reverse_variance(self, sigma: str) -> torch.Tensor:
@@ -102,8 +101,14 @@ class Schedule:
         key = (str(device), dtype)
         if key not in self._device_cache:
             names = [
-                "betas", "alphas", "alphabar", "alphabar_prev", "posterior_variance",
-                "posterior_log_variance_clipped", "posterior_mean_coef_x0", "posterior_mean_coef_xt",
+                "betas",
+                "alphas",
+                "alphabar",
+                "alphabar_prev",
+                "posterior_variance",
+                "posterior_log_variance_clipped",
+                "posterior_mean_coef_x0",
+                "posterior_mean_coef_xt",
             ]
             tables = {n: getattr(self, n) for n in names}
             tables["sqrt_alphabar"] = self.alphabar.sqrt()

@@ -75,7 +75,9 @@ class Trainer:
         self.images = train_images  # float, [-1, 1], on device
         tc = config.train
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+            model.parameters(),
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
             foreach=True,
         )
         self.ema = EMA(model, tc.ema_decay) if tc.ema_decay is not None else None
@@ -131,7 +133,7 @@ class Trainer:
     def flush_window(self, images_per_s: float) -> dict[str, float]:
         """Check the steps since the last flush for a non-finite loss and summarise them."""
         steps = [s for s, _, _ in self.unlogged]
-        losses = torch.stack([l for _, l, _ in self.unlogged]).float().cpu()
+        losses = torch.stack([loss for _, loss, _ in self.unlogged]).float().cpu()
         norms = [n for _, _, n in self.unlogged if n is not None]
         self.unlogged.clear()
         finite = torch.isfinite(losses)
@@ -140,8 +142,7 @@ class Trainer:
             if bad > 0:
                 self.last_finite_loss = float(losses[bad - 1])
             raise NonFiniteLossError(
-                f"loss became {float(losses[bad])} at step {steps[bad]}; "
-                f"last finite loss {self.last_finite_loss}"
+                f"loss became {float(losses[bad])} at step {steps[bad]}; last finite loss {self.last_finite_loss}"
             )
         self.last_finite_loss = float(losses[-1])
         row = {

@@ -11,9 +11,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .ledger import Ledger
+from .lifecycle import RunState
 from .plan import RunSpec, changed_keys, expand, study_manifest
 from .spec import Study, StudyError, load_study
 
@@ -32,7 +35,9 @@ SET_OPT = typer.Option(None, "--set", help="Override the base config: `--set tra
 RESULTS_OPT = typer.Option(Path("results"), "--results", help="Folder of Parquet tables and checkpoints.")
 REPORTS_OPT = typer.Option(Path("reports"), "--reports", help="Folder of HTML reports.")
 STORAGE_OPT = typer.Option(
-    None, "--storage", help="Optuna storage shared by workers on many machines, e.g. `postgresql://user@db-host/optuna`.",
+    None,
+    "--storage",
+    help="Optuna storage shared by workers on many machines, e.g. `postgresql://user@db-host/optuna`.",
 )
 
 
@@ -71,20 +76,20 @@ def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) ->
             loaded[key] = load_data(spec.config.data)
         except DataError as error:
             where = next(
-                (("ablations", axis, spec.arm.levels[axis], k) for axis in spec.arm.levels
-                 for k in study.ablations[axis][spec.arm.levels[axis]] if k.startswith("data.")),
+                (
+                    ("ablations", axis, spec.arm.levels[axis], k)
+                    for axis in spec.arm.levels
+                    for k in study.ablations[axis][spec.arm.levels[axis]]
+                    if k.startswith("data.")
+                ),
                 ("base", "data", "path"),
             )
             fail_input(study.error(where, str(error)))
     return loaded
 
 
-def status_of(results: Path, study: Study) -> dict[str, dict]:
-    if not (results / study.study / "runs").exists():
-        return {}  # a new study: no need to load pyarrow before the slots start
-    from .tables import run_statuses  # not via tracking: importing MLflow would delay the slots' start
-
-    return run_statuses(results, study.study)
+def ledger_of(results: Path, study: Study) -> Ledger:
+    return Ledger.load(results, study.study)
 
 
 @app.command()
@@ -106,7 +111,7 @@ def plan(
     from .cost import estimate, format_seconds
 
     dev = resolve_device(device)
-    done = status_of(results, study)
+    ledger = ledger_of(results, study)
     table = Table(title=f"{study.study}: {study.question}", title_justify="left")
     for column in ("arm", "seeds", "changed keys", "params", f"est. {dev.type.upper()} time / run", "done / pending"):
         table.add_column(column, overflow="fold")
@@ -123,9 +128,15 @@ def plan(
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
             params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
             total += est.total_seconds * len(arm_specs)
-        finished = sum(done.get(s.key, {}).get("status") == "finished" for s in arm_specs)
-        table.add_row(arm, ",".join(str(s.seed) for s in arm_specs), changed, params, seconds,
-                      f"{finished} / {len(arm_specs) - finished}")
+        finished = sum(ledger.is_finished(s.key) for s in arm_specs)
+        table.add_row(
+            arm,
+            ",".join(str(s.seed) for s in arm_specs),
+            changed,
+            params,
+            seconds,
+            f"{finished} / {len(arm_specs) - finished}",
+        )
     console.print(table)
     summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seeds)} seeds)"
     if measure:
@@ -134,16 +145,23 @@ def plan(
     if study.tune is not None:
         tune = study.tune
         space = ", ".join(f"{k} ~ {d.kind}{d.extremes()}" for k, d in tune.space.items())
-        console.print(f"tuned per arm first: {space}; {tune.trials} trials x "
-                      f"{tune.steps or 'full'} steps per arm, {tune.resolved_direction} {tune.metric}; "
-                      "run keys above change to the tuned values")
+        console.print(
+            f"tuned per arm first: {space}; {tune.trials} trials x "
+            f"{tune.steps or 'full'} steps per arm, {tune.resolved_direction} {tune.metric}; "
+            "run keys above change to the tuned values"
+        )
 
 
 @app.command()
 def run(
     study_path: Path = STUDY_ARG,
     set_options: Optional[list[str]] = SET_OPT,
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPU slots sharing the cores (default: one per core, at most one per run); on CUDA, at most one per GPU."),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="CPU slots sharing the cores (default: one per core, at most one per run); on CUDA, at most one per GPU.",
+    ),
     device: str = typer.Option("auto", help="auto (CUDA GPUs, else CPU), cpu or cuda."),
     rerun: bool = typer.Option(False, "--rerun", help="Run every key again from scratch (finished ones too)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the failed keys again (finished ones stay)."),
@@ -151,8 +169,12 @@ def run(
     reports: Path = REPORTS_OPT,
     report: bool = typer.Option(True, help="Build the HTML report at the end."),
     storage: Optional[str] = STORAGE_OPT,
-    no_work: bool = typer.Option(False, "--no-work", help="With --storage: only enqueue the runs; `harness worker` runs them."),
-    arm: Optional[list[str]] = typer.Option(None, "--arm", help="Run only this arm (repeatable); the others stay pending in the status and the report."),
+    no_work: bool = typer.Option(
+        False, "--no-work", help="With --storage: only enqueue the runs; `harness worker` runs them."
+    ),
+    arm: Optional[list[str]] = typer.Option(
+        None, "--arm", help="Run only this arm (repeatable); the others stay pending in the status and the report."
+    ),
 ):
     """Run every arm x seed of a study; finished runs are skipped, interrupted ones resume.
 
@@ -175,19 +197,21 @@ def run(
         by_name = {s.name: s for s in tuned}
         specs = [by_name.get(s.name, s) for s in specs]
     if storage:
-        _run_on_storage(study, specs, storage, results, reports if report else None, device, retry_failed, rerun, workers, not no_work)
+        _run_on_storage(
+            study,
+            specs,
+            storage,
+            results,
+            reports if report else None,
+            device,
+            retry_failed,
+            rerun,
+            workers,
+            not no_work,
+        )
     from .scheduler import LocalScheduler, slot_devices
 
-    statuses = status_of(results, study)
-    todo, skipped = [], []
-    for spec in specs:
-        state = statuses.get(spec.key, {}).get("status")
-        if chosen is not None and spec.arm.label not in chosen:
-            skipped.append((spec, "not chosen"))
-        elif rerun or state in (None, "running", "interrupted") or (state == "failed" and retry_failed):
-            todo.append(spec)
-        else:
-            skipped.append((spec, state))
+    todo, skipped = ledger_of(results, study).todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
     try:
         slots = slot_devices(device, workers, runs=len(todo))
     except ValueError as error:
@@ -207,7 +231,9 @@ def run(
     except Exception as error:  # a wrong MLFLOW_TRACKING_URI is bad input, not a crash
         scheduler.abort()
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        fail_input(ValueError(f"cannot use the MLflow tracking store {tracking_uri()}: {type(error).__name__}: {first_line}"))
+        fail_input(
+            ValueError(f"cannot use the MLflow tracking store {tracking_uri()}: {type(error).__name__}: {first_line}")
+        )
     except BaseException:
         scheduler.abort()
         raise
@@ -215,18 +241,20 @@ def run(
         f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
         f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
     )
-    if skipped and any(state == "failed" for _, state in skipped):
+    if any(why == RunState.FAILED for _, why in skipped):
         console.print("[yellow]failed runs are not retried without --retry-failed[/]")
 
     outcomes = []
     if todo:
-        outcomes = _run_with_progress(scheduler, todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit))
-    final = status_of(results, study)
+        outcomes = _run_with_progress(
+            scheduler, todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit)
+        )
+    final = ledger_of(results, study)
     _print_summary(specs, final)
     if report:
         _build_report(study.study, results, reports)
-    n_failed = sum(final.get(s.key, {}).get("status") == "failed" for s in specs)
-    if any(o.status in ("interrupted", "pending") for o in outcomes):
+    n_failed = sum(final.state(s.key) is RunState.FAILED for s in specs)
+    if any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes):
         console.print("[yellow]stopped: run the same command again to resume[/]")
         raise typer.Exit(130)
     if n_failed:
@@ -267,14 +295,25 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
         result = f"{study.tune.metric}={value:.4g}" if value is not None else state
         console.print(f"tune {arm} trial {number}: {shown} -> {result}")
 
-    console.print(f"[bold]{study.study}[/]: tuning {', '.join(study.tune.space)} per arm "
-                  f"({study.tune.trials} trials, {study.tune.resolved_direction} {study.tune.metric})")
+    console.print(
+        f"[bold]{study.study}[/]: tuning {', '.join(study.tune.space)} per arm "
+        f"({study.tune.trials} trials, {study.tune.resolved_direction} {study.tune.metric})"
+    )
     try:
-        return tune_study(study, specs, results=results, client=client, experiment_id=experiment_id,
-                          storage=storage, device=device, should_stop=lambda: stop["requested"], on_trial=on_trial)
+        return tune_study(
+            study,
+            specs,
+            results=results,
+            client=client,
+            experiment_id=experiment_id,
+            storage=storage,
+            device=device,
+            should_stop=lambda: stop["requested"],
+            on_trial=on_trial,
+        )
     except KeyboardInterrupt:
         console.print("[yellow]stopped while tuning: run the same command again to resume the search[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def _run_on_storage(study, specs, storage, results, reports, device, retry_failed, rerun, workers, work) -> None:
@@ -285,8 +324,17 @@ def _run_on_storage(study, specs, storage, results, reports, device, retry_faile
     if workers is not None and workers > 1:
         fail_input(ValueError("--workers is for local runs; with --storage start more `harness worker` processes"))
     try:
-        code = run_on_storage(study, specs, storage, results=results, reports=reports, device=device,
-                              retry_failed=retry_failed, work=work, console=console)
+        code = run_on_storage(
+            study,
+            specs,
+            storage,
+            results=results,
+            reports=reports,
+            device=device,
+            retry_failed=retry_failed,
+            work=work,
+            console=console,
+        )
     except DistributedError as error:
         fail_input(error)
     raise typer.Exit(code)
@@ -295,19 +343,39 @@ def _run_on_storage(study, specs, storage, results, reports, device, retry_faile
 @app.command()
 def worker(
     study_path: Path = typer.Argument(..., help="The study YAML file (or just its name).", show_default=False),
-    storage: str = typer.Option(..., "--storage", help="The Optuna storage URL the study was enqueued in.", show_default=False),
+    storage: str = typer.Option(
+        ..., "--storage", help="The Optuna storage URL the study was enqueued in.", show_default=False
+    ),
     device: str = typer.Option("auto", help="auto (CUDA if visible, else CPU), cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice, all cores)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (default: torch's choice, all cores)."
+    ),
     results: Path = RESULTS_OPT,
     heartbeat_interval: Optional[int] = typer.Option(
-        None, "--heartbeat-interval", min=1, envvar="DDPM_ABLATE_HEARTBEAT_INTERVAL",
-        help="Seconds between heartbeats of the running trial [default: 10]."),
+        None,
+        "--heartbeat-interval",
+        min=1,
+        envvar="DDPM_ABLATE_HEARTBEAT_INTERVAL",
+        help="Seconds between heartbeats of the running trial [default: 10].",
+    ),
     grace_period: Optional[int] = typer.Option(
-        None, "--grace-period", min=1, envvar="DDPM_ABLATE_GRACE_PERIOD",
-        help="Seconds without a heartbeat before a run counts as dead and is re-queued [default: 30]."),
+        None,
+        "--grace-period",
+        min=1,
+        envvar="DDPM_ABLATE_GRACE_PERIOD",
+        help="Seconds without a heartbeat before a run counts as dead and is re-queued [default: 30].",
+    ),
     max_retry: Optional[int] = typer.Option(
-        None, "--max-retry", min=0, envvar="DDPM_ABLATE_MAX_RETRY", help="Times a dead worker's run is re-queued [default: 3]."),
-    wait: bool = typer.Option(True, help="When the queue is empty, wait while other workers' runs are running, to take over a dead worker's run; --no-wait exits at once."),
+        None,
+        "--max-retry",
+        min=0,
+        envvar="DDPM_ABLATE_MAX_RETRY",
+        help="Times a dead worker's run is re-queued [default: 3].",
+    ),
+    wait: bool = typer.Option(
+        True,
+        help="When the queue is empty, wait while other workers' runs are running, to take over a dead worker's run; --no-wait exits at once.",
+    ),
 ):
     """Claim waiting runs of a study from the shared Optuna storage and run them here, until none remain.
 
@@ -320,7 +388,14 @@ def worker(
     * `harness worker timestep_ablation --storage postgresql://me@db-host/optuna --device cuda:1`
     * `harness worker studies/timestep_ablation.yaml --storage $OPTUNA_URL --threads 4 --no-wait`
     """
-    from .distributed import DistributedError, QueueSettings, load_queue, open_storage, resolve_study_name, work_on_storage
+    from .distributed import (
+        DistributedError,
+        QueueSettings,
+        load_queue,
+        open_storage,
+        resolve_study_name,
+        work_on_storage,
+    )
 
     try:
         name = resolve_study_name(study_path)
@@ -329,14 +404,21 @@ def worker(
         queue = load_queue(store, name)
     except (DistributedError, StudyError) as error:
         fail_input(error)
-    raise typer.Exit(work_on_storage(queue, store, results=results, device=device, settings=settings, wait=wait,
-                                     console=console, threads=threads))
+    raise typer.Exit(
+        work_on_storage(
+            queue, store, results=results, device=device, settings=settings, wait=wait, console=console, threads=threads
+        )
+    )
 
 
 def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
         study_task = progress.add_task("study", total=len(todo), info="")
@@ -344,21 +426,27 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
 
         def on_event(kind: str, spec: RunSpec, payload: tuple) -> None:
             if kind == "started":
-                run_tasks[spec.key] = progress.add_task(f"  {spec.name}", total=spec.config.train.planned_steps(), info="starting")
+                run_tasks[spec.key] = progress.add_task(
+                    f"  {spec.name}", total=spec.config.train.planned_steps(), info="starting"
+                )
             elif kind == "scalars" and spec.key in run_tasks:
                 step, values = payload
                 if "loss" in values:
-                    progress.update(run_tasks[spec.key], completed=step,
-                                    info=f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):.0f} img/s")
+                    progress.update(
+                        run_tasks[spec.key],
+                        completed=step,
+                        info=f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):.0f} img/s",
+                    )
                 elif "hist_w1" in values:
                     progress.update(run_tasks[spec.key], info="sampled")
-            elif kind in ("finished", "failed", "interrupted", "not_started"):
+            elif kind in ("ended", "not_started"):
                 if spec.key in run_tasks:
                     progress.remove_task(run_tasks.pop(spec.key))
-                if kind != "not_started":
+                if kind == "ended":
                     progress.advance(study_task)
-                if kind == "failed":
-                    progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {payload[0]}")
+                    outcome = payload[0]
+                    if outcome.state is RunState.FAILED:
+                        progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
 
         scheduler.on_event = on_event
         previous = signal.getsignal(signal.SIGINT)
@@ -377,18 +465,22 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
             signal.signal(signal.SIGINT, previous)
 
 
-def _print_summary(specs: list[RunSpec], statuses: dict[str, dict]) -> None:
+def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:
     table = Table(title="runs", title_justify="left")
     for column in ("arm", "seed", "run key", "status", "seconds", "note"):
         table.add_column(column, overflow="fold")
     for spec in specs:
-        row = statuses.get(spec.key, {})
-        state = row.get("status", "pending")
-        color = {"finished": "green", "failed": "red"}.get(state, "yellow")
+        row, state = ledger.row(spec.key), ledger.state(spec.key)
+        color = {RunState.FINISHED: "green", RunState.FAILED: "red"}.get(state, "yellow")
         seconds = row.get("seconds")
-        table.add_row(spec.arm.label, str(spec.seed), spec.key, f"[{color}]{state}[/]",
-                      f"{seconds:.0f}" if isinstance(seconds, float) and seconds == seconds else "",
-                      str(row.get("error") or ""))
+        table.add_row(
+            spec.arm.label,
+            str(spec.seed),
+            spec.key,
+            f"[{color}]{state}[/]",
+            f"{seconds:.0f}" if isinstance(seconds, float) and seconds == seconds else "",
+            escape(str(row.get("error") or "")),
+        )
     console.print(table)
 
 
@@ -424,7 +516,7 @@ def status(
             fail_input(error)
         print_status(console, store, queue, storage_manifest(queue) or study_manifest(study, specs))
         return
-    _print_summary(specs, status_of(results, study))
+    _print_summary(specs, ledger_of(results, study))
 
 
 @app.command()
@@ -432,8 +524,16 @@ def report(
     study_path: Path = STUDY_ARG,
     results: Path = RESULTS_OPT,
     reports: Path = REPORTS_OPT,
-    from_mlflow: bool = typer.Option(False, "--from-mlflow", help="First pull the runs' Parquet tables and samples from MLFLOW_TRACKING_URI into --results (on a machine that ran nothing)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage of a distributed study: implies --from-mlflow and takes the design (with its --set overrides) from the storage."),
+    from_mlflow: bool = typer.Option(
+        False,
+        "--from-mlflow",
+        help="First pull the runs' Parquet tables and samples from MLFLOW_TRACKING_URI into --results (on a machine that ran nothing).",
+    ),
+    storage: Optional[str] = typer.Option(
+        None,
+        "--storage",
+        help="Optuna storage of a distributed study: implies --from-mlflow and takes the design (with its --set overrides) from the storage.",
+    ),
 ):
     """Build reports/<study>/index.html from the study's Parquet tables.
 
@@ -447,8 +547,14 @@ def report(
 
         try:
             manifest = storage_manifest(load_queue(open_storage(storage), study.study)) if storage else None
-            pull_from_mlflow(make_client(), study.study, results, manifest or study_manifest(study, specs),
-                             {s.key: s.config_json for s in specs}, log=console.print)
+            pull_from_mlflow(
+                make_client(),
+                study.study,
+                results,
+                manifest or study_manifest(study, specs),
+                {s.key: s.config_json for s in specs},
+                log=console.print,
+            )
         except DistributedError as error:
             fail_input(error)
     _build_report(study.study, results, reports)

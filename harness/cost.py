@@ -32,12 +32,16 @@ class Estimate:
         return self.train_seconds + self.sample_seconds + self.probe_seconds
 
 
-def measure_step_seconds(config: ExperimentConfig, data: ImageData, device: torch.device, steps: int = 3) -> tuple[int, float]:
+def measure_step_seconds(
+    config: ExperimentConfig, data: ImageData, device: torch.device, steps: int = 3
+) -> tuple[int, float]:
     """Parameters and seconds per training step, timed over ``steps`` after one warm-up."""
     schedule = make_schedule(config.diffusion)
     model = build_model(config.model, data.channels, data.image_size).to(device)
     images = data.to_model_space(data.train[: max(config.train.batch_size, 1)]).to(device)
-    trainer = Trainer(config, model, schedule, images, data.levels, device, autocast_factory(device, config.train.precision))
+    trainer = Trainer(
+        config, model, schedule, images, data.levels, device, autocast_factory(device, config.train.precision)
+    )
     trainer.train_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,8 +56,11 @@ def measure_step_seconds(config: ExperimentConfig, data: ImageData, device: torc
 def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, cache: dict) -> Estimate:
     """Time of one run: measured training steps, plus sampling and probes scaled from them."""
     signature = (
-        config.model.model_dump_json(), config.train.batch_size, config.train.precision,
-        data.channels, data.image_size,
+        config.model.model_dump_json(),
+        config.train.batch_size,
+        config.train.precision,
+        data.channels,
+        data.image_size,
     )
     if signature not in cache:
         cache[signature] = measure_step_seconds(config, data, device)

@@ -57,7 +57,10 @@ import optuna
 import pandas as pd
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
+from rich.markup import escape
 
+from .ledger import PRECEDENCE, Ledger, from_mlflow, from_trials
+from .lifecycle import Outcome, RunAbandoned, RunState, execute
 from .plan import Arm, RunSpec, run_key, study_manifest
 from .tables import TABLES, write_table
 
@@ -79,11 +82,6 @@ class DistributedError(ValueError):
     """Bad input for a distributed command (reported like a study error, exit code 2)."""
 
 
-class TrialLost(Exception):
-    """Raised from ``should_stop`` when another worker declared our trial stale: the run
-    stops at once (without writing a checkpoint over the retry's) and is left to the retry."""
-
-
 # ---------------------------------------------------------------------------- storage
 
 
@@ -94,8 +92,9 @@ class QueueSettings:
     max_retry: int = DEFAULT_MAX_RETRY
 
     @classmethod
-    def from_env(cls, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int | None = None) -> "QueueSettings":
+    def from_env(
+        cls, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int | None = None
+    ) -> QueueSettings:
         """Explicit values, else the DDPM_ABLATE_* environment variables, else the defaults."""
 
         def pick(value, env, default):
@@ -106,9 +105,11 @@ class QueueSettings:
             except ValueError:
                 raise DistributedError(f"{env} must be a whole number of seconds, not {os.environ[env]!r}") from None
 
-        settings = cls(pick(heartbeat_interval, ENV_HEARTBEAT, DEFAULT_HEARTBEAT_INTERVAL),
-                       pick(grace_period, ENV_GRACE, DEFAULT_GRACE_PERIOD),
-                       pick(max_retry, ENV_MAX_RETRY, DEFAULT_MAX_RETRY))
+        settings = cls(
+            pick(heartbeat_interval, ENV_HEARTBEAT, DEFAULT_HEARTBEAT_INTERVAL),
+            pick(grace_period, ENV_GRACE, DEFAULT_GRACE_PERIOD),
+            pick(max_retry, ENV_MAX_RETRY, DEFAULT_MAX_RETRY),
+        )
         if settings.heartbeat_interval < 1 or settings.grace_period < 1 or settings.max_retry < 0:
             raise DistributedError("heartbeat interval and grace period must be >= 1 s, max retry >= 0")
         if settings.grace_period <= settings.heartbeat_interval:
@@ -153,12 +154,16 @@ def open_storage(url: str, settings: QueueSettings | None = None) -> optuna.stor
         warnings.simplefilter("ignore")  # heartbeat_interval is flagged experimental
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
                 **{name: callback},
             )
         except Exception as exc:  # noqa: BLE001 - a wrong URL or an unreachable server
-            raise DistributedError(f"cannot open the Optuna storage {redact(url)}: {type(exc).__name__}: {exc}") from None
+            raise DistributedError(
+                f"cannot open the Optuna storage {redact(url)}: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def redact(url: str) -> str:
@@ -173,8 +178,13 @@ def redact(url: str) -> str:
 
 def create_queue(storage, manifest: dict) -> optuna.Study:
     """The study's Optuna study (created if needed), holding the design as a user attr."""
-    study = optuna.create_study(storage=storage, study_name=manifest["study"], direction="minimize",
-                                load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+    study = optuna.create_study(
+        storage=storage,
+        study_name=manifest["study"],
+        direction="minimize",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(),
+    )
     if study.user_attrs.get(MANIFEST_ATTR) != manifest:
         study.set_user_attr(MANIFEST_ATTR, manifest)
     return study
@@ -205,8 +215,13 @@ def trials_by_key(study: optuna.Study) -> dict[str, list]:
 def spec_attrs(spec: RunSpec) -> dict[str, Any]:
     """What a worker needs to run the key, stored on its trial (copied to retries)."""
     return {
-        "run_key": spec.key, "study": spec.study, "arm": spec.arm.label, "seed": spec.seed,
-        "levels": dict(spec.arm.levels), "overrides": dict(spec.arm.overrides), "config": spec.config.to_dict(),
+        "run_key": spec.key,
+        "study": spec.study,
+        "arm": spec.arm.label,
+        "seed": spec.seed,
+        "levels": dict(spec.arm.levels),
+        "overrides": dict(spec.arm.overrides),
+        "config": spec.config.to_dict(),
     }
 
 
@@ -242,10 +257,11 @@ def enqueue(study: optuna.Study, specs: list[RunSpec], retry_failed: bool = Fals
     existing = trials_by_key(study)
     result = EnqueueResult()
     for spec in sorted(specs, key=estimated_cost, reverse=True):
-        states = {t.state for t in existing.get(spec.key, [])}
-        if states & {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE}:
+        trials = existing.get(spec.key, [])
+        state = from_trials(t.state.name for t in trials)
+        if trials and state is not RunState.FAILED:  # waiting (pending), running or finished
             result.present.append(spec.key)
-        elif states and not retry_failed:
+        elif trials and not retry_failed:
             result.failed.append(spec.key)
         else:
             study.enqueue_trial({"run_key": spec.key}, user_attrs=spec_attrs(spec))
@@ -266,7 +282,7 @@ class Heartbeat:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -296,9 +312,18 @@ class WorkerResult:
 class Worker:
     """Claims WAITING trials of one study and runs them in this process until none remain."""
 
-    def __init__(self, storage, study: optuna.Study, results: Path, *, device: str = "auto",
-                 settings: QueueSettings | None = None, wait: bool = True,
-                 log: Callable[[str], None] = print, stop: threading.Event | None = None):
+    def __init__(
+        self,
+        storage,
+        study: optuna.Study,
+        results: Path,
+        *,
+        device: str = "auto",
+        settings: QueueSettings | None = None,
+        wait: bool = True,
+        log: Callable[[str], None] = print,
+        stop: threading.Event | None = None,
+    ):
         from .tracking import ensure_experiment, git_commit, make_client
 
         # the study's own (cached) storage: Optuna's cache must see every trial we touch
@@ -342,10 +367,14 @@ class Worker:
                 continue
             running = self.running_elsewhere()
             if not running or not self.wait:
-                self.log("no waiting trials" + (f"; {running} still running elsewhere" if running else "") + ": worker exits")
+                self.log(
+                    "no waiting trials" + (f"; {running} still running elsewhere" if running else "") + ": worker exits"
+                )
                 break
             if not announced:
-                self.log(f"queue empty; waiting while {running} trial(s) run elsewhere (a dead worker's run is retried here)")
+                self.log(
+                    f"queue empty; waiting while {running} trial(s) run elsewhere (a dead worker's run is retried here)"
+                )
                 announced = True
             self.stop.wait(self.settings.heartbeat_interval)
         if self.stop.is_set():
@@ -354,8 +383,6 @@ class Worker:
 
     # -- one trial
     def run_trial(self, trial_id: int) -> None:
-        from ddpm_engine import RunInterrupted, run_experiment
-
         from .scheduler import checkpoint_dir
         from .tracking import RunTracker
 
@@ -364,63 +391,80 @@ class Worker:
             frozen = self.storage.get_trial(trial_id)
             key = trial_key(frozen) or "?"
             attempt = len(frozen.system_attrs.get("retry_history", [])) + 1
-            for name, value in {"host": self.host, "pid": self.pid, "worker": f"{self.host}:{self.pid}",
-                                "claimed_at": _now(), "attempt": attempt}.items():
+            for name, value in {
+                "host": self.host,
+                "pid": self.pid,
+                "worker": f"{self.host}:{self.pid}",
+                "claimed_at": _now(),
+                "attempt": attempt,
+            }.items():
                 trial.set_user_attr(name, value)
             tracker = None
             try:
                 spec = spec_from_attrs(frozen.user_attrs)
                 if self._skip_if_done(trial, spec):
                     return
-                self.log(f"trial {trial.number}: running {spec.name} ({spec.key})"
-                         + (f", attempt {attempt}" if attempt > 1 else "") + f" on {self.host}")
+                self.log(
+                    f"trial {trial.number}: running {spec.name} ({spec.key})"
+                    + (f", attempt {attempt}" if attempt > 1 else "")
+                    + f" on {self.host}"
+                )
                 tracker = RunTracker(self.client, self.experiment_id, spec, self.results, self.commit)
                 tracker.start()
                 trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
                 def should_stop() -> bool:
                     if heartbeat.lost.is_set():
-                        raise TrialLost()
+                        raise RunAbandoned()
                     return self.stop.is_set()
 
-                result = run_experiment(
-                    spec.config, tracker, device=self.device, checkpoint_dir=checkpoint_dir(self.results, spec),
+                outcome = execute(
+                    spec.config,
+                    tracker,
+                    device=self.device,
+                    checkpoint_dir=checkpoint_dir(self.results, spec),
                     should_stop=should_stop,
                 )
-                # Finished, even if declared stale meanwhile: a retry then finds the key done.
-                tracker.finish(result.summary)
-                value = float(result.summary.get("final_loss", math.nan))
-                if not math.isfinite(value):
-                    _set_attr(trial, "note", f"final loss {value}; stored as inf")
-                    value = math.inf
-                self._tell(trial, TrialState.COMPLETE, value)
-                self.result.finished.append(spec.key)
-                self.log(f"[green]finished[/] {spec.name} ({spec.key}): final loss {value:.4f}")
-            except TrialLost:
+            except RunAbandoned:
                 self._abandon(trial, tracker)
-            except RunInterrupted as exc:
-                tracker.interrupted(exc.step)
-                _set_attr(trial, "interrupted", f"stopped by a signal at step {exc.step}; re-queued")
-                self._tell(trial, TrialState.FAIL)
-                self._requeue(frozen)
-                self.log(f"[yellow]interrupted[/] {key} at step {exc.step}: checkpointed and put back in the queue")
-            except Exception as exc:  # any failure of one run is recorded; the worker goes on
-                reason = f"{type(exc).__name__}: {exc}"
-                if heartbeat.lost.is_set():
-                    self._abandon(trial, tracker)
-                    return
-                if tracker is not None and tracker.run_id is not None:
-                    tracker.fail(reason)
-                _set_attr(trial, "error", reason[:5000])
-                _set_attr(trial, "traceback", traceback.format_exc()[-5000:])
-                self._tell(trial, TrialState.FAIL)
-                self.result.failed.append(key)
-                self.log(f"[red]failed[/] {key}: {reason}")
+                return
+            except Exception as exc:  # a bad trial (its config) or MLflow failing before the run started
+                outcome = Outcome(
+                    RunState.FAILED, reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+                )
+            if outcome.state is RunState.FAILED and heartbeat.lost.is_set():
+                self._abandon(trial, tracker)
+                return
+            self._record(trial, frozen, key, tracker, outcome)
+
+    def _record(self, trial, frozen, key: str, tracker, outcome: Outcome) -> None:
+        """The outcome on the tracker and as the trial's Optuna state. Finished counts even if
+        the trial was declared stale meanwhile: its retry then finds the key done."""
+        if tracker is not None and tracker.run_id is not None:
+            tracker.end(outcome)
+        if outcome.state is RunState.FINISHED:
+            value = float(outcome.summary.get("final_loss", math.nan))
+            if not math.isfinite(value):
+                _set_attr(trial, "note", f"final loss {value}; stored as inf")
+                value = math.inf
+            self._tell(trial, TrialState.COMPLETE, value)
+            self.result.finished.append(key)
+            self.log(f"[green]finished[/] {key}: final loss {value:.4f}")
+        elif outcome.state is RunState.INTERRUPTED:
+            _set_attr(trial, "interrupted", f"stopped by a signal at step {outcome.step}; re-queued")
+            self._tell(trial, TrialState.FAIL)
+            self._requeue(frozen)
+            self.log(f"[yellow]interrupted[/] {key} at step {outcome.step}: checkpointed and put back in the queue")
+        else:
+            _set_attr(trial, "error", outcome.reason[:5000])
+            _set_attr(trial, "traceback", outcome.traceback[-5000:])
+            self._tell(trial, TrialState.FAIL)
+            self.result.failed.append(key)
+            self.log(f"[red]failed[/] {key}: {escape(outcome.reason)}")
 
     def _skip_if_done(self, trial, spec: RunSpec) -> bool:
         """A key that already finished (a COMPLETE trial, a FINISHED MLflow run, a finished
         Parquet row here) is not run again."""
-        from .tables import run_statuses
         from .tracking import find_mlflow_run
 
         for other in trials_by_key(self.study).get(spec.key, []):
@@ -439,9 +483,9 @@ class Worker:
             return True
         value, why = None, None
         run = find_mlflow_run(self.client, self.experiment_id, spec.key)
-        if run is not None and run.info.status == "FINISHED":
+        if run is not None and from_mlflow(run.info.status) is RunState.FINISHED:
             value, why = run.data.metrics.get("final_loss"), f"already finished in MLflow run {run.info.run_id}"
-        elif run_statuses(self.results, spec.study).get(spec.key, {}).get("status") == "finished":
+        elif Ledger.load(self.results, spec.study).is_finished(spec.key):
             why = f"already finished in {self.results / spec.study}"
         if why is None:
             return False
@@ -462,16 +506,21 @@ class Worker:
         """Our trial was declared stale and retried elsewhere: leave the run to the retry."""
         if tracker is not None:
             tracker.flush()
-        self.log(f"[yellow]trial {trial.number} was declared stale (no heartbeat for {self.settings.grace_period} s) "
-                 "and retried elsewhere: abandoning it here[/]")
+        self.log(
+            f"[yellow]trial {trial.number} was declared stale (no heartbeat for {self.settings.grace_period} s) "
+            "and retried elsewhere: abandoning it here[/]"
+        )
 
     def _requeue(self, frozen) -> None:
         """Put an interrupted run back in the queue (not counted as a stale retry)."""
         user_attrs = {k: v for k, v in frozen.user_attrs.items() if k in spec_attrs_keys()}
-        system_attrs = {k: v for k, v in frozen.system_attrs.items() if k in ("fixed_params", "retry_history", "failed_trial")}
+        system_attrs = {
+            k: v for k, v in frozen.system_attrs.items() if k in ("fixed_params", "retry_history", "failed_trial")
+        }
         system_attrs["requeued_from"] = frozen.number
-        self.study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=user_attrs,
-                                                       system_attrs=system_attrs))
+        self.study.add_trial(
+            optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=user_attrs, system_attrs=system_attrs)
+        )
 
 
 def _set_attr(trial, name: str, value: Any) -> None:
@@ -509,14 +558,14 @@ class KeyStatus:
     run_key: str
     arm: str
     seed: int
-    state: str  # done | running | waiting | failed | not enqueued
+    state: RunState
     host: str = ""
     attempts: int = 0
-    note: str = ""
+    note: str = ""  # e.g. "waiting", "not enqueued", why it was re-queued or failed
 
 
 def key_statuses(storage, study: optuna.Study, manifest: dict) -> list[KeyStatus]:
-    """Each planned run key's state across all workers, from its trials."""
+    """Each planned run key's state across all workers, from its trials (``ledger.from_trials``)."""
     grouped = trials_by_key(study)
     try:
         stale = set(storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)))
@@ -526,35 +575,39 @@ def key_statuses(storage, study: optuna.Study, manifest: dict) -> list[KeyStatus
     for planned in manifest.get("runs", []):
         key = planned["run_key"]
         trials = sorted(grouped.get(key, []), key=lambda t: t.number)
-        by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+        state = from_trials(t.state.name for t in trials)
         attempts = sum(t.state != TrialState.WAITING and "skipped" not in t.user_attrs for t in trials)
-        row = KeyStatus(key, planned["arm"], int(planned["seed"]), "not enqueued", attempts=attempts)
-        if by_state[TrialState.COMPLETE]:
-            trial = by_state[TrialState.COMPLETE][-1]
-            row.state, row.host = "done", trial.user_attrs.get("host", "")
-            row.note = trial.user_attrs.get("skipped", "")
-        elif by_state[TrialState.RUNNING]:
-            trial = by_state[TrialState.RUNNING][-1]
-            row.state = "running"
+        row = KeyStatus(key, planned["arm"], int(planned["seed"]), state, attempts=attempts)
+        latest = {s: [t for t in trials if t.state == s][-1:] for s in TrialState}
+        if not trials:
+            row.note = "not enqueued"
+        elif state is RunState.FINISHED:
+            trial = latest[TrialState.COMPLETE][0]
+            row.host, row.note = trial.user_attrs.get("host", ""), trial.user_attrs.get("skipped", "")
+        elif state is RunState.RUNNING:
+            trial = latest[TrialState.RUNNING][0]
             row.host = f"{trial.user_attrs.get('host', '?')} (pid {trial.user_attrs.get('pid', '?')})"
             if trial._trial_id in stale:
                 row.note = "no heartbeat: retried when a worker next looks for work"
-        elif by_state[TrialState.WAITING]:
-            trial = by_state[TrialState.WAITING][-1]
-            row.state = "waiting"
+        elif state is RunState.PENDING:
+            trial = latest[TrialState.WAITING][0]
             interrupted = trial.system_attrs.get("requeued_from", -1)
             lost = (trial.system_attrs.get("retry_history") or [-1])[-1]
+            row.note = "waiting"
             if interrupted > lost:
-                row.note = f"re-queued after trial {interrupted} was interrupted"
+                row.note = f"waiting: re-queued after trial {interrupted} was interrupted"
             elif lost >= 0:
-                row.note = f"re-queued after trial {lost} lost its worker"
-        elif by_state[TrialState.FAIL]:
-            trial = by_state[TrialState.FAIL][-1]
-            row.state, row.host = "failed", trial.user_attrs.get("host", "")
-            row.note = (trial.user_attrs.get("error") or trial.user_attrs.get("interrupted")
-                        or "worker lost (no heartbeat) and retries exhausted")
-        elif by_state[TrialState.PRUNED]:
-            row.state, row.note = "failed", by_state[TrialState.PRUNED][-1].user_attrs.get("skipped", "pruned")
+                row.note = f"waiting: re-queued after trial {lost} lost its worker"
+        elif latest[TrialState.FAIL]:
+            trial = latest[TrialState.FAIL][0]
+            row.host = trial.user_attrs.get("host", "")
+            row.note = (
+                trial.user_attrs.get("error")
+                or trial.user_attrs.get("interrupted")
+                or "worker lost (no heartbeat) and retries exhausted"
+            )
+        else:
+            row.note = latest[TrialState.PRUNED][0].user_attrs.get("skipped", "pruned")
         rows.append(row)
     return rows
 
@@ -563,34 +616,41 @@ def print_status(console, storage, study: optuna.Study, manifest: dict) -> list[
     from rich.table import Table
 
     rows = key_statuses(storage, study, manifest)
-    colors = {"done": "green", "running": "cyan", "waiting": "yellow", "failed": "red"}
+    colors = {RunState.FINISHED: "green", RunState.RUNNING: "cyan", RunState.PENDING: "yellow", RunState.FAILED: "red"}
     table = Table(title=f"runs of {study.study_name} (Optuna storage)", title_justify="left")
     for column in ("arm", "seed", "run key", "state", "host", "attempts", "note"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(r.arm, str(r.seed), r.run_key, f"[{colors.get(r.state, 'dim')}]{r.state}[/]", r.host,
-                      str(r.attempts), r.note)
+        table.add_row(
+            r.arm,
+            str(r.seed),
+            r.run_key,
+            f"[{colors.get(r.state, 'dim')}]{r.state}[/]",
+            r.host,
+            str(r.attempts),
+            escape(r.note),
+        )
     console.print(table)
+    shown = (RunState.FINISHED, RunState.RUNNING, RunState.PENDING, RunState.FAILED)
     arms = Table(title="arms", title_justify="left")
-    for column in ("arm", "done", "running (host)", "waiting", "failed"):
+    for column in ("arm", "finished", "running (host)", "pending", "failed"):
         arms.add_column(column, overflow="fold")
     for arm in dict.fromkeys(r.arm for r in rows):
         mine = [r for r in rows if r.arm == arm]
-        running = [r for r in mine if r.state == "running"]
-        arms.add_row(arm, str(sum(r.state == "done" for r in mine)),
-                     f"{len(running)}" + (f" ({', '.join(r.host.split(' ')[0] for r in running)})" if running else ""),
-                     str(sum(r.state in ("waiting", "not enqueued") for r in mine)), str(sum(r.state == "failed" for r in mine)))
+        running = [r for r in mine if r.state is RunState.RUNNING]
+        arms.add_row(
+            arm,
+            str(sum(r.state is RunState.FINISHED for r in mine)),
+            f"{len(running)}" + (f" ({', '.join(r.host.split(' ')[0] for r in running)})" if running else ""),
+            str(sum(r.state is RunState.PENDING for r in mine)),
+            str(sum(r.state is RunState.FAILED for r in mine)),
+        )
     console.print(arms)
-    counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "waiting", "failed", "not enqueued")}
-    console.print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "not enqueued"))
+    console.print(f"{len(rows)} runs: " + ", ".join(f"{sum(r.state is s for r in rows)} {s}" for s in shown))
     return rows
 
 
 # ---------------------------------------------------------------------------- report
-
-
-MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "RUNNING": "running", "SCHEDULED": "running",
-                 "KILLED": "interrupted"}
 
 
 def _search_all_runs(client, experiment_id: str) -> list:
@@ -603,38 +663,44 @@ def _search_all_runs(client, experiment_id: str) -> list:
             return runs
 
 
-def pull_from_mlflow(client, study: str, results: Path, manifest: dict,
-                     configs: dict[str, str] | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
+def pull_from_mlflow(
+    client,
+    study: str,
+    results: Path,
+    manifest: dict,
+    configs: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
     """Rebuild ``results/<study>`` from the study's MLflow experiment: the Parquet tables and
     sample grid that each finished run logged as artifacts, one ``runs`` row per run key from
     the MLflow run's tags, metrics and status, and study.json from ``manifest``."""
     results = Path(results)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
-        raise DistributedError(f"no MLflow experiment {study!r} at {client.tracking_uri}: set MLFLOW_TRACKING_URI to the tracking server the workers used")
+        raise DistributedError(
+            f"no MLflow experiment {study!r} at {client.tracking_uri}: set MLFLOW_TRACKING_URI to the tracking server the workers used"
+        )
     write_manifest(results, manifest)
     configs = configs or {}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from .tables import run_statuses
-
-    local = run_statuses(results, study)
+    local = Ledger.load(results, study)
     newest: dict[str, Any] = {}
-    rank = {"FINISHED": 0, "RUNNING": 1, "FAILED": 2, "KILLED": 3}
+
+    def rank(run) -> tuple[int, int]:  # a key's finished run first (ledger precedence), then the newest
+        return PRECEDENCE.index(from_mlflow(run.info.status)), -run.info.start_time
+
     for run in _search_all_runs(client, experiment.experiment_id):
         key = run.data.tags.get("run_key")
-        if not key:
-            continue
-        best = newest.get(key)
-        if best is None or (rank.get(run.info.status, 9), -run.info.start_time) < (rank.get(best.info.status, 9), -best.info.start_time):
+        if key and (key not in newest or rank(run) < rank(newest[key])):
             newest[key] = run
     counts = {"runs": 0, "downloaded": 0, "up_to_date": 0}
     for key, run in newest.items():
         counts["runs"] += 1
-        status = MLFLOW_STATUS.get(run.info.status, run.info.status.lower())
-        here = local.get(key, {})
-        if status == "finished":
-            fresh = (here.get("status") == "finished" and here.get("mlflow_run_id") == run.info.run_id
-                     and (results / study / "quality" / f"{key}.parquet").exists())
+        status = from_mlflow(run.info.status)
+        here = local.row(key)
+        same_run = local.is_finished(key) and here.get("mlflow_run_id") == run.info.run_id
+        if status is RunState.FINISHED:
+            fresh = same_run and (results / study / "quality" / f"{key}.parquet").exists()
             if fresh:
                 counts["up_to_date"] += 1
             else:
@@ -643,33 +709,42 @@ def pull_from_mlflow(client, study: str, results: Path, manifest: dict,
                     if folder in present:
                         client.download_artifacts(run.info.run_id, folder, str(results / study))
                 counts["downloaded"] += 1
-        if status == "finished" and here.get("status") == "finished" and here.get("mlflow_run_id") == run.info.run_id:
+        if status is RunState.FINISHED and same_run:
             continue  # the local row is as good (it has the pid and exact timings)
         write_table(results, study, "runs", key, pd.DataFrame([_runs_row(run, status, configs.get(key, ""))]))
-    log(f"pulled {counts['runs']} MLflow run(s) of {study} into {results / study} "
-        f"({counts['downloaded']} downloaded, {counts['up_to_date']} already here)")
+    log(
+        f"pulled {counts['runs']} MLflow run(s) of {study} into {results / study} "
+        f"({counts['downloaded']} downloaded, {counts['up_to_date']} already here)"
+    )
     planned = {r["run_key"] for r in manifest.get("runs", [])}
     unplanned = [k for k in newest if k not in planned]
     if unplanned:
-        log(f"[yellow]{len(unplanned)} MLflow run(s) have run keys this study file does not plan "
+        log(
+            f"[yellow]{len(unplanned)} MLflow run(s) have run keys this study file does not plan "
             "(an earlier version of the study, or one run with --set): with --storage the design is "
-            "taken from the Optuna study instead[/]")
+            "taken from the Optuna study instead[/]"
+        )
     return counts
 
 
-def _runs_row(run, status: str, config_json: str) -> dict[str, Any]:
+def _runs_row(run, status: RunState, config_json: str) -> dict[str, Any]:
     tags, metrics = run.data.tags, run.data.metrics
     end = run.info.end_time or run.info.start_time
     seconds = metrics.get("seconds")
     if seconds is None and run.info.end_time:
         seconds = (run.info.end_time - run.info.start_time) / 1000
     return {
-        "study": tags.get("study", ""), "arm": tags.get("arm", ""), "seed": int(tags.get("seed", -1)),
+        "study": tags.get("study", ""),
+        "arm": tags.get("arm", ""),
+        "seed": int(tags.get("seed", -1)),
         **{k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith("ablation.")},
-        "status": status, "error": tags.get("error", ""), "mlflow_run_id": run.info.run_id,
+        "status": str(status),
+        "error": tags.get("error", ""),
+        "mlflow_run_id": run.info.run_id,
         "params": float(metrics.get("params", math.nan)),
         "seconds": float(seconds) if seconds is not None else math.nan,
-        "config_json": config_json, "host": tags.get("host", ""),
+        "config_json": config_json,
+        "host": tags.get("host", ""),
         "updated": datetime.fromtimestamp(end / 1000, timezone.utc).isoformat(timespec="seconds") if end else "",
     }
 
@@ -681,8 +756,18 @@ def storage_manifest(study: optuna.Study) -> dict | None:
     return study.user_attrs.get(MANIFEST_ATTR)
 
 
-def run_on_storage(study, specs: list[RunSpec], url: str, *, results: Path, reports: Path | None,
-                   device: str, retry_failed: bool, work: bool, console) -> int:
+def run_on_storage(
+    study,
+    specs: list[RunSpec],
+    url: str,
+    *,
+    results: Path,
+    reports: Path | None,
+    device: str,
+    retry_failed: bool,
+    work: bool,
+    console,
+) -> int:
     """`harness run --storage`: create the Optuna study and the MLflow experiment, enqueue
     every key once, then (unless ``work`` is False) drain the queue as one worker."""
     from .tracking import ensure_experiment, make_client
@@ -705,7 +790,9 @@ def run_on_storage(study, specs: list[RunSpec], url: str, *, results: Path, repo
     if not work:
         console.print(f"start workers with: harness worker {study.study} --storage {redact(url)}")
         return 0
-    code = work_on_storage(queue, storage, results=results, device=device, settings=settings, wait=True, console=console)
+    code = work_on_storage(
+        queue, storage, results=results, device=device, settings=settings, wait=True, console=console
+    )
     rows = print_status(console, storage, queue, manifest)
     if reports is not None:
         configs = {s.key: s.config_json for s in specs}
@@ -715,17 +802,28 @@ def run_on_storage(study, specs: list[RunSpec], url: str, *, results: Path, repo
         console.print(f"report: {build_report(study.study, results, reports)}")
     if code == 130:
         return code
-    return 1 if any(r.state == "failed" for r in rows) else code
+    return 1 if any(r.state is RunState.FAILED for r in rows) else code
 
 
 def _warn_local_tracking(console, uri: str) -> None:
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        console.print(f"[yellow]MLFLOW_TRACKING_URI is not a tracking server ({uri}): workers on other machines "
-                      "will not see these runs; set it to e.g. http://mlflow-host:5000[/]")
+        console.print(
+            f"[yellow]MLFLOW_TRACKING_URI is not a tracking server ({uri}): workers on other machines "
+            "will not see these runs; set it to e.g. http://mlflow-host:5000[/]"
+        )
 
 
-def work_on_storage(queue: optuna.Study, storage, *, results: Path, device: str, settings: QueueSettings,
-                    wait: bool, console, threads: int | None = None) -> int:
+def work_on_storage(
+    queue: optuna.Study,
+    storage,
+    *,
+    results: Path,
+    device: str,
+    settings: QueueSettings,
+    wait: bool,
+    console,
+    threads: int | None = None,
+) -> int:
     """Run a worker in this process with Ctrl-C / SIGTERM checkpointing and re-queueing."""
     import signal
 
@@ -739,9 +837,11 @@ def work_on_storage(queue: optuna.Study, storage, *, results: Path, device: str,
     stop = threading.Event()
     worker = Worker(storage, queue, results, device=device, settings=settings, wait=wait, log=console.print, stop=stop)
     _warn_local_tracking(console, worker.client.tracking_uri)
-    console.print(f"worker {worker.host}:{worker.pid} on {device}: study {queue.study_name}, "
-                  f"heartbeat every {settings.heartbeat_interval} s, stale after {settings.grace_period} s, "
-                  f"up to {settings.max_retry} retries")
+    console.print(
+        f"worker {worker.host}:{worker.pid} on {device}: study {queue.study_name}, "
+        f"heartbeat every {settings.heartbeat_interval} s, stale after {settings.grace_period} s, "
+        f"up to {settings.max_retry} retries"
+    )
 
     def on_signal(signum, frame):
         if stop.is_set():
@@ -757,8 +857,10 @@ def work_on_storage(queue: optuna.Study, storage, *, results: Path, device: str,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    console.print(f"worker done: {len(result.finished)} finished, {len(result.failed)} failed, "
-                  f"{len(result.skipped)} skipped as already done")
+    console.print(
+        f"worker done: {len(result.finished)} finished, {len(result.failed)} failed, "
+        f"{len(result.skipped)} skipped as already done"
+    )
     if result.interrupted:
         return 130
     return 1 if result.failed else 0

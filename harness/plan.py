@@ -108,7 +108,7 @@ def expand(study: Study) -> list[RunSpec]:
                 where = ("arms", arm.label) if study.arms else ("ablations",)
                 raise study.error(
                     where,
-                    f"arm {arm.label!r} ({', '.join(f'{a}={l}' for a, l in arm.levels.items())}): "
+                    f"arm {arm.label!r} ({', '.join(f'{a}={lv}' for a, lv in arm.levels.items())}): "
                     f"{'.'.join(map(str, error['loc']))}: {_describe(error, ExperimentConfig, tuple(error['loc']))}",
                 ) from None
             runs.append(RunSpec(study=study.study, arm=arm, seed=seed, config=config, key=run_key(config, seed)))
@@ -150,4 +150,5 @@ def study_manifest(study: Study, runs: list[RunSpec]) -> dict:
         "seeds": list(study.seeds),
         "arms": [{"arm": a.label, "levels": a.levels, "overrides": a.overrides} for a in arms],
         "runs": [{"run_key": r.key, "arm": r.arm.label, "seed": r.seed} for r in runs],
+        "hypotheses": {name: h.model_dump(mode="json") for name, h in study.hypotheses.items()},
     }

@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .lifecycle import Outcome, RunState, execute
 from .plan import RunSpec
 
 if TYPE_CHECKING:  # a slot never touches MLflow; importing it there would delay every start by ~2 s
@@ -30,9 +30,11 @@ if TYPE_CHECKING:  # a slot never touches MLflow; importing it there would delay
 @dataclass
 class RunOutcome:
     spec: RunSpec
-    status: str  # finished | failed | interrupted | pending (never started)
-    summary: dict = field(default_factory=dict)
-    error: str = ""
+    outcome: Outcome = field(default_factory=lambda: Outcome(RunState.PENDING))
+
+    @property
+    def state(self) -> RunState:
+        return self.outcome.state
 
 
 def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
@@ -119,8 +121,6 @@ def slot_main(slot: int, device: str, threads: int, tasks: mp.Queue, events: mp.
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     import torch
 
-    from ddpm_engine import RunInterrupted, run_experiment
-
     torch.set_num_threads(threads)
     while True:
         task = tasks.get()
@@ -135,17 +135,10 @@ def slot_main(slot: int, device: str, threads: int, tasks: mp.Queue, events: mp.
             events.put(("not_started", key))
             continue
         events.put(("started", key, slot))
-        try:
-            result = run_experiment(
-                config, QueueRecorder(events, key), device=device, checkpoint_dir=ckpt,
-                should_stop=stop.is_set,
-            )
-            events.put(("finished", key, result.summary))
-        except RunInterrupted as exc:
-            events.put(("interrupted", key, exc.step))
-        except Exception as exc:  # any failure of one run is recorded; the slot goes on
-            reason = f"{type(exc).__name__}: {exc}"
-            events.put(("failed", key, reason, traceback.format_exc()))
+        outcome = execute(
+            config, QueueRecorder(events, key), device=device, checkpoint_dir=ckpt, should_stop=stop.is_set
+        )
+        events.put(("ended", key, outcome))
 
 
 # ------------------------------------------------------------------ parent side
@@ -237,7 +230,7 @@ class LocalScheduler:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
-        return [self.outcomes.get(s.key, RunOutcome(s, "pending")) for s in self.specs]
+        return [self.outcomes.get(s.key, RunOutcome(s)) for s in self.specs]
 
     def _handle(self, event: tuple, trackers: dict[str, RunTracker], current: dict[int, str]) -> None:
         kind, key = event[0], event[1]
@@ -246,27 +239,23 @@ class LocalScheduler:
             current[event[2]] = key
             tracker.start(fresh=key in self.fresh_keys)
         elif kind == "not_started":
-            self.outcomes[key] = RunOutcome(spec, "pending")
+            self.outcomes[key] = RunOutcome(spec)
         elif kind == "scalars":
             tracker.scalars(event[2], event[3])
         elif kind == "table":
             tracker.table(event[2], event[3])
         elif kind == "image":
             tracker.image(event[2], event[3])
-        elif kind == "finished":
-            tracker.finish(event[2])
-            self.outcomes[key] = RunOutcome(spec, "finished", summary=event[2])
-        elif kind == "failed":
-            tracker.fail(event[2])
-            self.outcomes[key] = RunOutcome(spec, "failed", error=event[2])
-        elif kind == "interrupted":
-            tracker.interrupted(event[2])
-            self.outcomes[key] = RunOutcome(spec, "interrupted", error=f"stopped at step {event[2]}")
-        if kind in ("finished", "failed", "interrupted"):
+        elif kind == "ended":
+            self._end(spec, tracker, event[2])
             for slot, running in list(current.items()):
                 if running == key:
                     del current[slot]
         self.on_event(kind, spec, event[2:])
+
+    def _end(self, spec: RunSpec, tracker: RunTracker, outcome: Outcome) -> None:
+        tracker.end(outcome)
+        self.outcomes[spec.key] = RunOutcome(spec, outcome)
 
     def _reap_dead(self, current, trackers) -> None:
         """A slot that died mid-run (killed, out of memory) fails that run; a fresh slot
@@ -276,9 +265,8 @@ class LocalScheduler:
                 continue
             key = current.pop(slot)
             reason = f"worker process died (exit code {proc.exitcode}) while running this run"
-            trackers[key].fail(reason)
-            self.outcomes[key] = RunOutcome(self.by_key[key], "failed", error=reason)
-            self.on_event("failed", self.by_key[key], (reason, ""))
+            self._end(self.by_key[key], trackers[key], Outcome(RunState.FAILED, reason=reason))
+            self.on_event("ended", self.by_key[key], (self.outcomes[key].outcome,))
             if len(self.outcomes) < len(self.specs) and not self.stop.is_set():
                 self.tasks.put(None)  # the replacement slot needs its own end-of-queue marker
                 self._launch(slot)

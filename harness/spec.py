@@ -10,12 +10,16 @@ from __future__ import annotations
 import builtins
 import copy
 import difflib
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ddpm_engine import metrics
 from ddpm_engine.config import ExperimentConfig, field_docs
 
 ENGINE_KEYS = sorted(field_docs())  # every dotted leaf key of the engine config
@@ -41,10 +45,12 @@ class Distribution(BaseModel):
     choice: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Distribution":
+    def _exactly_one(self) -> Distribution:
         given = [k for k in ("loguniform", "uniform", "integer", "choice") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of loguniform: [lo, hi], uniform: [lo, hi], int: [lo, hi], choice: [...]")
+            raise ValueError(
+                "give exactly one of loguniform: [lo, hi], uniform: [lo, hi], int: [lo, hi], choice: [...]"
+            )
         kind = given[0]
         if kind == "choice":
             if not self.choice:
@@ -75,29 +81,52 @@ class Tune(BaseModel):
     trials: int = Field(8, ge=1, le=1000, description="Trials per arm.")
     metric: str = Field("heldout_loss", description="Summary metric of a trial to optimise.")
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="Default: maximize for coverage, minimize otherwise."
+        None, description="Default: the metric's declared direction (a gap: minimise its absolute value)."
     )
     steps: int | None = Field(None, ge=1, description="Shortened train.steps of each trial.")
     seed: int = Field(0, ge=0, description="Training seed of the trials and of the TPE sampler.")
 
     @property
     def resolved_direction(self) -> str:
-        return self.direction or ("maximize" if self.metric in MAXIMISED_METRICS else "minimize")
+        return self.direction or metrics.per_run_metric(self.metric).direction or "minimize"
+
+    def objective(self, summary: dict) -> float:
+        """The number a trial reports: the metric, or its absolute value for a signed gap
+        (tuning a gap toward zero, never toward ever darker samples)."""
+        return metrics.per_run_metric(self.metric).objective(float(summary.get(self.metric, float("nan"))))
 
 
-TUNABLE_METRICS = {
-    "heldout_loss", "final_loss", "bpd", "fd", "coverage", "hist_w1", "max_mean_gap", "final_mean_gap",
-    "sat_frac", "class_entropy", "confidence",
-}
-MAXIMISED_METRICS = {"coverage", "class_entropy", "confidence"}
-
-
-class Study(BaseModel):
-    """The schema of a study file (DESIGN.md sec. 2)."""
+class Hypothesis(BaseModel):
+    """A claim about one per-run metric, judged on the study's finished runs (docs/design.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the study (folder and MLflow experiment).")
+    metric: str = Field(description="Any declared per-run metric (the `quality` table).")
+    arm: str | None = Field(None, description="One arm label; omitted: every arm.")
+    versus: Literal["baseline", "none"] = Field(
+        "none", description="baseline: the per-seed paired difference arm - baseline; none: the arm's own value."
+    )
+    expect: Literal["above", "below", "within"] = Field(description="Where the 95% CI should lie.")
+    value: float = Field(0.0, description="Threshold; for `within`, the margin +-value.")
+    says: str = Field("", description="The claim in plain words, shown in the report.")
+
+    @model_validator(mode="after")
+    def _margin(self) -> Hypothesis:
+        if not math.isfinite(self.value):
+            raise ValueError("value must be a finite number")
+        if self.expect == "within" and not self.value > 0:
+            raise ValueError("within needs a margin value > 0")
+        return self
+
+
+class Study(BaseModel):
+    """The schema of a study file (docs/design.md, "Study files")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the study (folder and MLflow experiment)."
+    )
     question: str = Field(min_length=1, description="The question the study answers.")
     base: dict[str, Any] = Field(default_factory=dict, description="Engine config shared by every arm.")
     ablations: dict[str, dict[str, dict[str, Any]]] = Field(
@@ -110,6 +139,10 @@ class Study(BaseModel):
     )
     seeds: list[int] = Field(default_factory=lambda: [0], description="Training seeds of every arm.")
     tune: Tune | None = Field(None, description="Tune each arm before its seed replicates.")
+    hypotheses: dict[str, Hypothesis] = Field(
+        default_factory=dict,
+        description="name -> a claim judged on the finished runs (supported / refuted / inconclusive).",
+    )
 
     # Filled by load_study: the source path and where each key sits, for error messages.
     source: str = Field("", exclude=True)
@@ -147,7 +180,9 @@ def _compose_lines(text: str, source: str) -> dict[tuple, int]:
                 line = key_node.start_mark.line + 1
                 if key in seen:
                     raise StudyError(
-                        source, line, format_path(path + (key,)),
+                        source,
+                        line,
+                        format_path(path + (key,)),
                         f"duplicate key {key!r} (first defined on line {seen[key]})",
                     )
                 seen[key] = line
@@ -185,14 +220,20 @@ def _suggest(word: str, candidates) -> str:
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
-    """Field names of the (nested) pydantic model at ``path``, for did-you-mean."""
+    """Field names of the (nested) pydantic model at ``path``, for did-you-mean; a mapping
+    of models (``hypotheses: {name: Hypothesis}``) is stepped through by its keys."""
+    node: Any = model
     for part in path:
-        info = model.model_fields.get(part)
-        annotation = getattr(info, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            info = node.model_fields.get(part)
+            node = getattr(info, "annotation", None)
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
             return []
-        model = annotation
-    return list(model.model_fields)
+        if typing.get_origin(node) in (typing.Union, types.UnionType):  # Model | None
+            node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
 def _describe(error: dict, model: type[BaseModel], path: tuple) -> str:
@@ -206,9 +247,7 @@ def _describe(error: dict, model: type[BaseModel], path: tuple) -> str:
     return message
 
 
-def located_error(
-    exc: ValidationError, model: type[BaseModel], locate, prefix: tuple = ()
-) -> StudyError:
+def located_error(exc: ValidationError, model: type[BaseModel], locate, prefix: tuple = ()) -> StudyError:
     """The first pydantic error as a StudyError; ``locate(path)`` gives (source, line).
     Unknown keys come first: a misspelt key usually also causes the "missing" error."""
     errors = exc.errors()
@@ -307,14 +346,47 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     _check_ablations(study, locate)
     if study.tune is not None:
         _check_tune(study)
+    _check_hypotheses(study)
     return study
+
+
+def _check_hypotheses(study: Study) -> None:
+    """Metric and arm names of the hypotheses block, against the registry and the design."""
+    if not study.hypotheses:
+        return
+    from .plan import baseline_arm, expand_arms
+
+    arms = expand_arms(study)
+    labels = [a.label for a in arms]
+    baseline = baseline_arm(study, arms)
+    for name, hypothesis in study.hypotheses.items():
+        if hypothesis.metric not in metrics.PER_RUN:
+            raise study.error(
+                ("hypotheses", name, "metric"),
+                f"{hypothesis.metric!r} is not a declared per-run metric{_suggest(hypothesis.metric, metrics.PER_RUN)}",
+            )
+        if hypothesis.arm is not None and hypothesis.arm not in labels:
+            raise study.error(
+                ("hypotheses", name, "arm"),
+                f"no arm {hypothesis.arm!r} in this study{_suggest(hypothesis.arm, labels)}; its arms are {', '.join(labels)}",
+            )
+        if hypothesis.versus == "baseline":
+            if baseline is None:
+                raise study.error(("hypotheses", name, "versus"), "versus: baseline, but the study has no baseline arm")
+            if hypothesis.arm == baseline:
+                raise study.error(
+                    ("hypotheses", name, "arm"), f"{baseline!r} is the baseline arm: it cannot be compared with itself"
+                )
 
 
 def _check_tune(study: Study) -> None:
     tune = study.tune
-    if tune.metric not in TUNABLE_METRICS:
-        raise study.error(("tune", "metric"), f"not a tunable metric{_suggest(tune.metric, TUNABLE_METRICS)}; "
-                          f"one of {', '.join(sorted(TUNABLE_METRICS))}")
+    tunable = metrics.tunable()
+    if tune.metric not in tunable:
+        raise study.error(
+            ("tune", "metric"),
+            f"not a tunable metric{_suggest(tune.metric, tunable)}; one of {', '.join(sorted(tunable))}",
+        )
     for key, distribution in tune.space.items():
         where = ("tune", "space", key)
         reason = check_engine_key(key)
@@ -336,7 +408,7 @@ def _check_ablations(study: Study, locate) -> None:
         if not levels:
             raise study.error(("ablations", axis), "empty expansion: an axis needs at least one level")
         for level, overrides in levels.items():
-            for key, value in overrides.items():
+            for key in overrides:
                 where = ("ablations", axis, level, key)
                 reason = check_engine_key(key)
                 if reason:
@@ -371,5 +443,6 @@ def _check_ablations(study: Study, locate) -> None:
                     raise study.error(("arms", arm, axis), f"no such ablation axis{_suggest(axis, study.ablations)}")
                 if level not in study.ablations[axis]:
                     raise study.error(
-                        ("arms", arm, axis), f"no level {level!r} in axis {axis!r}{_suggest(level, study.ablations[axis])}"
+                        ("arms", arm, axis),
+                        f"no level {level!r} in axis {axis!r}{_suggest(level, study.ablations[axis])}",
                     )

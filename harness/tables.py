@@ -1,8 +1,8 @@
 """The Parquet tables of a study: one file per (table, run key), written atomically.
 
 Layout: ``<results>/<study>/<table>/<run_key>.parquet``. Readers take a whole table as one
-pyarrow dataset. This module is the one place the columns are documented (DESIGN.md sec. 5);
-columns may be added, the ones below keep their names and meanings. t is 1-based.
+pyarrow dataset. Column meanings: ``table_columns()`` (from the engine's metric registry),
+rendered in docs/design.md, "Tables". t is 1-based.
 """
 
 from __future__ import annotations
@@ -16,66 +16,37 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-TABLE_COLUMNS: dict[str, dict[str, str]] = {
-    "runs": {
-        "run_key": "first 12 hex of sha256 over the canonical JSON of (resolved config, seed)",
-        "study": "study name",
-        "arm": "arm label",
-        "seed": "training seed",
-        "<axis>": "one column per ablation axis, holding the arm's level name",
-        "status": "running | finished | failed | interrupted",
-        "error": "failure reason (empty unless failed)",
-        "mlflow_run_id": "the MLflow run of this key",
-        "params": "model parameter count",
-        "seconds": "wall time of the run",
-        "config_json": "the resolved engine config as canonical JSON",
-        "host": "machine that ran it",
-        "updated": "UTC time of this row",
-    },
-    "train": {
-        "run_key": "run", "step": "optimizer step", "loss": "mean training loss since the last row",
-        "lr": "learning rate", "grad_norm": "mean gradient norm before clipping",
-        "images_per_s": "training throughput since the last row",
-    },
-    "per_t": {
-        "run_key": "run", "step": "training step of the probe", "t": "timestep (1..T)",
-        "alphabar": "alphabar_t", "snr": "alphabar_t / (1 - alphabar_t)",
-        "wt": "DDPM eq. 12 weight of L_t for the run's sigma",
-        "loss_mse": "per-dimension MSE of the predicted noise on held-out images",
-        "eps_pred_mean": "mean of the predicted noise (ideal 0)",
-        "eps_pred_std": "std of the predicted noise (ideal 1)",
-        "err_mean": "mean of prediction minus truth", "err_std": "std of prediction minus truth",
-        "vlb_bits": "L_{t-1} (t >= 2) or L_0 (t = 1) in bits/dim",
-    },
-    "probe": {
-        "run_key": "run", "step": "training step of the probe", "bpd": "bits/dim bound",
-        "prior_bits": "L_T in bits/dim", "l0_bits": "L_0 in bits/dim",
-        "diffusion_bits": "sum of L_1..L_{T-1} in bits/dim",
-        "heldout_loss": "held-out L_simple averaged over uniform t",
-    },
-    "drift": {
-        "run_key": "run", "t": "reverse step: T..1, then 0 for the final sample",
-        "mean": "mean pixel of x_t over samples", "std": "pixel std", "p01": "1st percentile",
-        "p50": "median", "p99": "99th percentile", "frac_out": "fraction of pixels outside [-1, 1]",
-        "ref_mean": "the same statistics of q(x_t) from held-out data", "ref_std": "",
-        "ref_frac_out": "",
-    },
-    "drift_hist": {
-        "run_key": "run", "t": "reverse step", "bin_lo": "bin lower edge", "bin_hi": "bin upper edge",
-        "count": "sampled pixels in the bin", "ref_count": "q(x_t) pixels in the bin",
-    },
-    "quality": {
-        "run_key": "run", "bpd": "bits/dim bound L_T + sum L_t + L_0", "prior_bits": "L_T",
-        "l0_bits": "L_0", "fd": "Frechet distance (digit-classifier features; pixels otherwise)",
-        "coverage": "fraction of digit classes produced", "final_mean_gap": "sample mean - data mean",
-        "max_mean_gap": "largest |mean gap| along the chain",
-        "hist_w1": "Wasserstein-1 of final pixel values vs held-out data",
-        "sat_frac": "fraction of sample pixels with |x| >= 0.99",
-        "ref_sat_frac": "the same fraction for the data (training images)",
-        "bf16_autocast": "1.0 if the run trained and sampled under bf16 autocast (train.precision)",
-    },
+# The `runs` table is the harness's own record of each run; every other table's columns are
+# the engine's, declared with their meanings in ddpm_engine.metrics (docs/design.md lists them).
+RUNS_COLUMNS: dict[str, str] = {
+    "run_key": "first 12 hex of sha256 over the canonical JSON of (resolved config, seed)",
+    "study": "study name",
+    "arm": "arm label",
+    "seed": "training seed",
+    "<axis>": "one column per ablation axis, holding the arm's level name",
+    "status": "pending | running | finished | failed | interrupted (harness.lifecycle.RunState)",
+    "error": "failure reason (empty unless failed or interrupted)",
+    "mlflow_run_id": "the MLflow run of this key",
+    "params": "model parameter count",
+    "seconds": "wall time of the run",
+    "config_json": "the resolved engine config as canonical JSON",
+    "host": "machine that ran it",
+    "pid": "process that ran it",
+    "updated": "UTC time of this row",
 }
-TABLES = list(TABLE_COLUMNS)
+
+
+def table_columns() -> dict[str, dict[str, str]]:
+    """table -> column -> meaning, for every table a run writes (run_key added to each)."""
+    from ddpm_engine.metrics import TABLES as ENGINE_TABLES
+
+    out = {"runs": RUNS_COLUMNS}
+    for table, metrics in ENGINE_TABLES.items():
+        out[table] = {"run_key": "run", **{name: m.definition for name, m in metrics.items()}}
+    return out
+
+
+TABLES = ["runs", "train", "per_t", "probe", "drift", "drift_hist", "quality"]
 
 
 def table_path(results: Path, study: str, table: str, run_key: str) -> Path:
@@ -91,6 +62,13 @@ def write_table(results: Path, study: str, table: str, run_key: str, frame: pd.D
     if "run_key" in frame.columns:
         frame = frame.drop(columns="run_key")
     frame.insert(0, "run_key", run_key)
+    return write_frame(path, frame)
+
+
+def write_frame(path: Path, frame: pd.DataFrame) -> Path:
+    """One Parquet file, atomically: temp file then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -111,14 +89,6 @@ def read_table(results: Path, study: str, table: str) -> pd.DataFrame:
         return pd.DataFrame()
     dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_unified_schema(files))
     return dataset.to_table().to_pandas()
-
-
-def run_statuses(results: Path, study: str) -> dict[str, dict]:
-    """run key -> its latest `runs` row (status, error, mlflow_run_id, ...)."""
-    frame = read_table(results, study, "runs")
-    if frame.empty:
-        return {}
-    return {row["run_key"]: row for row in frame.to_dict("records")}
 
 
 def _unified_schema(files: list[Path]) -> pa.Schema:

@@ -1,7 +1,7 @@
 """Tracking: a Recorder that fans one run's events out to MLflow and Parquet.
 
 One MLflow experiment per study, one MLflow run per run key (a resumed key reuses its run),
-the `runs` Parquet row as the source of truth for done / failed / pending.
+the `runs` Parquet row as this machine's record of the key's state (``harness.ledger``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
+from .lifecycle import Outcome, RunState
 from .plan import RunSpec, flat_config
 from .tables import write_table
 
@@ -117,8 +117,12 @@ class RunTracker:
         else:
             spec = self.spec
             tags = {
-                "study": spec.study, "arm": spec.arm.label, "seed": str(spec.seed), "run_key": spec.key,
-                "git_commit": self.commit, "host": socket.gethostname(),
+                "study": spec.study,
+                "arm": spec.arm.label,
+                "seed": str(spec.seed),
+                "run_key": spec.key,
+                "git_commit": self.commit,
+                "host": socket.gethostname(),
                 **{f"ablation.{axis}": level for axis, level in spec.arm.levels.items()},
             }
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=spec.name)
@@ -126,7 +130,7 @@ class RunTracker:
             params = [Param(k, str(v)) for k, v in flat_config(spec.config.to_dict()).items()]
             for i in range(0, len(params), PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
-        self.write_runs_row("running")
+        self.write_runs_row(RunState.RUNNING)
         return self.run_id
 
     # -- Recorder protocol
@@ -160,6 +164,15 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
         self.flush()
 
+    def end(self, outcome: Outcome) -> None:
+        """Record how the run ended (``harness.lifecycle.execute``'s outcome)."""
+        if outcome.state is RunState.FINISHED:
+            self.finish(outcome.summary)
+        elif outcome.state is RunState.INTERRUPTED:
+            self.interrupted(outcome.reason)
+        else:
+            self.fail(outcome.reason)
+
     def finish(self, summary: dict[str, float]) -> None:
         config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,26 +181,32 @@ class RunTracker:
         for path in self.paths:
             self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
         self._terminate("FINISHED")
-        self.write_runs_row("finished", params=summary.get("params"), seconds=summary.get("seconds"))
+        self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"))
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "error", reason[:5000])
         self._terminate("FAILED")
-        self.write_runs_row("failed", error=reason)
+        self.write_runs_row(RunState.FAILED, error=reason)
 
-    def interrupted(self, step: int) -> None:
+    def interrupted(self, reason: str) -> None:
         self._terminate("KILLED")
-        self.write_runs_row("interrupted", error=f"interrupted at step {step}; resumes from its checkpoint")
+        self.write_runs_row(RunState.INTERRUPTED, error=reason)
 
-    def write_runs_row(self, status: str, error: str = "", params=None, seconds=None) -> None:
+    def write_runs_row(self, status: RunState, error: str = "", params=None, seconds=None) -> None:
         spec = self.spec
         row = {
-            "study": spec.study, "arm": spec.arm.label, "seed": spec.seed,
+            "study": spec.study,
+            "arm": spec.arm.label,
+            "seed": spec.seed,
             **{axis: level for axis, level in spec.arm.levels.items()},
-            "status": status, "error": error, "mlflow_run_id": self.run_id or "",
+            "status": str(status),
+            "error": error,
+            "mlflow_run_id": self.run_id or "",
             "params": float(params) if params is not None else float("nan"),
             "seconds": float(seconds) if seconds is not None else time.time() - self.started,
-            "config_json": spec.config_json, "host": socket.gethostname(), "pid": os.getpid(),
+            "config_json": spec.config_json,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_table(self.results, spec.study, "runs", spec.key, pd.DataFrame([row]))

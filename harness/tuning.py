@@ -23,9 +23,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from ddpm_engine import RunInterrupted, run_experiment
 from ddpm_engine.config import ExperimentConfig
 
+from .lifecycle import Outcome, RunState, execute
 from .plan import Arm, RunSpec, run_key
 from .spec import Distribution, Study, Tune, apply_overrides
 from .tables import write_table
@@ -75,7 +75,9 @@ def tuning_storage(results: Path, study: Study, storage: str | None) -> str:
 
 def arm_search_name(study: Study, arm: Arm, tune: Tune) -> str:
     """The Optuna study of one arm; a different search space or budget is a new search."""
-    signature = json.dumps({"arm": arm.overrides, "base": study.base, "tune": tune.model_dump(mode="json")}, sort_keys=True)
+    signature = json.dumps(
+        {"arm": arm.overrides, "base": study.base, "tune": tune.model_dump(mode="json")}, sort_keys=True
+    )
     return f"{study.study}.tune.{arm.label}.{hashlib.sha256(signature.encode()).hexdigest()[:8]}"
 
 
@@ -102,7 +104,10 @@ def tune_arm(
     tune = study.tune
     name = arm_search_name(study, arm, tune)
     search = optuna.create_study(
-        study_name=name, storage=storage, load_if_exists=True, direction=tune.resolved_direction,
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction=tune.resolved_direction,
         sampler=optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(4, tune.trials)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
@@ -110,7 +115,11 @@ def tune_arm(
     # A trial left RUNNING by a killed process will never report: fail it and go on.
     for stale in search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         search.tell(stale.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    done = [t for t in search.get_trials(deepcopy=False) if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    done = [
+        t
+        for t in search.get_trials(deepcopy=False)
+        if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
+    ]
     for _ in range(max(0, tune.trials - len(done))):
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt
@@ -118,51 +127,66 @@ def tune_arm(
         values = {key: suggest(trial, key, dist) for key, dist in tune.space.items()}
         config = trial_config(study, arm, tune, values)
         run = client.create_run(
-            experiment_id, run_name=f"tune-{arm.label}-t{trial.number}",
-            tags={"mlflow.parentRunId": parent_id, "study": study.study, "arm": arm.label,
-                  "tune_trial": str(trial.number), "optuna_study": name},
+            experiment_id,
+            run_name=f"tune-{arm.label}-t{trial.number}",
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "study": study.study,
+                "arm": arm.label,
+                "tune_trial": str(trial.number),
+                "optuna_study": name,
+            },
         )
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
         recorder = TrialRecorder(client, run.info.run_id, trial)
-        try:
-            result = run_experiment(
-                config, recorder, device=device,
-                should_stop=lambda: recorder.pruned or (should_stop is not None and should_stop()),
-            )
-        except RunInterrupted:
-            if not recorder.pruned:
-                search.tell(trial, state=optuna.trial.TrialState.FAIL)
-                client.set_terminated(run.info.run_id, status="KILLED")
-                raise KeyboardInterrupt from None
-            search.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+        def stop_trial(recorder: TrialRecorder = recorder) -> bool:  # pruned by Optuna, or stopped by the user
+            return recorder.pruned or (should_stop is not None and should_stop())
+
+        outcome = execute(config, recorder, device=device, should_stop=stop_trial)
+        state, value = _trial_state(outcome, recorder.pruned, tune)
+        if state is None:  # the user stopped the search: this trial is lost, the rest resumes
+            search.tell(trial, state=optuna.trial.TrialState.FAIL)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            raise KeyboardInterrupt
+        complete = state == optuna.trial.TrialState.COMPLETE
+        search.tell(trial, value if complete else None, state=state)
+        if state == optuna.trial.TrialState.PRUNED:
             client.set_tag(run.info.run_id, "pruned", "true")
-            client.set_terminated(run.info.run_id, status="FINISHED")
-            if on_trial:
-                on_trial(arm.label, trial.number, values, None, "pruned")
-            continue
-        except Exception as exc:  # a diverging learning rate is an answer, not a crash
-            search.tell(trial, state=optuna.trial.TrialState.FAIL)
-            client.set_tag(run.info.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-            client.set_terminated(run.info.run_id, status="FAILED")
-            if on_trial:
-                on_trial(arm.label, trial.number, values, None, "failed")
-            continue
-        value = float(result.summary.get(tune.metric, float("nan")))
-        if math.isfinite(value):
-            search.tell(trial, value)
-        else:
-            search.tell(trial, state=optuna.trial.TrialState.FAIL)
-        client.set_terminated(run.info.run_id, status="FINISHED")
+        if outcome.state is RunState.FAILED:  # a diverging learning rate is an answer, not a crash
+            client.set_tag(run.info.run_id, "error", outcome.reason[:5000])
+        client.set_terminated(run.info.run_id, status="FAILED" if outcome.state is RunState.FAILED else "FINISHED")
         if on_trial:
-            on_trial(arm.label, trial.number, values, value, "complete")
+            on_trial(
+                arm.label,
+                trial.number,
+                values,
+                value if complete else None,
+                {"FAIL": "failed"}.get(state.name, state.name.lower()),
+            )
     complete = [t for t in search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not complete:
         raise RuntimeError(f"tuning of arm {arm.label!r} produced no complete trial (all pruned or failed)")
     best = search.best_trial
-    client.log_batch(parent_id, params=[Param(f"best.{k}", str(v)) for k, v in best.params.items()],
-                     metrics=[Metric(f"best_{tune.metric}", float(best.value), int(time.time() * 1000), 0)])
+    client.log_batch(
+        parent_id,
+        params=[Param(f"best.{k}", str(v)) for k, v in best.params.items()],
+        metrics=[Metric(f"best_{tune.metric}", float(best.value), int(time.time() * 1000), 0)],
+    )
     client.set_terminated(parent_id, status="FINISHED")
     return dict(best.params)
+
+
+def _trial_state(outcome: Outcome, pruned: bool, tune: Tune) -> tuple[optuna.trial.TrialState | None, float]:
+    """A run's outcome as an Optuna trial state and value; None when the user stopped it.
+    The value is the metric's objective: |gap| for a signed gap, so tuning drives it to zero."""
+    TrialState = optuna.trial.TrialState
+    if outcome.state is RunState.INTERRUPTED:
+        return (TrialState.PRUNED, math.nan) if pruned else (None, math.nan)
+    if outcome.state is RunState.FAILED:
+        return TrialState.FAIL, math.nan
+    value = tune.objective(outcome.summary)
+    return (TrialState.COMPLETE, value) if math.isfinite(value) else (TrialState.FAIL, value)
 
 
 def _tuning_parent_run(client: MlflowClient, experiment_id: str, study: Study, arm: Arm, name: str) -> str:
@@ -170,7 +194,8 @@ def _tuning_parent_run(client: MlflowClient, experiment_id: str, study: Study, a
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=f"tune-{arm.label}",
+        experiment_id,
+        run_name=f"tune-{arm.label}",
         tags={"study": study.study, "arm": arm.label, "tune_parent": "true", "optuna_study": name},
     )
     return run.info.run_id
@@ -180,9 +205,16 @@ def tuning_table(study: Study, arm: Arm, storage: str) -> pd.DataFrame:
     search = optuna.load_study(study_name=arm_search_name(study, arm, study.tune), storage=storage)
     best = search.best_trial.number if any(t.state == optuna.trial.TrialState.COMPLETE for t in search.trials) else -1
     rows = [
-        {"arm": arm.label, "trial": t.number, "state": t.state.name.lower(), "value": t.value,
-         "metric": study.tune.metric, "params_json": json.dumps(t.params, sort_keys=True), "best": t.number == best,
-         **{f"param.{k}": v for k, v in t.params.items()}}
+        {
+            "arm": arm.label,
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "metric": study.tune.metric,
+            "params_json": json.dumps(t.params, sort_keys=True),
+            "best": t.number == best,
+            **{f"param.{k}": v for k, v in t.params.items()},
+        }
         for t in search.trials
     ]
     return pd.DataFrame(rows)
@@ -219,8 +251,16 @@ def tune_study(
     arms = {s.arm.label: s.arm for s in specs}
     best = {}
     for label, arm in arms.items():
-        best[label] = tune_arm(study, arm, client=client, experiment_id=experiment_id, storage=url,
-                               device=device, should_stop=should_stop, on_trial=on_trial)
+        best[label] = tune_arm(
+            study,
+            arm,
+            client=client,
+            experiment_id=experiment_id,
+            storage=url,
+            device=device,
+            should_stop=should_stop,
+            on_trial=on_trial,
+        )
         key = hashlib.sha256(arm_search_name(study, arm, study.tune).encode()).hexdigest()[:12]
         write_table(results, study.study, "tuning", key, tuning_table(study, arm, url))
     return apply_tuning(study, specs, best)

@@ -18,28 +18,62 @@ def run_key(study: str, arm: str, seed: int) -> str:
     return hashlib.sha256(f"{study}/{arm}/{seed}".encode()).hexdigest()[:12]
 
 
-def write_study(root: Path, study: str, arms: list[str], seeds: list[int], baseline: str,
-                question: str = "Hand-made study") -> Path:
-    """study.json of a one-axis study whose levels are the arm names."""
+def write_study(
+    root: Path,
+    study: str,
+    arms: list[str],
+    seeds: list[int],
+    baseline: str,
+    question: str = "Hand-made study",
+    hypotheses: dict | None = None,
+) -> Path:
+    """study.json of a one-axis study whose levels are the arm names (and its hypotheses
+    block, as `harness run` records it)."""
     folder = Path(root) / study
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "study.json").write_text(json.dumps({
-        "study": study, "question": question, "design": "one_at_a_time",
-        "axes": {AXIS: arms}, "baseline": {AXIS: baseline}, "baseline_arm": baseline, "seeds": seeds,
-        "arms": [{"arm": a, "levels": {AXIS: a}, "overrides": {}} for a in arms],
-    }))
+    (folder / "study.json").write_text(
+        json.dumps(
+            {
+                "study": study,
+                "question": question,
+                "design": "one_at_a_time",
+                "axes": {AXIS: arms},
+                "baseline": {AXIS: baseline},
+                "baseline_arm": baseline,
+                "seeds": seeds,
+                "arms": [{"arm": a, "levels": {AXIS: a}, "overrides": {}} for a in arms],
+                "hypotheses": hypotheses or {},
+            }
+        )
+    )
     return folder
 
 
-def write_run(root: Path, study: str, arm: str, seed: int, status: str = "finished",
-              **tables: pd.DataFrame) -> str:
+def write_run(root: Path, study: str, arm: str, seed: int, status: str = "finished", **tables: pd.DataFrame) -> str:
     """A runs row and the given tables (``quality=frame``, ``per_t=frame``, ...) of one run."""
     key = run_key(study, arm, seed)
-    write_table(root, study, "runs", key, pd.DataFrame([{
-        "study": study, "arm": arm, "seed": seed, AXIS: arm, "status": status,
-        "error": "boom" if status == "failed" else "", "mlflow_run_id": f"mlflow-{key}",
-        "params": 1000.0, "seconds": 1.0, "config_json": "",
-    }]))
+    write_table(
+        root,
+        study,
+        "runs",
+        key,
+        pd.DataFrame(
+            [
+                {
+                    "study": study,
+                    "arm": arm,
+                    "seed": seed,
+                    AXIS: arm,
+                    "status": status,
+                    "error": "boom" if status == "failed" else "",
+                    "mlflow_run_id": f"mlflow-{key}",
+                    "params": 1000.0,
+                    "seconds": 1.0,
+                    "config_json": "",
+                }
+            ]
+        ),
+    )
     for name, frame in tables.items():
         write_table(root, study, name, key, frame)
     return key

@@ -162,9 +162,7 @@ def test_image_folder_grey_only_keeps_one_channel(tmp_path: Path, cache_dir: Pat
     assert loaded.train.shape[1:] == (1, 10, 10)
 
 
-def test_image_folder_cache_is_written_and_reused(
-    rgb_folder: Path, cache_dir: Path, monkeypatch
-) -> None:
+def test_image_folder_cache_is_written_and_reused(rgb_folder: Path, cache_dir: Path, monkeypatch) -> None:
     config = _folder_config(rgb_folder, cache_dir, image_size=8)
     first = load_data(config)
     cache_files = list(cache_dir.glob("*.npy"))
@@ -196,9 +194,7 @@ def test_image_folder_cache_notices_changed_files(rgb_folder: Path, cache_dir: P
     assert count(after) == count(before) + 1
 
 
-def test_image_folder_cache_dir_from_environment(
-    rgb_folder: Path, tmp_path: Path, monkeypatch
-) -> None:
+def test_image_folder_cache_dir_from_environment(rgb_folder: Path, tmp_path: Path, monkeypatch) -> None:
     env_cache = tmp_path / "env_cache"
     monkeypatch.setenv("DDPM_ENGINE_CACHE", str(env_cache))
     load_data(DataConfig(name="image_folder", path=str(rgb_folder)))
@@ -343,8 +339,10 @@ def test_npz_levels_declared_by_config(tmp_path: Path) -> None:
     path = _save_npz(tmp_path, images=digits_like)
     loaded = load_data(_npz_config(path, levels=17))
     assert loaded.levels == 17
-    assert torch.equal(torch.cat([loaded.train, loaded.heldout]).sort(0).values,
-                       torch.from_numpy(digits_like).unsqueeze(1).sort(0).values)
+    assert torch.equal(
+        torch.cat([loaded.train, loaded.heldout]).sort(0).values,
+        torch.from_numpy(digits_like).unsqueeze(1).sort(0).values,
+    )
     with pytest.raises(DataError, match="data.levels"):
         load_data(_npz_config(path, levels=4))
     unit = np.linspace(0, 1, 10 * 16).reshape(10, 4, 4)
@@ -397,9 +395,7 @@ def test_npz_errors(tmp_path: Path) -> None:
 # --- torchvision ---
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed"
-)
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
 def test_torchvision_missing_is_a_data_error(tmp_path: Path) -> None:
     config = DataConfig(name="torchvision", torchvision_set="MNIST", path=str(tmp_path))
     with pytest.raises(DataError, match="torchvision"):
@@ -426,9 +422,7 @@ def test_torchvision_adapter_with_array_attribute(tmp_path: Path, monkeypatch) -
             self.targets = torch.arange(10)
 
     _fake_torchvision(monkeypatch, FakeSet)
-    config = DataConfig(
-        name="torchvision", torchvision_set="FakeSet", path=str(tmp_path), channels=3
-    )
+    config = DataConfig(name="torchvision", torchvision_set="FakeSet", path=str(tmp_path), channels=3)
     with pytest.raises(DataError, match="download"):
         load_data(config)
     (tmp_path / "FakeSet").mkdir()

@@ -208,10 +208,22 @@ def test_ddim_sampling_with_eta0_is_deterministic_given_x_T():
     out = []
     for noise_seed in (0, 0):
         gen = torch.Generator().manual_seed(noise_seed)
-        out.append(sample(wrapped, sched, (3, 1, 4, 4), generator=gen, device=torch.device("cpu"), sampler="ddim", ddim_steps=10))
+        out.append(
+            sample(
+                wrapped, sched, (3, 1, 4, 4), generator=gen, device=torch.device("cpu"), sampler="ddim", ddim_steps=10
+            )
+        )
     torch.testing.assert_close(out[0], out[1])
     seen = []
     gen = torch.Generator().manual_seed(0)
-    sample(wrapped, sched, (3, 1, 4, 4), generator=gen, device=torch.device("cpu"), sampler="ddim", ddim_steps=10,
-           observer=lambda t, x: seen.append(t))
+    sample(
+        wrapped,
+        sched,
+        (3, 1, 4, 4),
+        generator=gen,
+        device=torch.device("cpu"),
+        sampler="ddim",
+        ddim_steps=10,
+        observer=lambda t, x: seen.append(t),
+    )
     assert seen[0] == 50 and seen[-1] == 0 and len(seen) == 11

@@ -86,8 +86,10 @@ def servers(tmp_path_factory):
     """(optuna URL, MLflow tracking URI) of a throwaway PostgreSQL and an `mlflow server`."""
     bindir = pg_bin()
     if bindir is None:
-        missing("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb or $DDPM_ABLATE_PG_BIN): "
-                "apt-get install postgresql")
+        missing(
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb or $DDPM_ABLATE_PG_BIN): "
+            "apt-get install postgresql"
+        )
     import psycopg2
 
     root = Path(tempfile.mkdtemp(prefix="ddpm-pg-"))  # /tmp: traversable by the postgres user
@@ -98,8 +100,21 @@ def servers(tmp_path_factory):
     mlflow_proc = None
     try:
         run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "60", "-o",
-             f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start"])
+        run(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(root / "postgres.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                "start",
+            ]
+        )
         admin = f"postgresql://postgres@127.0.0.1:{port}"
         conn = psycopg2.connect(f"{admin}/postgres")
         conn.autocommit = True
@@ -112,11 +127,25 @@ def servers(tmp_path_factory):
         log = open(root / "mlflow.log", "w")
         mlflow_proc = subprocess.Popen(
             # an explicit driver: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"{admin.replace('postgresql://', 'postgresql+psycopg2://')}/mlflow",
-             "--artifacts-destination", str(tmp_path_factory.mktemp("artifacts")),
-             "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"{admin.replace('postgresql://', 'postgresql+psycopg2://')}/mlflow",
+                "--artifacts-destination",
+                str(tmp_path_factory.mktemp("artifacts")),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mport),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         uri = f"http://127.0.0.1:{mport}"
         deadline = time.time() + 120
@@ -143,28 +172,55 @@ def servers(tmp_path_factory):
                 except subprocess.TimeoutExpired:
                     continue
         if (data / "postmaster.pid").exists():
-            subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                           capture_output=True)
+            subprocess.run(
+                as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                capture_output=True,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
 def env_for(cwd: Path, mlflow_uri: str) -> dict:
     env = dict(os.environ)
-    env.update(MLFLOW_TRACKING_URI=mlflow_uri,
-               DDPM_ABLATE_HEARTBEAT_INTERVAL=str(HEARTBEAT), DDPM_ABLATE_GRACE_PERIOD=str(GRACE))
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_uri,
+        DDPM_ABLATE_HEARTBEAT_INTERVAL=str(HEARTBEAT),
+        DDPM_ABLATE_GRACE_PERIOD=str(GRACE),
+    )
     return env
 
 
 def harness(args, cwd: Path, mlflow_uri: str, timeout: float = 180):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env_for(cwd, mlflow_uri),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        cwd=cwd,
+        env=env_for(cwd, mlflow_uri),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_worker(study: Path, url: str, cwd: Path, mlflow_uri: str, name: str):
     log = open(cwd / f"{name}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "worker", str(study), "--storage", url, "--device", "cpu", "--threads", "1"],
-        cwd=cwd, env=env_for(cwd, mlflow_uri), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "worker",
+            str(study),
+            "--storage",
+            url,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        cwd=cwd,
+        env=env_for(cwd, mlflow_uri),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -232,7 +288,9 @@ def test_two_workers_drain_a_study_and_a_fresh_machine_reports_it(servers, tmp_p
     again = harness(["run", str(study), "--storage", url, "--no-work"], head, mlflow_uri)
     assert again.returncode == 0 and "enqueued 0" in again.stdout, again.stdout + again.stderr
     trials = optuna_trials(url, "drain")
-    assert sorted(t.user_attrs["run_key"] for t in trials) == sorted(keys) and {t.state.name for t in trials} == {"WAITING"}
+    assert sorted(t.user_attrs["run_key"] for t in trials) == sorted(keys) and {t.state.name for t in trials} == {
+        "WAITING"
+    }
 
     workers = [start_worker(study, url, cwd, mlflow_uri, "worker") for cwd in (head, node)]
     wait_all(workers, 180)
@@ -248,7 +306,7 @@ def test_two_workers_drain_a_study_and_a_fresh_machine_reports_it(servers, tmp_p
 
     status = harness(["status", str(study), "--storage", url], node, mlflow_uri)
     assert status.returncode == 0, status.stderr
-    assert "6 runs: 6 done, 0 running, 0 waiting, 0 failed" in " ".join(status.stdout.split())
+    assert "6 runs: 6 finished, 0 running, 0 pending, 0 failed" in " ".join(status.stdout.split())
 
     # a machine that ran nothing builds the report from what the workers logged to MLflow
     fresh = tmp_path / "laptop"
@@ -283,8 +341,11 @@ def test_a_killed_workers_run_is_retried_by_the_other(servers, tmp_path):
     while time.time() < deadline and victim_key is None:
         for trial in optuna_trials(url, "killed"):
             key = trial.user_attrs.get("run_key")
-            if trial.state.name == "RUNNING" and trial.user_attrs.get("pid") == victim.pid \
-                    and (checkpoints / key / "last.pt").exists():
+            if (
+                trial.state.name == "RUNNING"
+                and trial.user_attrs.get("pid") == victim.pid
+                and (checkpoints / key / "last.pt").exists()
+            ):
                 victim_key = key
         time.sleep(0.3)
     assert victim_key, "the victim never claimed a trial and checkpointed:\n" + (tmp_path / "victim.log").read_text()
@@ -309,8 +370,10 @@ def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
     exception marks the trial FAIL and the MLflow run FAILED with its reason."""
     url, mlflow_uri = servers
     study = tmp_path / "flaky.yaml"
-    study.write_text(STUDY.format(name="flaky", steps=20, ckpt=10, probe=10, seeds=[0]).split("ablations:")[0]
-                     + "ablations:\n  lr:\n    base: {}\nseeds: [0]\n")
+    study.write_text(
+        STUDY.format(name="flaky", steps=20, ckpt=10, probe=10, seeds=[0]).split("ablations:")[0]
+        + "ablations:\n  lr:\n    base: {}\nseeds: [0]\n"
+    )
     (key,) = planned_keys(study)
     blocker = tmp_path / "results" / "flaky" / "checkpoints" / key
     blocker.parent.mkdir(parents=True)

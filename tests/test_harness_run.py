@@ -101,18 +101,41 @@ def test_smoke_study_tables_read_back_with_pyarrow(smoke):
     cwd, _, _ = smoke
     runs = table(cwd, "smoke", "runs").to_pandas()
     assert len(runs) == 4 and set(runs["status"]) == {"finished"}
-    assert {"run_key", "study", "arm", "seed", "timesteps", "status", "error", "mlflow_run_id", "params", "seconds", "config_json"} <= set(runs.columns)
+    assert {
+        "run_key",
+        "study",
+        "arm",
+        "seed",
+        "timesteps",
+        "status",
+        "error",
+        "mlflow_run_id",
+        "params",
+        "seconds",
+        "config_json",
+    } <= set(runs.columns)
     keys = set(runs["run_key"])
-    expected_rows = {"train": lambda k: 4, "quality": lambda k: 1}
+    expected_rows = {"train": 4, "quality": 1}
     for name, rows in expected_rows.items():
         frame = table(cwd, "smoke", name).to_pandas()
         assert set(frame["run_key"]) == keys
-        assert frame.groupby("run_key").size().eq(4 if name == "train" else 1).all()
+        assert frame.groupby("run_key").size().eq(rows).all()
     per_t = table(cwd, "smoke", "per_t")
-    for column in ("run_key", "step", "t", "alphabar", "wt", "loss_mse", "eps_pred_mean", "eps_pred_std", "err_mean", "vlb_bits"):
+    for column in (
+        "run_key",
+        "step",
+        "t",
+        "alphabar",
+        "wt",
+        "loss_mse",
+        "eps_pred_mean",
+        "eps_pred_std",
+        "err_mean",
+        "vlb_bits",
+    ):
         assert column in per_t.schema.names
     per_t = per_t.to_pandas()
-    t10 = runs.loc[runs["timesteps"] == "T10", "run_key"].iloc[0]
+    t10 = runs.loc[runs["timesteps"] == "T10", "run_key"].iloc[0]  # noqa: F841 - used by the query
     assert sorted(per_t.query("run_key == @t10 and step == 20")["t"]) == list(range(1, 11))
     drift = table(cwd, "smoke", "drift").to_pandas().query("run_key == @t10")
     assert drift["t"].tolist() == list(range(10, -1, -1))
@@ -121,7 +144,17 @@ def test_smoke_study_tables_read_back_with_pyarrow(smoke):
     hist = table(cwd, "smoke", "drift_hist").to_pandas()
     assert {"t", "bin_lo", "bin_hi", "count", "ref_count"} <= set(hist.columns)
     quality = table(cwd, "smoke", "quality").to_pandas()
-    for column in ("bpd", "prior_bits", "l0_bits", "fd", "coverage", "final_mean_gap", "max_mean_gap", "hist_w1", "sat_frac"):
+    for column in (
+        "bpd",
+        "prior_bits",
+        "l0_bits",
+        "fd",
+        "coverage",
+        "final_mean_gap",
+        "max_mean_gap",
+        "hist_w1",
+        "sat_frac",
+    ):
         assert column in quality.columns
 
 
@@ -139,7 +172,11 @@ def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     checkpoints = tmp_path / "results" / "killed" / "checkpoints"
     deadline = time.time() + 240
@@ -229,8 +266,14 @@ def test_an_unusable_tracking_store_is_one_clear_error(tmp_path):
     study = write_study(tmp_path, name="nostore", steps=10, ckpt=10)
     (tmp_path / "a-file").write_text("not a folder")  # so no database can be created below it
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a-file/mlflow.db"}
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(study), "--no-report"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot use the MLflow tracking store sqlite:///" in proc.stderr and "Traceback" not in proc.stderr
     # the slots, already started, were stopped before any run was recorded

@@ -35,9 +35,7 @@ def res_blocks(model: UNet):
 
 def time_mlp_parameters(model: UNet) -> int:
     return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if "time_projection" in name or "shared_time_mlp" in name
+        p.numel() for name, p in model.named_parameters() if "time_projection" in name or "shared_time_mlp" in name
     )
 
 

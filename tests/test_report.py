@@ -34,19 +34,30 @@ ARMS = [
     {"arm": "broken", "levels": {"timesteps": "T5"}, "overrides": {"diffusion.T": 5}},
 ]
 SECTIONS = [
-    "Question and design", "Findings", "Metrics per arm", "Effects against the baseline", "Per-t loss",
-    "Per-t bias", "Variational bound per t", "Sample drift", "Samples", "Training curves", "Runs",
+    "Hypotheses",
+    "Question and design",
+    "Metrics per arm",
+    "Effects against the baseline",
+    "Per-t loss",
+    "Per-t bias",
+    "Variational bound per t",
+    "Sample drift",
+    "Samples",
+    "Training curves",
+    "Runs",
 ]
 
 
 def tiny_config(T: int, seed: int) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "model": {"base_channels": 16, "time_embed_dim": 32},
-        "diffusion": {"T": T},
-        "train": {"steps": 30, "batch_size": 32, "log_every": 10, "warmup_steps": 5, "seed": seed},
-        "sample": {"num_samples": 16},
-        "eval": {"probe_every": 15, "probe_images": 32, "quality": True, "drift_hist_steps": 5},
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "model": {"base_channels": 16, "time_embed_dim": 32},
+            "diffusion": {"T": T},
+            "train": {"steps": 30, "batch_size": 32, "log_every": 10, "warmup_steps": 5, "seed": seed},
+            "sample": {"num_samples": 16},
+            "eval": {"probe_every": 15, "probe_images": 32, "quality": True, "drift_hist_steps": 5},
+        }
+    )
 
 
 def run_key(config: ExperimentConfig, seed: int) -> str:
@@ -73,22 +84,42 @@ class ParquetRecorder:
 
 
 def runs_row(key, arm, seed, status, error="", params=np.nan, seconds=np.nan, config=None):
-    return pd.DataFrame([{
-        "study": STUDY, "arm": arm["arm"], "seed": seed, **arm["levels"], "status": status, "error": error,
-        "mlflow_run_id": f"mlflow-{key}", "params": float(params), "seconds": float(seconds),
-        "config_json": json.dumps(config.to_dict(), sort_keys=True) if config else "",
-    }])
+    return pd.DataFrame(
+        [
+            {
+                "study": STUDY,
+                "arm": arm["arm"],
+                "seed": seed,
+                **arm["levels"],
+                "status": status,
+                "error": error,
+                "mlflow_run_id": f"mlflow-{key}",
+                "params": float(params),
+                "seconds": float(seconds),
+                "config_json": json.dumps(config.to_dict(), sort_keys=True) if config else "",
+            }
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
     (root / STUDY).mkdir()
-    (root / STUDY / "study.json").write_text(json.dumps({
-        "study": STUDY, "question": "Does T explain <dark> samples?", "design": "arms",
-        "axes": {"timesteps": ["T20", "T50", "T5"]}, "baseline": {"timesteps": "T20"},
-        "baseline_arm": "T20", "seeds": SEEDS, "arms": ARMS,
-    }))
+    (root / STUDY / "study.json").write_text(
+        json.dumps(
+            {
+                "study": STUDY,
+                "question": "Does T explain <dark> samples?",
+                "design": "arms",
+                "axes": {"timesteps": ["T20", "T50", "T5"]},
+                "baseline": {"timesteps": "T20"},
+                "baseline_arm": "T20",
+                "seeds": SEEDS,
+                "arms": ARMS,
+            }
+        )
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than contending
     try:
@@ -99,13 +130,31 @@ def results(tmp_path_factory) -> Path:
                 key = run_key(config, seed)
                 started = time.perf_counter()
                 result = run_experiment(config, ParquetRecorder(root, key), device="cpu", data=data)
-                write_table(root, STUDY, "runs", key, runs_row(
-                    key, arm, seed, "finished", params=result.summary["params"],
-                    seconds=time.perf_counter() - started, config=config))
+                write_table(
+                    root,
+                    STUDY,
+                    "runs",
+                    key,
+                    runs_row(
+                        key,
+                        arm,
+                        seed,
+                        "finished",
+                        params=result.summary["params"],
+                        seconds=time.perf_counter() - started,
+                        config=config,
+                    ),
+                )
     finally:
         torch.set_num_threads(threads)
     broken = tiny_config(5, 0)
-    write_table(root, STUDY, "runs", run_key(broken, 0), runs_row(run_key(broken, 0), ARMS[2], 0, "failed", error="boom", seconds=1.0))
+    write_table(
+        root,
+        STUDY,
+        "runs",
+        run_key(broken, 0),
+        runs_row(run_key(broken, 0), ARMS[2], 0, "failed", error="boom", seconds=1.0),
+    )
     return root
 
 
@@ -157,7 +206,15 @@ def test_effects_are_paired_against_the_baseline(report):
     effects = section(report.read_text(), "effects")
     assert ">T50<" in effects and ">broken<" in effects and ">T20<" not in effects
     verdicts = re.findall(r'<span class="verdict">([^<]*)</span>', effects)
-    assert verdicts and set(verdicts) <= {"better", "worse", "higher", "lower", "no clear effect", "no data", "n=1, no interval"}
+    assert verdicts and set(verdicts) <= {
+        "better",
+        "worse",
+        "higher",
+        "lower",
+        "no clear effect",
+        "no data",
+        "n=1, no interval",
+    }
     assert "no data" in verdicts  # the failed arm has no pairs
 
 
@@ -207,7 +264,9 @@ def test_planned_run_keys_hide_stale_runs_and_show_pending_ones(results, tmp_pat
     shutil.copytree(results, copy)
     runs = pd.concat([pd.read_parquet(p) for p in (copy / STUDY / "runs").glob("*.parquet")])
     manifest = json.loads((copy / STUDY / "study.json").read_text())
-    manifest["runs"] = [{"run_key": k, "arm": a, "seed": int(s)} for k, a, s in zip(runs["run_key"], runs["arm"], runs["seed"])]
+    manifest["runs"] = [
+        {"run_key": k, "arm": a, "seed": int(s)} for k, a, s in zip(runs["run_key"], runs["arm"], runs["seed"])
+    ]
     manifest["runs"].append({"run_key": "0123456789ab", "arm": "broken", "seed": 1})
     (copy / STUDY / "study.json").write_text(json.dumps(manifest))
     write_table(copy, STUDY, "runs", "5ta1e5ta1e00", runs_row("5ta1e5ta1e00", ARMS[0], 0, "failed", error="old config"))
@@ -242,7 +301,9 @@ def handmade(tmp_path_factory) -> tuple[Path, str]:
     write_study(root, HAND, list(HAND_FD), HAND_SEEDS, "base")
     for arm in HAND_FD:
         for i, seed in enumerate(HAND_SEEDS):
-            write_run(root, HAND, arm, seed, quality=pd.DataFrame([{"fd": HAND_FD[arm][i], "hist_w1": HAND_W1[arm][i]}]))
+            write_run(
+                root, HAND, arm, seed, quality=pd.DataFrame([{"fd": HAND_FD[arm][i], "hist_w1": HAND_W1[arm][i]}])
+            )
     html = build_report(HAND, root, tmp_path_factory.mktemp("handmade_reports")).read_text()
     return root, html
 
@@ -256,11 +317,12 @@ def _row(table_html: str, arm: str) -> str:
 
 
 def test_paired_effects_equal_hand_computed_numbers(handmade):
-    from harness import report, stats
+    from harness import stats
+    from harness.results import StudyResults
 
     root, _ = handmade
-    data = report.load_study(HAND, root)
-    values = report.metric_values(data)
+    data = StudyResults.load(root, HAND)
+    values = {"fd": data.metric("fd")}
     # sharp - base per seed: -2.0, -2.1, -1.9: mean -2, sample std 0.1
     diff, half, n = stats.paired_effect(values["fd"]["sharp"], values["fd"]["base"])
     assert n == 3 and diff == pytest.approx(-2.0)
@@ -276,8 +338,9 @@ def test_paired_effects_equal_hand_computed_numbers(handmade):
 
 
 def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade):
-    from harness.report import METRICS
+    from ddpm_engine.metrics import report_columns
 
+    METRICS = [m.name for m in report_columns()]
     _, html = handmade
     effects = section(html, "effects")
     assert "95% Student-t CI over the n pairs" in effects and "n − 1 degrees of freedom" in effects
@@ -297,8 +360,9 @@ def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade
 def test_best_star_only_for_a_clear_best(handmade):
     """sharp has the best fd mean but its lead over noisy lies inside the paired CI: no star.
     On hist_w1 sharp is lower than both other arms on every seed: starred."""
-    from harness.report import METRICS
+    from ddpm_engine.metrics import report_columns
 
+    METRICS = [m.name for m in report_columns()]
     _, html = handmade
     metrics = section(html, "metrics")
     assert metrics.count('class="num best"') == 1
@@ -315,9 +379,16 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", *args,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
@@ -336,10 +407,13 @@ def test_page_renders_in_chromium(report, tmp_path):
 
 @needs_chromium
 def test_every_image_loads_without_console_errors(report, tmp_path):
-    done = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", report.as_uri())
+    done = chromium(
+        tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", report.as_uri()
+    )
     match = re.search(r'<body[^>]*data-images-ok="([^"]*)"', done.stdout)
     assert match, "the load handler did not run:\n" + done.stdout[:500]
     assert match.group(1) == "yes", f"broken images: {match.group(1)}"
-    page_errors = [line for line in done.stderr.splitlines()
-                   if "Uncaught" in line or ("CONSOLE" in line and report.name in line)]
+    page_errors = [
+        line for line in done.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and report.name in line)
+    ]
     assert page_errors == []

@@ -7,13 +7,19 @@ import pytest
 from harness.plan import baseline_arm, changed_keys, expand, expand_arms
 from harness.spec import load_study
 
-STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+STUDY_DIR = Path(__file__).parent.parent / "studies"
+STUDIES = sorted(STUDY_DIR.glob("*.yaml"))
 
 
 def test_every_question_of_the_seed_research_has_a_study():
     names = {p.stem for p in STUDIES}
-    assert {"timestep_ablation", "capacity_ablation", "time_embedding_ablation", "objective_ablation",
-            "darkening_diagnosis"} <= names
+    assert {
+        "timestep_ablation",
+        "capacity_ablation",
+        "time_embedding_ablation",
+        "objective_ablation",
+        "darkening_diagnosis",
+    } <= names
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
@@ -49,10 +55,102 @@ def test_darkening_plan_is_the_baseline_plus_nine_single_changes():
     assert base.diffusion.sigma == "beta" and not base.sample.clip_x0 and base.sample.sampler == "ddpm"
     assert base.objective.weighting == "simple" and base.diffusion.schedule == "linear"
     expected = {
-        "ema": {"train.ema_decay"}, "clip_x0": {"sample.clip_x0"}, "per_block_time_mlp": {"model.time_mlp"},
-        "cosine": {"diffusion.schedule"}, "kept_wt": {"objective.weighting"}, "l0_term": {"objective.l0_term"},
-        "huber": {"objective.loss"}, "noise_clip": {"objective.noise_clip"},
+        "ema": {"train.ema_decay"},
+        "clip_x0": {"sample.clip_x0"},
+        "per_block_time_mlp": {"model.time_mlp"},
+        "cosine": {"diffusion.schedule"},
+        "kept_wt": {"objective.weighting"},
+        "l0_term": {"objective.l0_term"},
+        "huber": {"objective.loss"},
+        "noise_clip": {"objective.noise_clip"},
     }
     for arm, keys in expected.items():
         assert set(changed_keys(study, by_arm[arm])) == keys, arm
     assert by_arm["annotated"].config.model.preset == "annotated"
+
+
+# The run keys of the shipped studies before the lifecycle redesign (computed at commit
+# 830ff48): finished results of users must still be found, so a change of a key is a bug.
+SHIPPED_KEYS = {
+    "capacity_ablation": [
+        "1446262385ce",
+        "14f620656128",
+        "1a2db50dcc2c",
+        "3a862c55ff45",
+        "c854c394ba74",
+        "feae4c37d7ff",
+    ],
+    "darkening_diagnosis": [
+        "03332d5cca4d",
+        "06c712e9e366",
+        "0a3cc10c7382",
+        "0aed89cfa571",
+        "0b652d47a33f",
+        "10f2948fe77f",
+        "17146d1f0e0e",
+        "363233f07d6d",
+        "44cbaef7005f",
+        "5d0307f3c821",
+        "66ee3a6f4aa2",
+        "70d3afecd82a",
+        "791dd12af838",
+        "7933c6834860",
+        "799b28858a07",
+        "86ddad3f7d2b",
+        "86ecf4c1aec6",
+        "8eb50808f6a7",
+        "900e2e390545",
+        "98fc29ac7e9f",
+        "a69aab749ffa",
+        "c4c5e61bce9d",
+        "c5e6a1aff651",
+        "c79526606f73",
+        "d5cfb9b0eff1",
+        "e7306ea6407d",
+        "edf6947f1225",
+        "f35bd9226801",
+        "f73960d50b03",
+        "f79167895650",
+    ],
+    "objective_ablation": [
+        "06c712e9e366",
+        "0a3cc10c7382",
+        "0eabc63330d9",
+        "2ef71747fb2a",
+        "5e2ab9bfd8f4",
+        "63926a9e89ec",
+        "792b77e39161",
+        "d37e1e84f444",
+        "dc572a4e90b8",
+        "e2dfb92b40cf",
+    ],
+    "time_embedding_ablation": [
+        "06c712e9e366",
+        "0a3cc10c7382",
+        "1204ad55d4e4",
+        "27915fa47044",
+        "e0f6b5de6525",
+        "edf6947f1225",
+    ],
+    "timestep_ablation": [
+        "04d9f81a89da",
+        "06c712e9e366",
+        "0a3cc10c7382",
+        "0bf024b877be",
+        "6477c1bd6ae5",
+        "edcf58291545",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_KEYS))
+def test_run_keys_of_shipped_studies_are_unchanged(name):
+    study = load_study(STUDY_DIR / f"{name}.yaml")
+    assert sorted(r.key for r in expand(study)) == SHIPPED_KEYS[name]
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_shipped_studies_state_the_seed_observations_as_hypotheses(path):
+    study = load_study(path)
+    metrics = {h.metric for h in study.hypotheses.values()}
+    assert {"loss_small_minus_mid", "eps_bias_max", "final_mean_gap", "sat_gap"} <= metrics

@@ -14,35 +14,83 @@ HEADER = "study: s\nquestion: Does it validate?\n"
 CASES = {
     "unknown_key": (
         HEADER + "base:\n  diffusion: {T: 100, schedul: cosine}\n",
-        ":4:", "base.diffusion.schedul", "did you mean 'schedule'",
+        ":4:",
+        "base.diffusion.schedul",
+        "did you mean 'schedule'",
     ),
     "unknown_top_level_key": ("study: s\nquestoin: q\n", ":2:", "questoin", "did you mean 'question'"),
     "wrong_type": (HEADER + "base:\n  train: {steps: many}\n", ":4:", "base.train.steps", "valid integer"),
     "out_of_range": (
         HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {diffusion.T: 1}\n",
-        ":6:", "ablations.a.y.diffusion.T", "greater than or equal to 2",
+        ":6:",
+        "ablations.a.y.diffusion.T",
+        "greater than or equal to 2",
     ),
     "override_of_missing_field": (
-        HEADER + "ablations:\n  a:\n    x: {train.stepz: 5}\n", ":5:", "ablations.a.x.train.stepz", "did you mean 'train.steps'",
+        HEADER + "ablations:\n  a:\n    x: {train.stepz: 5}\n",
+        ":5:",
+        "ablations.a.x.train.stepz",
+        "did you mean 'train.steps'",
     ),
     "duplicate_level": (
         HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    x: {train.steps: 6}\n",
-        ":6:", "ablations.a.x", "duplicate key 'x'",
+        ":6:",
+        "ablations.a.x",
+        "duplicate key 'x'",
     ),
     "baseline_names_missing_level": (
-        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\nbaseline: {a: z}\n", ":6:", "baseline.a", "no level 'z'",
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\nbaseline: {a: z}\n",
+        ":6:",
+        "baseline.a",
+        "no level 'z'",
     ),
     "empty_axis": (HEADER + "ablations:\n  a: {}\n", ":4:", "ablations.a", "empty expansion"),
     "no_seeds": (HEADER + "seeds: []\n", ":3:", "seeds", "empty expansion"),
     "malformed_yaml": (HEADER + "ablations:\n  a: {x: [1, 2}\n", ":4:", "", "malformed YAML"),
     "missing_data_folder": (
         HEADER + "base:\n  data: {name: image_folder, path: /nonexistent/faces}\n",
-        ":4:", "base.data.path", "/nonexistent/faces",
+        ":4:",
+        "base.data.path",
+        "/nonexistent/faces",
     ),
     "invalid_combination": (
         HEADER + "ablations:\n  start:\n    lo: {diffusion.beta_start: 0.001}\n    hi: {diffusion.beta_start: 0.01}\n"
         "  end:\n    lo: {diffusion.beta_end: 0.005}\n    hi: {diffusion.beta_end: 0.02}\n",
-        ":", "ablations", "beta_start must not exceed beta_end",
+        ":",
+        "ablations",
+        "beta_start must not exceed beta_end",
+    ),
+    "hypothesis_unknown_metric": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {train.steps: 6}\nhypotheses:\n"
+        "  h1:\n    metric: fid\n    expect: below\n",
+        ":9:",
+        "hypotheses.h1.metric",
+        "did you mean 'fd'",
+    ),
+    "hypothesis_unknown_arm": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {train.steps: 6}\nhypotheses:\n"
+        "  h1:\n    metric: bpd\n    arm: yy\n    expect: below\n",
+        ":10:",
+        "hypotheses.h1.arm",
+        "did you mean 'y'",
+    ),
+    "hypothesis_bad_expect": (
+        HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: higher\n",
+        ":6:",
+        "hypotheses.h1.expect",
+        "'above'",
+    ),
+    "hypothesis_within_without_margin": (
+        HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: within\n",
+        ":4:",
+        "hypotheses.h1",
+        "margin value > 0",
+    ),
+    "hypothesis_unknown_key": (
+        HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: above\n    versu: baseline\n",
+        ":7:",
+        "hypotheses.h1.versu",
+        "did you mean 'versus'",
     ),
 }
 
@@ -81,4 +129,6 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert "typo.yaml:4: base.diffusion.schedul: unknown key (did you mean 'schedule'?)" in " ".join(proc.stderr.split())
+    assert "typo.yaml:4: base.diffusion.schedul: unknown key (did you mean 'schedule'?)" in " ".join(
+        proc.stderr.split()
+    )

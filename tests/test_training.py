@@ -49,14 +49,17 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
         return calls["n"] == 15
 
     with pytest.raises(RunInterrupted) as stopped:
-        run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "b", should_stop=stop_at_step_15)
+        run_experiment(
+            config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "b", should_stop=stop_at_step_15
+        )
     assert stopped.value.step == 15
     resumed = run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_from_step == 15
     torch.testing.assert_close(
         torch.tensor(resumed.tables["train"]["loss"].to_numpy()),
         torch.tensor(straight.tables["train"]["loss"].to_numpy()),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
     assert resumed.tables["train"]["step"].tolist() == list(range(5, 41, 5))
     assert torch.equal(resumed.samples, straight.samples)
@@ -125,7 +128,9 @@ def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t(precision):
 
 def test_budget_by_images_and_seconds():
     by_images = run_experiment(
-        small_config(train={"budget_by": "images", "budget_images": 320, "batch_size": 32}), MemoryRecorder(), device="cpu"
+        small_config(train={"budget_by": "images", "budget_images": 320, "batch_size": 32}),
+        MemoryRecorder(),
+        device="cpu",
     )
     assert by_images.summary["train_steps"] == 10 and by_images.summary["train_images"] == 320
     by_seconds = run_experiment(
@@ -144,11 +149,14 @@ def test_torch_compile_option_trains_like_eager():
     settings = {"steps": 10, "log_every": 5, "checkpoint_every": 10}
     model = {"base_channels": 8, "channel_mults": [1], "time_embed_dim": 16}
     eager = run_experiment(small_config(model=model, train=settings), MemoryRecorder(), device="cpu")
-    compiled = run_experiment(small_config(model=model, train={**settings, "compile": True}), MemoryRecorder(), device="cpu")
+    compiled = run_experiment(
+        small_config(model=model, train={**settings, "compile": True}), MemoryRecorder(), device="cpu"
+    )
     torch.testing.assert_close(
         torch.tensor(compiled.tables["train"]["loss"].to_numpy()),
         torch.tensor(eager.tables["train"]["loss"].to_numpy()),
-        rtol=1e-3, atol=1e-4,
+        rtol=1e-3,
+        atol=1e-4,
     )
 
 

@@ -1,10 +1,8 @@
 """Tuned ablations: every arm searched on its own, trials nested in MLflow, best value used."""
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.dataset as ds
 from mlflow import MlflowClient
@@ -38,8 +36,9 @@ def test_tuned_smoke_study_end_to_end(tmp_path):
     path = tmp_path / "tuned.yaml"
     path.write_text(STUDY)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     tuning = ds.dataset(str(tmp_path / "results/tuned/tuning"), format="parquet").to_table().to_pandas()
@@ -71,8 +70,13 @@ def test_tuned_smoke_study_end_to_end(tmp_path):
         assert f"{value:.3g}" in html
 
     # a second run reuses the finished search and the finished replicates
-    again = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path), "--no-report"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(path), "--no-report"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)
 
@@ -85,7 +89,10 @@ def test_tune_block_errors_are_located(tmp_path):
     bad = STUDY.replace("train.lr: {loguniform: [1.0e-4, 3.0e-3]}", "train.lrr: {loguniform: [1.0e-4, 3.0e-3]}")
     path = tmp_path / "bad.yaml"
     path.write_text(bad)
-    with pytest.raises(StudyError, match=r"bad.yaml:\d+: tune.space.train.lrr: no such engine config field \(did you mean 'train.lr'\?\)"):
+    with pytest.raises(
+        StudyError,
+        match=r"bad.yaml:\d+: tune.space.train.lrr: no such engine config field \(did you mean 'train.lr'\?\)",
+    ):
         load_study(path)
     path.write_text(STUDY.replace("metric: heldout_loss", "metric: heldout_los"))
     with pytest.raises(StudyError, match="did you mean 'heldout_loss'"):

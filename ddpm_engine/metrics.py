@@ -1,0 +1,456 @@
+"""Every column a run emits, declared once: name, table, unit, which way is better, definition.
+
+This is the registry the harness derives from: the Parquet schema documentation, the
+report's metric columns and stars, the metrics a study may tune or state hypotheses on, and
+the direction of tuning. A test runs the engine and asserts that what it emits is exactly
+what is declared here, so a new metric is one line here plus the code computing it.
+
+It is a table rather than decorations on the computing functions because the harness reads
+it before any worker starts, and the modules that compute (diagnostics, quality, training)
+import torch, which costs seconds; each entry names its ``source`` instead.
+
+The module also holds the per-t summaries (``per_t_summary``): small pandas functions that
+turn the final probe's per-t curve into per-run numbers (the seed's observations F1 and F2),
+so the engine emits them and the harness can test hypotheses on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # pandas and numpy load on use: `harness` validates study files against this table
+    import pandas as pd
+
+Better = Literal["lower", "higher", "zero"]
+
+# The summary of a run is the single row of this table (and its final MLflow scalars).
+PER_RUN_TABLE = "quality"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    table: str
+    unit: str
+    better: Better | None  # None: a description of the run (a setting, a count, a t)
+    definition: str
+    source: str = ""  # the engine function that computes it
+    cost: bool = False  # seconds, throughput, memory: shown, never starred (timing noise is no effect)
+    group: str = ""  # report section of a per-run metric ("" = not a report column)
+    label: str = ""  # short column label in the report
+
+    @property
+    def per_run(self) -> bool:
+        return self.table == PER_RUN_TABLE
+
+    def objective(self, value: float) -> float:
+        """The value an optimiser should minimise or maximise: |value| for a signed gap
+        (closer to zero is better), else the value itself."""
+        return abs(value) if self.better == "zero" else value
+
+    @property
+    def direction(self) -> str | None:
+        """Optuna's study direction for this metric."""
+        if self.better is None:
+            return None
+        return "maximize" if self.better == "higher" else "minimize"
+
+
+def _m(table, name, unit, better, definition, source="", **kw) -> Metric:
+    return Metric(name, table, unit, better, definition, source, **kw)
+
+
+_LOSS, _DRIFT, _QUALITY, _PER_T, _COST = "Loss and bound", "Sample drift", "Sample quality", "Per-t probe", "Cost"
+
+DECLARED: list[Metric] = [
+    # ---- train: one row per logged step (training.Trainer.flush_window)
+    _m("train", "step", "step", None, "optimizer step"),
+    _m("train", "loss", "loss", "lower", "mean training loss since the last row", "training.Trainer.flush_window"),
+    _m("train", "lr", "", None, "learning rate"),
+    _m("train", "grad_norm", "", None, "mean gradient norm before clipping"),
+    _m("train", "images_per_s", "images/s", "higher", "training throughput since the last row", cost=True),
+    # ---- per_t: one row per probe x t (diagnostics.per_t_probe)
+    _m("per_t", "step", "step", None, "training step of the probe"),
+    _m("per_t", "t", "", None, "timestep (1..T)"),
+    _m("per_t", "alphabar", "", None, "alphabar_t"),
+    _m("per_t", "snr", "", None, "alphabar_t / (1 - alphabar_t)"),
+    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma"),
+    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images"),
+    _m("per_t", "eps_pred_mean", "", "zero", "mean of the predicted noise (ideal 0)"),
+    _m("per_t", "eps_pred_std", "", None, "std of the predicted noise (1 where the noise is identifiable from x_t)"),
+    _m("per_t", "err_mean", "", "zero", "mean of predicted minus true noise"),
+    _m("per_t", "err_std", "", "lower", "std of predicted minus true noise"),
+    _m("per_t", "vlb_bits", "bits/dim", "lower", "L_{t-1} (t >= 2) or L_0 (t = 1) in bits/dim (DDPM eq. 5)"),
+    # ---- probe: one row per probe (diagnostics.bits_per_dim_bound, heldout_loss)
+    _m("probe", "step", "step", None, "training step of the probe"),
+    _m("probe", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at this probe"),
+    _m("probe", "prior_bits", "bits/dim", "lower", "L_T at this probe"),
+    _m("probe", "l0_bits", "bits/dim", "lower", "L_0 at this probe"),
+    _m("probe", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} at this probe"),
+    _m("probe", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at this probe"),
+    # ---- drift: one row per reverse step (diagnostics.DriftRecorder)
+    *[
+        _m("drift", name, "pixel", None, f"{what} of the sampled x_t", "diagnostics.DriftRecorder")
+        for name, what in (
+            ("mean", "mean pixel"),
+            ("std", "pixel std"),
+            ("p01", "1st percentile"),
+            ("p50", "median"),
+            ("p99", "99th percentile"),
+            ("frac_out", "fraction of pixels outside [-1, 1]"),
+        )
+    ],
+    _m("drift", "t", "", None, "reverse step: T..1, then 0 for the final sample"),
+    *[
+        _m("drift", f"ref_{name}", "pixel", None, f"the same statistic ({name}) of q(x_t) from held-out data")
+        for name in ("mean", "std", "p01", "p50", "p99", "frac_out")
+    ],
+    # ---- drift_hist: one row per reverse step x bin
+    _m("drift_hist", "t", "", None, "reverse step"),
+    _m("drift_hist", "bin_lo", "pixel", None, "bin lower edge"),
+    _m("drift_hist", "bin_hi", "pixel", None, "bin upper edge"),
+    _m("drift_hist", "count", "pixels", None, "sampled pixels in the bin"),
+    _m("drift_hist", "ref_count", "pixels", None, "q(x_t) pixels in the bin"),
+    # ---- quality: the run's summary, one row per run (the per-run metrics)
+    _m(
+        "quality",
+        "bpd",
+        "bits/dim",
+        "lower",
+        "bits/dim bound L_T + sum L_t + L_0 at the final probe",
+        "diagnostics.bits_per_dim_bound",
+        group=_LOSS,
+        label="bits/dim",
+    ),
+    _m(
+        "quality",
+        "prior_bits",
+        "bits/dim",
+        "lower",
+        "prior term L_T: KL(q(x_T|x_0) || N(0, I))",
+        "diagnostics.bits_per_dim_bound",
+        group=_LOSS,
+        label="prior L_T (bits/dim)",
+    ),
+    _m(
+        "quality",
+        "l0_bits",
+        "bits/dim",
+        "lower",
+        "decoder term L_0 at the final probe",
+        "diagnostics.bits_per_dim_bound",
+    ),
+    _m(
+        "quality",
+        "diffusion_bits",
+        "bits/dim",
+        "lower",
+        "sum of L_1..L_{T-1} at the final probe",
+        "diagnostics.bits_per_dim_bound",
+    ),
+    _m(
+        "quality",
+        "heldout_loss",
+        "MSE",
+        "lower",
+        "held-out L_simple averaged over uniform t at the final probe",
+        "diagnostics.heldout_loss",
+        group=_LOSS,
+        label="held-out loss",
+    ),
+    _m(
+        "quality",
+        "final_loss",
+        "MSE",
+        "lower",
+        "mean training loss of the last four logged windows",
+        "experiment",
+        group=_LOSS,
+        label="final train loss",
+    ),
+    _m(
+        "quality",
+        "loss_t_small",
+        "MSE",
+        "lower",
+        "loss_mse at the smallest probed t (final probe)",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "loss_t_mid",
+        "MSE",
+        "lower",
+        "loss_mse at the probed t nearest T/2 other than the smallest",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "loss_small_minus_mid",
+        "MSE",
+        "lower",
+        "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "eps_bias_max",
+        "",
+        "lower",
+        "largest |err_mean| over probed t (F2: predicted-noise bias)",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "eps_std_gap_small",
+        "",
+        "zero",
+        "eps_pred_std - 1 at the smallest probed t (F2)",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "eps_std_gap_mean",
+        "",
+        "lower",
+        "mean over every t of |eps_pred_std - 1|, linear between probed t (F2)",
+        "metrics.per_t_summary",
+    ),
+    _m(
+        "quality",
+        "final_mean_gap",
+        "pixel",
+        "zero",
+        "mean pixel of the final samples - mean pixel of the held-out data",
+        "diagnostics.drift_summary",
+        group=_DRIFT,
+        label="final mean gap",
+    ),
+    _m(
+        "quality",
+        "max_mean_gap",
+        "pixel",
+        "lower",
+        "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T)",
+        "diagnostics.drift_summary",
+        group=_DRIFT,
+        label="max |mean gap|",
+    ),
+    _m(
+        "quality",
+        "final_std_gap",
+        "pixel",
+        "zero",
+        "pixel std of the final samples - that of the held-out data",
+        "diagnostics.drift_summary",
+    ),
+    _m(
+        "quality",
+        "hist_w1",
+        "pixel",
+        "lower",
+        "Wasserstein-1 of final pixel values vs held-out data",
+        "diagnostics.drift_summary",
+        group=_DRIFT,
+        label="histogram W1",
+    ),
+    _m(
+        "quality",
+        "sample_frac_out",
+        "",
+        "lower",
+        "fraction of final sample pixels outside [-1, 1]",
+        "diagnostics.drift_summary",
+    ),
+    _m(
+        "quality",
+        "sat_frac",
+        "",
+        None,
+        "fraction of sample pixels with |x| >= 0.99",
+        "quality.sample_quality",
+        group=_DRIFT,
+        label="saturated fraction",
+    ),
+    _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images", "quality.sample_quality"),
+    _m(
+        "quality",
+        "sat_gap",
+        "",
+        "zero",
+        "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)",
+        "quality.sample_quality",
+    ),
+    _m(
+        "quality",
+        "pixel_mean_gap",
+        "pixel",
+        "zero",
+        "mean pixel of the samples - mean pixel of the training images",
+        "quality.sample_quality",
+    ),
+    _m(
+        "quality",
+        "fd",
+        "",
+        "lower",
+        "Frechet distance (digit-classifier features; downsampled pixels otherwise)",
+        "quality.sample_quality",
+        group=_QUALITY,
+        label="Fréchet distance",
+    ),
+    _m(
+        "quality",
+        "coverage",
+        "",
+        "higher",
+        "fraction of digit classes produced by at least 20% of their fair share",
+        "quality.sample_quality",
+        group=_QUALITY,
+        label="class coverage",
+    ),
+    _m(
+        "quality",
+        "class_entropy",
+        "bits",
+        "higher",
+        "entropy of the predicted-class histogram of the samples",
+        "quality.sample_quality",
+    ),
+    _m(
+        "quality",
+        "confidence",
+        "",
+        "higher",
+        "mean maximum softmax probability of the digit classifier",
+        "quality.sample_quality",
+    ),
+    _m(
+        "quality",
+        "params",
+        "parameters",
+        None,
+        "model parameter count",
+        "model.count_parameters",
+        cost=True,
+        group=_COST,
+        label="parameters",
+    ),
+    _m("quality", "bf16_autocast", "", None, "1.0 if the run trained and sampled under bf16 autocast", "experiment"),
+    _m(
+        "quality",
+        "images_per_s",
+        "images/s",
+        "higher",
+        "median training throughput",
+        "experiment",
+        cost=True,
+        group=_COST,
+        label="images/s",
+    ),
+    _m("quality", "train_seconds", "s", "lower", "wall time until the final probe", "experiment", cost=True),
+    _m("quality", "sample_seconds", "s", "lower", "wall time of sampling", "experiment", cost=True),
+    _m(
+        "quality",
+        "seconds",
+        "s",
+        "lower",
+        "wall time of the run in the engine",
+        "experiment",
+        cost=True,
+        group=_COST,
+        label="seconds",
+    ),
+    _m("quality", "peak_memory_mb", "MB", "lower", "peak device memory (CUDA only; NaN on CPU)", "device", cost=True),
+    _m("quality", "resumed_from_step", "step", None, "step the run resumed from (0 if it started fresh)", "experiment"),
+    _m("quality", "train_steps", "steps", None, "optimizer steps trained", "experiment"),
+    _m("quality", "train_images", "images", None, "training images seen", "experiment"),
+    _m(
+        "quality",
+        "train_loop_seconds",
+        "s",
+        "lower",
+        "time inside training steps (the budget_by seconds clock)",
+        "experiment",
+        cost=True,
+    ),
+]
+
+TABLES: dict[str, dict[str, Metric]] = {}
+for _metric in DECLARED:
+    TABLES.setdefault(_metric.table, {})[_metric.name] = _metric
+
+PER_RUN: dict[str, Metric] = TABLES[PER_RUN_TABLE]
+
+
+def per_run_metric(name: str) -> Metric:
+    return PER_RUN[name]
+
+
+def report_columns() -> list[Metric]:
+    """Per-run metrics shown as report columns, in declaration order."""
+    return [m for m in PER_RUN.values() if m.group]
+
+
+def tunable() -> list[str]:
+    """Per-run metrics with a better direction that are not costs: what a study may tune."""
+    return [m.name for m in PER_RUN.values() if m.better is not None and not m.cost]
+
+
+# --------------------------------------------------------------------------------------
+# Per-t summaries of the final probe
+
+
+def nearest_t(ts, target: float) -> int:
+    """The t of ``ts`` nearest ``target``; ties go to the smaller t."""
+    return int(min(ts, key=lambda t: (abs(t - target), t)))
+
+
+def mean_over_t(curve: pd.Series) -> float:
+    """Mean of a per-t curve over every integer t from its first to its last probed t,
+    linear between probed t: the value at a uniformly drawn t (the probe grid for T > 200
+    crowds small t, and a plain mean over grid points would weight them by the grid)."""
+    import numpy as np
+
+    if curve.empty:
+        return math.nan
+    ts = curve.index.to_numpy(float)
+    every = np.arange(int(ts[0]), int(ts[-1]) + 1)
+    return float(np.interp(every, ts, curve.to_numpy(float)).mean())
+
+
+def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
+    """Per-run numbers from the per-t rows of ONE probe (the final one): the seed's
+    observations as metrics. F1: loss at the smallest t against mid t. F2: the largest
+    predicted-noise bias over t, and the std's departure from 1 at small t and over all t."""
+    names = (
+        "loss_t_small",
+        "loss_t_mid",
+        "loss_small_minus_mid",
+        "eps_bias_max",
+        "eps_std_gap_small",
+        "eps_std_gap_mean",
+    )
+    out = dict.fromkeys(names, math.nan)
+    if per_t.empty or "t" not in per_t:
+        return out
+    frame = per_t.groupby("t").mean(numeric_only=True).sort_index()
+    loss = frame["loss_mse"].dropna() if "loss_mse" in frame else None
+    if loss is not None and len(loss) >= 2:
+        t_small = int(loss.index[0])
+        t_mid = nearest_t(loss.index[1:], int(frame.index.max()) / 2)  # never t_small itself
+        out.update(
+            loss_t_small=float(loss[t_small]),
+            loss_t_mid=float(loss[t_mid]),
+            loss_small_minus_mid=float(loss[t_small] - loss[t_mid]),
+        )
+    if "err_mean" in frame and frame["err_mean"].notna().any():
+        out["eps_bias_max"] = float(frame["err_mean"].abs().max())
+    if "eps_pred_std" in frame:
+        std = frame["eps_pred_std"].dropna()
+        if not std.empty:
+            out["eps_std_gap_small"] = float(std.iloc[0] - 1.0)
+            out["eps_std_gap_mean"] = mean_over_t((std - 1.0).abs())
+    return out

@@ -1,0 +1,343 @@
+"""Declared hypotheses of a study, judged over seeds with Student-t intervals and Holm's correction.
+
+A study YAML may state what it expects before anything is trained::
+
+    hypotheses:
+      t200_fixed_leaks_signal:
+        metric: prior_bits        # any declared per-run metric
+        arm: T200-fixed           # one arm label, or omit for every arm
+        versus: baseline          # baseline: paired difference (arm - baseline) by seed; none: the arm's value
+        expect: above             # above | below | within
+        value: 0.0                # threshold; for `within`, the margin +-value
+        says: T=200 with unscaled betas leaves signal in x_T
+
+Each (hypothesis, arm) is judged from the per-seed values (paired differences when versus the
+baseline) by the two-sided Student-t confidence interval of their mean (``harness.stats``):
+
+* ``above v``: supported when the interval lies wholly above v, refuted when wholly below v;
+* ``below v``: the mirror;
+* ``within m``: supported when the interval lies wholly inside (-m, m), refuted when it lies
+  wholly beyond one edge of the margin;
+* anything else is inconclusive.
+
+Every judgement also carries the p-value of the test that decides it, built so that
+p < 1 - confidence exactly when the interval rule decides. Over all rows of a study the
+p-values are Holm-adjusted, and a verdict stands only when its adjusted p is below alpha.
+
+Pure: pandas / numpy / scipy / pydantic, no MLflow, no file IO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _scipy_stats
+
+from .spec import Hypothesis
+from .stats import ROUNDING, mean_ci
+
+SUPPORTED = "supported"
+REFUTED = "refuted"
+INCONCLUSIVE = "inconclusive"
+
+EXPECTS = ("above", "below", "within")
+
+COLUMNS = [
+    "name",
+    "arm",
+    "metric",
+    "versus",
+    "expect",
+    "value",
+    "n",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "verdict",
+    "says",
+    "sentence",
+]
+
+NO_RUN = "no finished run with this metric"
+ZERO_SPREAD = 1e-12  # a std below this (relative to max(1, |mean|)) is floating-point noise
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the per-seed values say about one hypothesis, before multiplicity correction."""
+
+    n: int
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    verdict: str
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down adjusted p-values, in input order.
+
+    With the m finite p-values sorted ascending, p_adj_(i) = max_{j<=i} min(1, (m-j+1) p_(j)).
+    NaN (and None / inf) p-values stay NaN and do not count in m.
+    """
+    p = np.array([math.nan if v is None else float(v) for v in p_values], dtype=float)
+    out = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    if m == 0:
+        return out.tolist()
+    order = finite[np.argsort(p[finite], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out.tolist()
+
+
+def _t_sf(t: float, df: int) -> float:
+    return float(_scipy_stats.t.sf(t, df))
+
+
+def _t_cdf(t: float, df: int) -> float:
+    return float(_scipy_stats.t.cdf(t, df))
+
+
+def within_p_values(estimate: float, se: float, n: int, margin: float) -> tuple[float, float]:
+    """(p_in, p_out) of a ``within margin`` hypothesis from a t statistic with n - 1 df.
+
+    p_in  = min(1, 2 * max(P(T >= (est + m)/se), P(T <= (est - m)/se))): TOST, the larger of
+            the one-sided p-values of H0 mean <= -m and H0 mean >= +m, doubled so that
+            p_in < 1 - confidence exactly when the two-sided interval lies inside (-m, m).
+    p_out = min(1, 2 * min(P(T >= (est - m)/se), P(T <= (est + m)/se))): the smaller of the
+            one-sided p-values of H0 mean <= +m and H0 mean >= -m, doubled so that
+            p_out < 1 - confidence exactly when the interval lies wholly above +m or below -m.
+    """
+    df = n - 1
+    p_not_below = _t_sf((estimate + margin) / se, df)  # H0: mean <= -m
+    p_not_above = _t_cdf((estimate - margin) / se, df)  # H0: mean >= +m
+    p_in = min(1.0, 2.0 * max(p_not_below, p_not_above))
+    p_beyond_top = _t_sf((estimate - margin) / se, df)  # H0: mean <= +m
+    p_beyond_bottom = _t_cdf((estimate + margin) / se, df)  # H0: mean >= -m
+    p_out = min(1.0, 2.0 * min(p_beyond_top, p_beyond_bottom))
+    return p_in, p_out
+
+
+def _side_verdict(low: float, high: float, expect: str, value: float) -> str:
+    """The interval rule: where [low, high] lies against the threshold or margin."""
+    if expect == "within":
+        if -value < low and high < value:
+            return SUPPORTED
+        if low > value or high < -value:
+            return REFUTED
+        return INCONCLUSIVE
+    if low > value:
+        return SUPPORTED if expect == "above" else REFUTED
+    if high < value:
+        return REFUTED if expect == "above" else SUPPORTED
+    return INCONCLUSIVE
+
+
+def _check_expect(expect: str, value: float) -> None:
+    if expect not in EXPECTS:
+        raise ValueError(f"expect must be one of {', '.join(EXPECTS)}, got {expect!r}")
+    if expect == "within" and not value > 0:
+        raise ValueError("within needs a margin value > 0")
+
+
+def judge(values: Sequence[float], expect: str, value: float, confidence: float = 0.95) -> Judgement:
+    """Judge per-seed ``values`` (already paired differences when versus the baseline).
+
+    The verdict follows the two-sided Student-t interval of the mean (df = n - 1); the p-value
+    is that of the test deciding it (see the module docstring and ``within_p_values``).
+    NaN / inf values are dropped first. n = 1: estimate only, inconclusive. n = 0: all NaN.
+    All values equal (std within floating-point noise): a zero-width interval, decided by
+    where the value lies (p = 0), or inconclusive with p = 1 when it sits on the threshold.
+    """
+    _check_expect(expect, value)
+    value = float(value)
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    estimate, half, n = mean_ci(x, confidence)
+    if n == 0:
+        return Judgement(0, math.nan, math.nan, math.nan, math.nan, INCONCLUSIVE)
+    if n == 1:
+        return Judgement(1, estimate, math.nan, math.nan, math.nan, INCONCLUSIVE)
+
+    std = float(x.std(ddof=1))
+    if std < ZERO_SPREAD * max(1.0, abs(estimate)):
+        return _judge_zero_width(n, estimate, expect, value)
+
+    se = std / math.sqrt(n)
+    low, high = estimate - half, estimate + half
+    verdict = _side_verdict(low, high, expect, value)
+    if expect == "within":
+        p_value = min(within_p_values(estimate, se, n, value))
+    else:
+        t = (estimate - value) / se
+        p_value = min(1.0, 2.0 * _t_sf(abs(t), n - 1))
+    return Judgement(n, estimate, low, high, p_value, verdict)
+
+
+def _judge_zero_width(n: int, estimate: float, expect: str, value: float) -> Judgement:
+    """Every seed gave the same number: the interval is that point."""
+
+    def on(edge: float) -> bool:  # equal up to floating-point rounding
+        return abs(estimate - edge) <= ZERO_SPREAD * max(1.0, abs(estimate), abs(edge))
+
+    if on(value) or (expect == "within" and on(-value)):
+        return Judgement(n, estimate, estimate, estimate, 1.0, INCONCLUSIVE)
+    verdict = _side_verdict(estimate, estimate, expect, value)
+    return Judgement(n, estimate, estimate, estimate, 0.0, verdict)
+
+
+def paired_differences(
+    arm_values_by_seed: Mapping[Any, float], baseline_values_by_seed: Mapping[Any, float]
+) -> list[float]:
+    """Per-seed differences arm - baseline over the seeds both have a finite value for, with
+    the rounding rule of ``harness.stats.paired_effect``: a difference within relative
+    ``ROUNDING`` of the two values is exactly 0."""
+    diffs = []
+    for seed, value in arm_values_by_seed.items():
+        base = baseline_values_by_seed.get(seed)
+        if value is None or base is None:
+            continue
+        value, base = float(value), float(base)
+        if math.isfinite(value) and math.isfinite(base):
+            diff = value - base
+            diffs.append(0.0 if abs(diff) <= ROUNDING * max(abs(value), abs(base)) else diff)
+    return diffs
+
+
+def _by_seed(per_run: pd.DataFrame, arm: str, metric: str) -> dict[Any, float]:
+    """{seed: value} of one arm's finite values of one metric."""
+    rows = per_run[per_run["arm"] == arm]
+    values = pd.to_numeric(rows[metric], errors="coerce")
+    keep = np.isfinite(values.to_numpy(dtype=float))
+    return dict(zip(rows["seed"].to_numpy()[keep], values.to_numpy(dtype=float)[keep]))
+
+
+def _values(hypothesis: Hypothesis, arm: str, per_run: pd.DataFrame, baseline: str | None) -> list[float]:
+    """The per-seed numbers a (hypothesis, arm) row is judged on; empty when there are none."""
+    needed = {"arm", "seed", hypothesis.metric}
+    if not needed.issubset(per_run.columns):
+        return []
+    arm_values = _by_seed(per_run, arm, hypothesis.metric)
+    if hypothesis.versus == "none":
+        return list(arm_values.values())
+    if baseline is None:
+        return []
+    return paired_differences(arm_values, _by_seed(per_run, baseline, hypothesis.metric))
+
+
+def _arms_of(hypothesis: Hypothesis, arms: Sequence[str], baseline: str | None) -> list[str]:
+    if hypothesis.arm is not None:
+        return [hypothesis.arm]
+    if hypothesis.versus == "baseline":
+        return [a for a in arms if a != baseline]
+    return list(arms)
+
+
+def evaluate(
+    hypotheses: Mapping[str, Hypothesis],
+    per_run: pd.DataFrame,
+    arms: list[str],
+    baseline: str | None,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """One row per (hypothesis, arm), with Holm-adjusted p-values over every row of the study.
+
+    ``per_run`` has columns ``arm, seed`` and one column per metric (a row per finished run).
+    A hypothesis without an arm applies to every arm in ``arms`` order (except the baseline
+    itself when versus the baseline). The final verdict is the judge's supported / refuted
+    only when the Holm-adjusted p is below ``alpha``, else inconclusive. A missing metric
+    column, or no baseline for a versus-baseline hypothesis, gives an n = 0 inconclusive row.
+    """
+    rows = []
+    for name, hypothesis in hypotheses.items():
+        for arm in _arms_of(hypothesis, arms, baseline):
+            j = judge(_values(hypothesis, arm, per_run, baseline), hypothesis.expect, hypothesis.value, confidence)
+            rows.append(
+                {
+                    "name": name,
+                    "arm": arm,
+                    "metric": hypothesis.metric,
+                    "versus": hypothesis.versus,
+                    "expect": hypothesis.expect,
+                    "value": float(hypothesis.value),
+                    "n": j.n,
+                    "estimate": j.estimate,
+                    "ci_low": j.ci_low,
+                    "ci_high": j.ci_high,
+                    "p_value": j.p_value,
+                    "verdict": j.verdict,
+                    "says": hypothesis.says,
+                }
+            )
+    adjusted = holm([r["p_value"] for r in rows])
+    for row, p_adj in zip(rows, adjusted):
+        row["p_adjusted"] = p_adj
+        if not (math.isfinite(p_adj) and p_adj < alpha):
+            row["verdict"] = INCONCLUSIVE
+        row["sentence"] = sentence(row, confidence)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["n"] = frame["n"].astype(int)
+    for column in ("value", "estimate", "ci_low", "ci_high", "p_value", "p_adjusted"):
+        frame[column] = frame[column].astype(float)
+    return frame
+
+
+def _num(x: float, signed: bool = False) -> str:
+    """3 significant digits; ``signed`` puts a + on positive numbers."""
+    x = float(x)
+    if x == 0:
+        x = 0.0  # no "-0"
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
+
+
+def _p(p: float) -> str:
+    text = f"{float(p):.3g}"
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def _is_finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def sentence(row: Mapping[str, Any], confidence: float = 0.95) -> str:
+    """One plain sentence for a row of ``evaluate``, e.g.
+
+    ``T200-fixed: prior_bits − baseline = +0.544 (95% CI 0.544 to 0.544, n=2), expected above 0:
+    supported (Holm-adjusted p = 0.0).``, prefixed with the hypothesis's ``says`` when given.
+    """
+    versus_baseline = row["versus"] == "baseline"
+    quantity = f"{row['metric']} − baseline" if versus_baseline else f"{row['metric']}"
+    n = int(row["n"])
+    if n == 0 or not _is_finite(row["estimate"]):
+        measured = f"{quantity}: {NO_RUN}"
+    else:
+        estimate = _num(row["estimate"], signed=versus_baseline)
+        if n == 1 or not (_is_finite(row["ci_low"]) and _is_finite(row["ci_high"])):
+            interval = f"(n={n}, no interval)"
+        else:
+            level = f"{confidence * 100:g}%"
+            interval = f"({level} CI {_num(row['ci_low'])} to {_num(row['ci_high'])}, n={n})"
+        measured = f"{quantity} = {estimate} {interval}"
+    value = float(row["value"])
+    expected = f"within ±{_num(value)}" if row["expect"] == "within" else f"{row['expect']} {_num(value)}"
+    judged = str(row["verdict"])
+    p_adj = row.get("p_adjusted", math.nan)
+    if _is_finite(p_adj):
+        judged += f" (Holm-adjusted p = {_p(p_adj)})"
+    text = f"{row['arm']}: {measured}, expected {expected}: {judged}."
+    says = row.get("says", "")
+    if isinstance(says, str) and says.strip():
+        text = f"{says.strip()} — {text}"
+    return text

@@ -1,0 +1,85 @@
+"""The life of a run: its states, the one function that executes it, and what it ended as.
+
+Every way of running a spec (the local slots, a distributed worker, a tuning trial) calls
+``execute``; each then maps the returned ``Outcome`` onto its own bookkeeping (a tracker, an
+Optuna trial state) in one place. The states are the vocabulary of the ``runs`` table, of
+``harness status`` and of the report (docs/design.md, "Run states").
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.recorder import Recorder
+
+
+class RunState(str, Enum):
+    """A run key's state. ``str`` so that it is stored in Parquet and compared with text."""
+
+    PENDING = "pending"  # planned, never started (or its start was cancelled)
+    RUNNING = "running"  # started and not ended (a live run, or one whose process died)
+    FINISHED = "finished"
+    FAILED = "failed"  # an exception or a non-finite loss; the reason is kept
+    INTERRUPTED = "interrupted"  # stopped on request after a checkpoint; resumes next time
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def resumable(self) -> bool:
+        """Run again by a plain `harness run` (failed ones need --retry-failed)."""
+        return self in (RunState.PENDING, RunState.RUNNING, RunState.INTERRUPTED)
+
+    @classmethod
+    def parse(cls, text: object) -> RunState:
+        """A state from any stored spelling; unknown or missing text is PENDING."""
+        try:
+            return cls(str(text).strip().lower())
+        except ValueError:
+            return cls.PENDING
+
+
+class RunAbandoned(Exception):
+    """Raised from ``should_stop`` when the run must stop without being recorded as ended
+    (a distributed trial that another worker declared stale and retried)."""
+
+
+@dataclass
+class Outcome:
+    state: RunState
+    summary: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # failed: "Type: message"; interrupted: where it stopped
+    step: int | None = None  # interrupted: the checkpointed step
+    traceback: str = ""
+
+
+def execute(
+    config: ExperimentConfig,
+    recorder: Recorder,
+    *,
+    device: str = "auto",
+    checkpoint_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome:
+    """Run one config through the engine and say how it ended. Any exception of the run is
+    a FAILED outcome with its reason (one failing run never takes others down); only
+    ``RunAbandoned`` and BaseExceptions (KeyboardInterrupt, SystemExit) propagate."""
+    from ddpm_engine import RunInterrupted, run_experiment
+
+    try:
+        result = run_experiment(config, recorder, device=device, checkpoint_dir=checkpoint_dir, should_stop=should_stop)
+    except RunAbandoned:
+        raise
+    except RunInterrupted as exc:
+        return Outcome(
+            RunState.INTERRUPTED, reason=f"interrupted at step {exc.step}; resumes from its checkpoint", step=exc.step
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure of one run is an outcome
+        return Outcome(RunState.FAILED, reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    return Outcome(RunState.FINISHED, summary=result.summary)

@@ -1,0 +1,184 @@
+"""The results layer and the hypotheses on hand-made tables whose answers are known (no engine run).
+
+Study "handmade": T = 10 (every t probed, t_mid = 5), seeds 0, 1, 2, arms
+  base    loss at t=1 well above t=5, a large predicted-noise bias, darker samples;
+  armA    loss at t=1 below t=5, no bias, samples match the data;
+  armB    loss difference of mixed sign over seeds (inconclusive);
+  broken  one failed run whose tables exist anyway (ignored).
+Each finished run also has an earlier probe (step 5) with absurd values that must be ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from handmade import write_run, write_study
+from scipy import stats as scipy_stats
+
+from ddpm_engine.metrics import PER_RUN, mean_over_t, nearest_t, per_t_summary
+from harness.report import build_report
+from harness.results import StudyResults
+
+STUDY = "handmade"
+SEEDS = [0, 1, 2]
+ARMS = ["base", "armA", "armB", "broken"]
+T = 10
+
+DESIGN = {
+    "base": dict(
+        loss1=[0.50, 0.55, 0.60],
+        loss5=[0.20, 0.22, 0.21],
+        bias_t=3,
+        bias=[-0.10, -0.12, -0.11],
+        std1=[0.80, 0.82, 0.84],
+        gap=[-0.10, -0.12, -0.11],
+    ),
+    "armA": dict(
+        loss1=[0.10, 0.12, 0.11],
+        loss5=[0.20, 0.21, 0.22],
+        bias_t=2,
+        bias=[0.004, -0.005, 0.006],
+        std1=[1.01, 0.99, 1.00],
+        gap=[0.001, -0.002, 0.0005],
+    ),
+    "armB": dict(
+        loss1=[0.40, 0.15, 0.30],
+        loss5=[0.20, 0.25, 0.25],
+        bias_t=10,
+        bias=[0.20, 0.25, 0.22],
+        std1=[1.30, 1.35, 1.32],
+        gap=[-0.05, 0.04, 0.0],
+    ),
+}
+HYPOTHESES = {
+    "small_t_is_hard": {
+        "metric": "loss_small_minus_mid",
+        "expect": "above",
+        "value": 0.0,
+        "says": "the loss at the smallest t is above mid t",
+    },
+    "darker_than_base": {
+        "metric": "final_mean_gap",
+        "versus": "baseline",
+        "arm": "armA",
+        "expect": "above",
+        "value": 0.0,
+    },
+    "matches_data": {"metric": "final_mean_gap", "arm": "armA", "expect": "within", "value": 0.01},
+}
+
+
+def per_t_frame(arm: str, i: int) -> pd.DataFrame:
+    d = DESIGN[arm]
+    ts = np.arange(1, T + 1)
+    final = pd.DataFrame(
+        {
+            "step": 10,
+            "t": ts,
+            "alphabar": np.linspace(0.99, 0.01, T),
+            "wt": 1.0,
+            "loss_mse": 0.3,
+            "eps_pred_mean": 0.0,
+            "eps_pred_std": 1.0,
+            "err_mean": 0.001,
+            "err_std": 0.5,
+            "vlb_bits": 0.1,
+        }
+    )
+    final.loc[final["t"] == 1, "loss_mse"] = d["loss1"][i]
+    final.loc[final["t"] == 5, "loss_mse"] = d["loss5"][i]
+    final.loc[final["t"] == 1, "eps_pred_std"] = d["std1"][i]
+    final.loc[final["t"] == d["bias_t"], "err_mean"] = d["bias"][i]
+    early = final.assign(step=5, loss_mse=5.0, eps_pred_std=3.0, err_mean=0.9)  # not the final probe
+    return pd.concat([early, final], ignore_index=True)
+
+
+def quality_frame(arm: str, i: int) -> pd.DataFrame:
+    # recorded before the per-t metrics were declared: they must be derived from per_t
+    return pd.DataFrame([{"final_mean_gap": DESIGN[arm]["gap"][i], "fd": 1.0}])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    write_study(root, STUDY, ARMS, SEEDS, "base", hypotheses=HYPOTHESES)
+    for arm in DESIGN:
+        for i, seed in enumerate(SEEDS):
+            write_run(root, STUDY, arm, seed, per_t=per_t_frame(arm, i), quality=quality_frame(arm, i))
+    write_run(root, STUDY, "broken", 0, status="failed", per_t=per_t_frame("base", 0), quality=quality_frame("base", 0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(results, tmp_path_factory):
+    return build_report(STUDY, results, tmp_path_factory.mktemp("reports")).read_text()
+
+
+def test_per_run_metrics_come_from_the_final_probe_of_finished_runs(results):
+    data = StudyResults.load(results, STUDY)
+    per_run = data.per_run()
+    assert len(per_run) == 9 and "broken" not in set(per_run["arm"])
+    assert list(per_run.columns) == ["run_key", "arm", "seed", *PER_RUN]
+    base = per_run[per_run["arm"] == "base"].sort_values("seed")
+    np.testing.assert_allclose(base["loss_t_small"], [0.50, 0.55, 0.60])
+    np.testing.assert_allclose(base["loss_t_mid"], [0.20, 0.22, 0.21])
+    np.testing.assert_allclose(base["loss_small_minus_mid"], [0.30, 0.33, 0.39])
+    np.testing.assert_allclose(base["eps_bias_max"], [0.10, 0.12, 0.11])
+    np.testing.assert_allclose(base["eps_std_gap_small"], [-0.20, -0.18, -0.16])
+    # |std - 1| is 0.2 at t=1 and 0 at every t from 2 to 10 (all probed): the mean is 0.2 / 10
+    assert base["eps_std_gap_mean"].iloc[0] == pytest.approx(0.2 / 10)
+    assert math.isnan(per_run["bpd"].iloc[0])  # declared, not measured here
+    assert data.metric("final_mean_gap")["armA"] == pytest.approx({0: 0.001, 1: -0.002, 2: 0.0005})
+
+
+def test_per_t_summary_pieces():
+    assert nearest_t([2, 9, 11, 20], 10) == 9  # ties go to the smaller t
+    curve = pd.Series([0.0, 1.0], index=[1, 3])
+    assert mean_over_t(curve) == pytest.approx(0.5)  # t = 1, 2, 3 -> 0, 0.5, 1
+    assert all(math.isnan(v) for v in per_t_summary(pd.DataFrame()).values())
+
+
+def test_hypotheses_are_judged_and_written(results, page):
+    table = pq.read_table(results / STUDY / "hypotheses.parquet").to_pandas()
+    assert list(table.columns[:13]) == [
+        "name",
+        "arm",
+        "metric",
+        "versus",
+        "expect",
+        "value",
+        "n",
+        "estimate",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "p_adjusted",
+        "verdict",
+    ]
+    rows = {(r["name"], r["arm"]): r for r in table.to_dict("records")}
+    # every arm with data: base supported, armA refuted, armB inconclusive, broken no finished run
+    assert rows["small_t_is_hard", "base"]["verdict"] == "supported"
+    assert rows["small_t_is_hard", "armA"]["verdict"] == "refuted"
+    assert rows["small_t_is_hard", "armB"]["verdict"] == "inconclusive"
+    assert (
+        rows["small_t_is_hard", "broken"]["n"] == 0 and rows["small_t_is_hard", "broken"]["verdict"] == "inconclusive"
+    )
+    d = np.array([0.30, 0.33, 0.39])
+    half = scipy_stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    assert rows["small_t_is_hard", "base"]["ci_low"] == pytest.approx(d.mean() - half)
+    # paired by seed against the baseline: armA - base final_mean_gap = 0.101, 0.118, 0.1105
+    paired = rows["darker_than_base", "armA"]
+    assert paired["estimate"] == pytest.approx(np.mean([0.101, 0.118, 0.1105])) and paired["n"] == 3
+    assert ("darker_than_base", "base") not in rows
+    assert rows["matches_data", "armA"]["n"] == 3
+    # Holm across every row with a p-value
+    finite = table["p_value"].notna()
+    assert (table.loc[finite, "p_adjusted"] >= table.loc[finite, "p_value"] - 1e-15).all()
+    section = re.search(r'<section id="hypotheses">(.*?)</section>', page, re.S).group(1)
+    assert "the loss at the smallest t is above mid t" in section and "supported" in section and "refuted" in section
+    assert page.index('id="hypotheses"') < page.index('id="design"')  # first on the page
