@@ -25,6 +25,18 @@ ablations:
     T20: {{diffusion.T: 20}}
     T10: {{diffusion.T: 10}}
 seeds: [0, 1]
+hypotheses:
+  fewer_steps_leave_signal:
+    says: T=10 with unscaled betas leaves more of the image in x_T than T=20
+    metric: prior_bits
+    arm: T10
+    versus: baseline
+    expect: above
+    value: 0.0
+  small_t_is_hard:
+    metric: loss_small_minus_mid
+    expect: above
+    value: 0.0
 """
 
 
@@ -165,6 +177,25 @@ def test_second_run_runs_nothing(smoke):
     assert "0 to run" in again.stdout
     _, runs = mlflow_runs(cwd, "smoke")
     assert len(runs) == 4
+
+
+def test_report_judges_the_study_hypotheses(smoke):
+    """prior_bits depends only on the schedule and the probe images: the same in every seed,
+    a zero-width interval decided by its value (T10's L_T is larger than T20's)."""
+    cwd, study, _ = smoke
+    built = harness(["report", str(study)], cwd)
+    assert built.returncode == 0, built.stderr
+    rows = ds.dataset(str(cwd / "results" / "smoke" / "hypotheses.parquet")).to_table().to_pandas()
+    assert sorted(zip(rows["name"], rows["arm"])) == [
+        ("fewer_steps_leave_signal", "T10"),
+        ("small_t_is_hard", "T10"),
+        ("small_t_is_hard", "T20"),
+    ]
+    prior = rows[rows["name"] == "fewer_steps_leave_signal"].iloc[0]
+    assert prior["n"] == 2 and prior["ci_low"] == prior["ci_high"] > 0
+    assert prior["verdict"] == "supported" and prior["p_adjusted"] == 0.0
+    html = (cwd / "reports" / "smoke" / "index.html").read_text()
+    assert "T=10 with unscaled betas leaves more of the image in x_T than T=20" in html
 
 
 def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
