@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from .ledger import Ledger
 from .lifecycle import RunState
-from .plan import RunSpec, changed_keys, expand, study_manifest
+from .plan import RunSpec, changed_keys, expand, study_manifest, write_manifest
 from .spec import Study, StudyError, load_study
 
 app = typer.Typer(
@@ -209,6 +208,12 @@ def run(
             workers,
             not no_work,
         )
+    _run_locally(study, specs, chosen, results, reports if report else None, device, workers, rerun, retry_failed)
+
+
+def _run_locally(study, specs, chosen, results, reports, device, workers, rerun, retry_failed) -> None:
+    """Run the study's pending keys on local slots, then summarise, report and exit with the
+    study's state (0 all finished, 1 some failed, 130 stopped)."""
     from .scheduler import LocalScheduler, slot_devices
 
     todo, skipped = ledger_of(results, study).todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
@@ -216,12 +221,31 @@ def run(
         slots = slot_devices(device, workers, runs=len(todo))
     except ValueError as error:
         fail_input(error)
-    manifest_path = results / study.study / "study.json"
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(study_manifest(study, specs), indent=2))
-
+    write_manifest(results, study_manifest(study, specs))
     scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
     scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
+    make_tracker, uri = _open_tracking(study, results, scheduler)
+    console.print(
+        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
+        f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {uri}"
+    )
+    if any(why == RunState.FAILED for _, why in skipped):
+        console.print("[yellow]failed runs are not retried without --retry-failed[/]")
+    outcomes = _run_with_progress(scheduler, todo, make_tracker) if todo else []
+    final = ledger_of(results, study)
+    _print_summary(specs, final)
+    if reports is not None:
+        _build_report(study.study, results, reports)
+    if any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes):
+        console.print("[yellow]stopped: run the same command again to resume[/]")
+        raise typer.Exit(130)
+    if any(final.state(s.key) is RunState.FAILED for s in specs):
+        raise typer.Exit(1)
+
+
+def _open_tracking(study: Study, results: Path, scheduler):
+    """(a RunTracker factory, the tracking URI); an unusable store stops the started slots
+    (their runs resume next time) and is bad input, exit 2."""
     from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
@@ -237,28 +261,7 @@ def run(
     except BaseException:
         scheduler.abort()
         raise
-    console.print(
-        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
-        f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
-    )
-    if any(why == RunState.FAILED for _, why in skipped):
-        console.print("[yellow]failed runs are not retried without --retry-failed[/]")
-
-    outcomes = []
-    if todo:
-        outcomes = _run_with_progress(
-            scheduler, todo, lambda spec: RunTracker(client, experiment_id, spec, results, commit)
-        )
-    final = ledger_of(results, study)
-    _print_summary(specs, final)
-    if report:
-        _build_report(study.study, results, reports)
-    n_failed = sum(final.state(s.key) is RunState.FAILED for s in specs)
-    if any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes):
-        console.print("[yellow]stopped: run the same command again to resume[/]")
-        raise typer.Exit(130)
-    if n_failed:
-        raise typer.Exit(1)
+    return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client.tracking_uri
 
 
 def _chosen_arms(study_path: Path, specs: list[RunSpec], arms: list[str] | None) -> set[str] | None:

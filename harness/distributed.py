@@ -41,7 +41,6 @@ rebuilds the ``runs`` rows from the MLflow runs' tags, metrics and status.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -61,7 +60,7 @@ from rich.markup import escape
 
 from .ledger import PRECEDENCE, Ledger, from_mlflow, from_trials
 from .lifecycle import Outcome, RunAbandoned, RunState, execute
-from .plan import Arm, RunSpec, run_key, study_manifest
+from .plan import Arm, RunSpec, run_key, study_manifest, write_manifest
 from .tables import TABLES, write_table
 
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
@@ -537,17 +536,6 @@ def spec_attrs_keys() -> set[str]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_manifest(results: Path, manifest: dict) -> Path:
-    path = Path(results) / manifest["study"] / "study.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest, indent=2)
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------- status

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -152,3 +154,16 @@ def study_manifest(study: Study, runs: list[RunSpec]) -> dict:
         "runs": [{"run_key": r.key, "arm": r.arm.label, "seed": r.seed} for r in runs],
         "hypotheses": {name: h.model_dump(mode="json") for name, h in study.hypotheses.items()},
     }
+
+
+def write_manifest(results: Path, manifest: dict) -> Path:
+    """results/<study>/study.json (what a report needs of the design), atomically and only
+    when it changed."""
+    path = Path(results) / manifest["study"] / "study.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=2)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path

@@ -123,47 +123,17 @@ def tune_arm(
     for _ in range(max(0, tune.trials - len(done))):
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt
-        trial = search.ask()
-        values = {key: suggest(trial, key, dist) for key, dist in tune.space.items()}
-        config = trial_config(study, arm, tune, values)
-        run = client.create_run(
-            experiment_id,
-            run_name=f"tune-{arm.label}-t{trial.number}",
-            tags={
-                "mlflow.parentRunId": parent_id,
-                "study": study.study,
-                "arm": arm.label,
-                "tune_trial": str(trial.number),
-                "optuna_study": name,
-            },
+        _run_trial(
+            search,
+            study,
+            arm,
+            parent_id,
+            client=client,
+            experiment_id=experiment_id,
+            device=device,
+            should_stop=should_stop,
+            on_trial=on_trial,
         )
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
-        recorder = TrialRecorder(client, run.info.run_id, trial)
-
-        def stop_trial(recorder: TrialRecorder = recorder) -> bool:  # pruned by Optuna, or stopped by the user
-            return recorder.pruned or (should_stop is not None and should_stop())
-
-        outcome = execute(config, recorder, device=device, should_stop=stop_trial)
-        state, value = _trial_state(outcome, recorder.pruned, tune)
-        if state is None:  # the user stopped the search: this trial is lost, the rest resumes
-            search.tell(trial, state=optuna.trial.TrialState.FAIL)
-            client.set_terminated(run.info.run_id, status="KILLED")
-            raise KeyboardInterrupt
-        complete = state == optuna.trial.TrialState.COMPLETE
-        search.tell(trial, value if complete else None, state=state)
-        if state == optuna.trial.TrialState.PRUNED:
-            client.set_tag(run.info.run_id, "pruned", "true")
-        if outcome.state is RunState.FAILED:  # a diverging learning rate is an answer, not a crash
-            client.set_tag(run.info.run_id, "error", outcome.reason[:5000])
-        client.set_terminated(run.info.run_id, status="FAILED" if outcome.state is RunState.FAILED else "FINISHED")
-        if on_trial:
-            on_trial(
-                arm.label,
-                trial.number,
-                values,
-                value if complete else None,
-                {"FAIL": "failed"}.get(state.name, state.name.lower()),
-            )
     complete = [t for t in search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not complete:
         raise RuntimeError(f"tuning of arm {arm.label!r} produced no complete trial (all pruned or failed)")
@@ -175,6 +145,54 @@ def tune_arm(
     )
     client.set_terminated(parent_id, status="FINISHED")
     return dict(best.params)
+
+
+def _run_trial(
+    search, study: Study, arm: Arm, parent_id: str, *, client, experiment_id, device, should_stop, on_trial
+) -> None:
+    """Ask Optuna for one trial, run it as a nested MLflow run and tell Optuna how it ended."""
+    tune, name = study.tune, search.study_name
+    trial = search.ask()
+    values = {key: suggest(trial, key, dist) for key, dist in tune.space.items()}
+    config = trial_config(study, arm, tune, values)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"tune-{arm.label}-t{trial.number}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "study": study.study,
+            "arm": arm.label,
+            "tune_trial": str(trial.number),
+            "optuna_study": name,
+        },
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    recorder = TrialRecorder(client, run.info.run_id, trial)
+
+    def stop_trial(recorder: TrialRecorder = recorder) -> bool:  # pruned by Optuna, or stopped by the user
+        return recorder.pruned or (should_stop is not None and should_stop())
+
+    outcome = execute(config, recorder, device=device, should_stop=stop_trial)
+    state, value = _trial_state(outcome, recorder.pruned, tune)
+    if state is None:  # the user stopped the search: this trial is lost, the rest resumes
+        search.tell(trial, state=optuna.trial.TrialState.FAIL)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        raise KeyboardInterrupt
+    complete = state == optuna.trial.TrialState.COMPLETE
+    search.tell(trial, value if complete else None, state=state)
+    if state == optuna.trial.TrialState.PRUNED:
+        client.set_tag(run.info.run_id, "pruned", "true")
+    if outcome.state is RunState.FAILED:  # a diverging learning rate is an answer, not a crash
+        client.set_tag(run.info.run_id, "error", outcome.reason[:5000])
+    client.set_terminated(run.info.run_id, status="FAILED" if outcome.state is RunState.FAILED else "FINISHED")
+    if on_trial:
+        on_trial(
+            arm.label,
+            trial.number,
+            values,
+            value if complete else None,
+            {"FAIL": "failed"}.get(state.name, state.name.lower()),
+        )
 
 
 def _trial_state(outcome: Outcome, pruned: bool, tune: Tune) -> tuple[optuna.trial.TrialState | None, float]:
