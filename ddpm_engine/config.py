@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .metrics import REFERENCE_NAMES
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -85,7 +87,12 @@ MODEL_PRESETS: dict[str, dict] = {
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "annotated"] = Field("tiny", description="Fills every knob below that is left unset.")
+    preset: Literal[("tiny", "annotated", *REFERENCE_NAMES)] = Field(
+        "tiny",
+        description="tiny / annotated fill every knob below that is left unset. pixelwise, gaussian, empirical, "
+        "median: a parameter-free reference denoiser fitted on the training split (ddpm_engine.references), "
+        "never trained (train.steps do not apply); the knobs below are ignored.",
+    )
     base_channels: int | None = Field(None, ge=4, description="Channels of the first level.")
     channel_mults: tuple[int, ...] | None = Field(
         None, min_length=1, description="Channel multiplier per resolution level."
@@ -106,6 +113,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> ModelConfig:
+        if self.preset not in MODEL_PRESETS:  # a reference denoiser has no network knobs
+            return self
         for key, value in MODEL_PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)

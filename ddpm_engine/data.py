@@ -197,7 +197,7 @@ def _load_image_folder(config: DataConfig):
             f"data.path {folder} holds no .png, .jpg or .jpeg files (searched recursively); "
             "point data.path at the folder that contains the images."
         )
-    cache_file = _cache_dir(config) / f"image_folder-{_folder_key(folder, files, config)}.npy"
+    cache_file = engine_cache_dir(config) / f"image_folder-{_folder_key(folder, files, config)}.npy"
     images = _read_cache(cache_file, len(files))
     if images is None:
         images = _decode_folder(folder, files, config)
@@ -232,7 +232,9 @@ def _folder_key(folder: Path, files: list[Path], config: DataConfig) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
-def _cache_dir(config: DataConfig) -> Path:
+def engine_cache_dir(config: DataConfig) -> Path:
+    """Where the engine keeps what it derives once (decoded images, the digit classifier,
+    reference losses): data.cache_dir, else $DDPM_ENGINE_CACHE, else ~/.cache/ddpm_engine."""
     chosen = config.cache_dir or os.environ.get("DDPM_ENGINE_CACHE") or "~/.cache/ddpm_engine"
     return Path(chosen).expanduser()
 

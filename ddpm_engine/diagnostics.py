@@ -6,6 +6,11 @@ same noise to every arm, so a difference between arms is the models', not the di
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -225,3 +230,75 @@ def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
     cdf_a = np.searchsorted(a, support[:-1], side="right") / a.size
     cdf_b = np.searchsorted(b, support[:-1], side="right") / b.size
     return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(support)))
+
+
+REFERENCE_CACHE_VERSION = "1"
+_REFERENCE_MEMO: dict[str, pd.DataFrame] = {}
+
+
+def reference_losses(
+    schedule: Schedule,
+    train_x0: torch.Tensor,
+    levels: int,
+    probe_x0: torch.Tensor,
+    probe_noise: torch.Tensor,
+    timesteps: list[int],
+    *,
+    cache_dir: Path | None = None,
+) -> pd.DataFrame:
+    """Per probed t, each parameter-free reference denoiser's loss on the SAME probe images,
+    noise and t as the model (``ref_loss_<name>``), the lowest of them (``loss_floor``: an
+    upper bound on the irreducible loss at t, since the Bayes-optimal denoiser can only do
+    better) and which reference sets it (``floor_denoiser``).
+
+    References do not change during training: the frame depends only on the training split,
+    the schedule, the probe draw and the grid, so it is computed once per such combination
+    and kept in memory and under ``cache_dir`` (a few kB per combination)."""
+    from .metrics import REFERENCE_NAMES
+    from .references import build_reference, reference_device
+
+    key = _reference_key(schedule, train_x0, levels, probe_x0, probe_noise, timesteps)
+    if key in _REFERENCE_MEMO:
+        return _REFERENCE_MEMO[key].copy()
+    path = Path(cache_dir) / f"reference_losses-{key}.parquet" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            frame = pd.read_parquet(path)
+            _REFERENCE_MEMO[key] = frame
+            return frame.copy()
+        except (OSError, ValueError):
+            pass  # an unreadable cache entry is recomputed and rewritten
+    frame = pd.DataFrame({"t": timesteps})
+    device = reference_device(probe_x0.device)
+    for name in REFERENCE_NAMES:
+        reference = build_reference(name, schedule, train_x0.to(device), levels).to(device)
+        rows = per_t_probe(reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels)
+        frame[f"ref_loss_{name}"] = rows["loss_mse"].to_numpy()
+    losses = frame[[f"ref_loss_{n}" for n in REFERENCE_NAMES]]
+    frame["loss_floor"] = losses.min(axis=1)
+    frame["floor_denoiser"] = [REFERENCE_NAMES[i] for i in np.argmin(losses.to_numpy(), axis=1)]
+    _REFERENCE_MEMO[key] = frame
+    if path is not None:
+        _write_parquet_atomic(path, frame)
+    return frame.copy()
+
+
+def _reference_key(schedule, train_x0, levels, probe_x0, probe_noise, timesteps) -> str:
+    h = hashlib.sha256(REFERENCE_CACHE_VERSION.encode())
+    for tensor in (schedule.betas, train_x0, probe_x0, probe_noise):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    h.update(f"{levels}:{list(timesteps)}".encode())
+    return h.hexdigest()[:24]
+
+
+def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+    # A cache is a convenience: failing to write one must not fail the run.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .config import EvalConfig, ExperimentConfig, TrainConfig
-from .data import ImageData, load_data
+from .data import ImageData, engine_cache_dir, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
     DriftRecorder,
@@ -27,21 +27,21 @@ from .diagnostics import (
     heldout_loss,
     per_t_probe,
     probe_timesteps,
+    reference_losses,
 )
-from .metrics import PER_RUN, per_t_summary
+from .metrics import PER_RUN, REFERENCE_NAMES, per_t_summary
 from .model import build_model, count_parameters
 from .objectives import gaussian_noise
-from .quality import load_digit_classifier, sample_quality
+from .quality import load_digit_classifier, memorisation, sample_quality
 from .recorder import NullRecorder, Recorder
+from .references import build_reference, reference_device
 from .sampling import SAMPLERS, chunked_eps
 from .schedule import Schedule, make_schedule
 from .training import Trainer
 
-# What sample_quality returns, in its order: NaN-filled when eval.quality is off, so every
-# run's summary has the same keys and the quality tables of a study line up.
 # What sample_quality returns, from the registry: NaN for each when eval.quality is off, so
-# that every run's summary has the same keys.
-QUALITY_KEYS = [m.name for m in PER_RUN.values() if m.source == "quality.sample_quality"]
+# that every run's summary has the same keys and the quality tables of a study line up.
+QUALITY_KEYS = [m.name for m in PER_RUN.values() if m.source in ("quality.sample_quality", "quality.memorisation")]
 
 
 class RunInterrupted(Exception):
@@ -68,12 +68,27 @@ class RunParts:
     device: torch.device
     data: ImageData
     schedule: Schedule
-    model: torch.nn.Module
-    trainer: Trainer
+    model: torch.nn.Module  # the UNet, or a parameter-free reference denoiser (model.preset)
+    trainer: Trainer | None  # None for a reference denoiser: nothing to train
     autocast: Callable[[], ContextManager] | None
     probe_x0: torch.Tensor  # held-out images, model space
     probe_noise: torch.Tensor  # same shape as probe_x0
     probe_grid: list[int]  # probed t
+    floor: pd.DataFrame  # per probed t: each reference's loss and the lowest (references.py)
+    reference_history: dict[str, list] = field(default_factory=lambda: {"train": [], "per_t": [], "bound": []})
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """What probes and the sampler call: the weights sampled from (EMA if kept), or the reference."""
+        return self.trainer.sampling_model if self.trainer is not None else self.model
+
+    @property
+    def history(self) -> dict[str, list]:
+        return self.trainer.history if self.trainer is not None else self.reference_history
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step if self.trainer is not None else 0
 
 
 @dataclass
@@ -139,26 +154,22 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     probe inputs (config.eval), all on ``device``."""
     data = data or load_data(config.data)
     schedule = make_schedule(config.diffusion)
-    # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, data.channels, data.image_size).to(device)
-    autocast = autocast_factory(device, config.train.precision)
-    trainer = Trainer(
-        config, model, schedule, data.to_model_space(data.train).to(device), data.levels, device, autocast
-    )
+    train_x0 = data.to_model_space(data.train).to(device)
+    if config.model.preset in REFERENCE_NAMES:  # a reference arm: fitted, never trained
+        model = build_reference(config.model.preset, schedule, train_x0, data.levels).to(reference_device(device))
+        trainer, autocast = None, None
+    else:
+        # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
+        torch.manual_seed(config.train.seed)
+        model = build_model(config.model, data.channels, data.image_size).to(device)
+        autocast = autocast_factory(device, config.train.precision)
+        trainer = Trainer(config, model, schedule, train_x0, data.levels, device, autocast)
     probe_x0, probe_noise = probe_inputs(config.eval, data, device)
-    return RunParts(
-        config,
-        device,
-        data,
-        schedule,
-        model,
-        trainer,
-        autocast,
-        probe_x0,
-        probe_noise,
-        probe_timesteps(schedule.T, config.eval.probe_timesteps),
+    grid = probe_timesteps(schedule.T, config.eval.probe_timesteps)
+    floor = reference_losses(
+        schedule, train_x0, data.levels, probe_x0, probe_noise, grid, cache_dir=engine_cache_dir(config.data)
     )
+    return RunParts(config, device, data, schedule, model, trainer, autocast, probe_x0, probe_noise, grid, floor)
 
 
 def probe_inputs(eval_config: EvalConfig, data: ImageData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +183,9 @@ def probe_inputs(eval_config: EvalConfig, data: ImageData, device: torch.device)
 def probe(parts: RunParts) -> dict[str, float]:
     """Per-t probe of the sampling weights at the trainer's current step. Its rows and bound
     go into the trainer's history, so a checkpoint keeps them; returns the bound."""
-    trainer, schedule = parts.trainer, parts.schedule
+    schedule = parts.schedule
     frame = per_t_probe(
-        trainer.sampling_model,
+        parts.denoiser,
         schedule,
         parts.probe_x0,
         parts.probe_noise,
@@ -186,9 +197,10 @@ def probe(parts: RunParts) -> dict[str, float]:
     )
     bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
     bound["heldout_loss"] = heldout_loss(schedule, frame)
-    frame.insert(0, "step", trainer.step)
-    trainer.history["per_t"].extend(frame.to_dict("records"))
-    trainer.history["bound"].append({"step": trainer.step, **bound})
+    frame = frame.merge(parts.floor, on="t", how="left")
+    frame.insert(0, "step", parts.step)
+    parts.history["per_t"].extend(frame.to_dict("records"))
+    parts.history["bound"].append({"step": parts.step, **bound})
     return bound
 
 
@@ -224,6 +236,9 @@ def train_with_probes(
     Raises RunInterrupted, after writing a checkpoint, when ``should_stop()`` turns True.
     """
     trainer, tc, ec = parts.trainer, parts.config.train, parts.config.eval
+    if trainer is None:  # a reference denoiser: train.steps do not apply, one probe describes it
+        recorder.scalars(0, probe(parts))
+        return 0
     resumed_from = trainer.step if trainer.restore(checkpoint_dir) else 0
     window = _ThroughputWindow()
     while not budget_spent(trainer, tc):
@@ -271,7 +286,7 @@ def sample_with_drift(parts: RunParts) -> Sampled:
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
     x_T = gaussian_noise(shape, generator, device, config.objective.noise_clip)
     x0 = SAMPLERS[sc.sampler](
-        chunked_eps(parts.trainer.sampling_model, chunk_size, parts.autocast),
+        chunked_eps(parts.denoiser, chunk_size, parts.autocast),
         x_T,
         parts.schedule,
         generator=generator,
@@ -304,12 +319,12 @@ def measure(
 ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """The run summary (the final bound, drift, quality, cost and the final probe's per-t
     summary; the same keys for every config) and the run's tables."""
-    trainer, tc = parts.trainer, parts.config.train
-    summary: dict[str, float] = dict(trainer.history["bound"][-1])
+    history, tc = parts.history, parts.config.train
+    summary: dict[str, float] = dict(history["bound"][-1])
     summary.pop("step")
     summary.update(drift_summary(sampled.drift, sampled.x0, sampled.drift_reference))
     summary.update(quality_summary(parts, sampled.x0))
-    train_rows = trainer.history["train"]
+    train_rows = history["train"]
     summary.update(
         final_loss=float(np.mean([r["loss"] for r in train_rows[-4:]])) if train_rows else float("nan"),
         params=float(count_parameters(parts.model)),
@@ -320,16 +335,16 @@ def measure(
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak_memory_mb(parts.device),
         resumed_from_step=float(resumed_from),
-        train_steps=float(trainer.step),
-        train_images=float(trainer.step * tc.batch_size),
-        train_loop_seconds=trainer.train_seconds,
+        train_steps=float(parts.step),
+        train_images=float(parts.step * tc.batch_size),
+        train_loop_seconds=parts.trainer.train_seconds if parts.trainer is not None else 0.0,
     )
-    per_t = pd.DataFrame(trainer.history["per_t"])
+    per_t = pd.DataFrame(history["per_t"])
     summary.update(per_t_summary(per_t[per_t["step"] == per_t["step"].iloc[-1]].reset_index(drop=True)))
     tables = {
         "train": pd.DataFrame(train_rows, columns=["step", "loss", "lr", "grad_norm", "images_per_s"]),
         "per_t": per_t,
-        "probe": pd.DataFrame(trainer.history["bound"]),
+        "probe": pd.DataFrame(history["bound"]),
         "drift": sampled.drift,
         "drift_hist": sampled.drift_hist,
         "quality": pd.DataFrame([summary]),
@@ -346,7 +361,10 @@ def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
     classifier = None
     if data.name == "digits" and data.train_labels is not None:
         classifier = load_digit_classifier(data.train, data.train_labels, config.data.cache_dir)
-    return sample_quality(x0.float().cpu(), data.to_model_space(data.train).float(), classifier)
+    train = data.to_model_space(data.train).float()
+    out = sample_quality(x0.float().cpu(), train, classifier)
+    out.update(memorisation(x0.float().cpu(), train, data.to_model_space(data.heldout).float()))
+    return out
 
 
 def record(
@@ -358,7 +376,7 @@ def record(
 ) -> None:
     """Emit the end of run: the summary's scalars at the final step, every table, and a grid
     of the first 64 samples."""
-    recorder.scalars(parts.trainer.step, {k: v for k, v in summary.items() if isinstance(v, float)})
+    recorder.scalars(parts.step, {k: v for k, v in summary.items() if isinstance(v, float)})
     for name, frame in tables.items():
         recorder.table(name, frame)
     recorder.image("samples", sample_grid(_to_display(images, parts.data.levels)[:64]))

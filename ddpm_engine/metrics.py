@@ -27,6 +27,8 @@ Better = Literal["lower", "higher", "zero"]
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
+# The parameter-free reference denoisers of ddpm_engine.references, in report order.
+REFERENCE_NAMES = ("pixelwise", "gaussian", "empirical", "median")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def _m(table, name, unit, better, definition, source="", **kw) -> Metric:
 
 _LOSS, _DRIFT, _QUALITY, _PER_T, _COST = "Loss and bound", "Sample drift", "Sample quality", "Per-t probe", "Cost"
 
+# fmt: off
 DECLARED: list[Metric] = [
     # ---- train: one row per logged step (training.Trainer.flush_window)
     _m("train", "step", "step", None, "optimizer step"),
@@ -71,7 +74,7 @@ DECLARED: list[Metric] = [
     _m("train", "lr", "", None, "learning rate"),
     _m("train", "grad_norm", "", None, "mean gradient norm before clipping"),
     _m("train", "images_per_s", "images/s", "higher", "training throughput since the last row", cost=True),
-    # ---- per_t: one row per probe x t (diagnostics.per_t_probe)
+    # ---- per_t: one row per probe x t (diagnostics.per_t_probe; the reference floor from diagnostics.reference_losses)
     _m("per_t", "step", "step", None, "training step of the probe"),
     _m("per_t", "t", "", None, "timestep (1..T)"),
     _m("per_t", "alphabar", "", None, "alphabar_t"),
@@ -83,6 +86,12 @@ DECLARED: list[Metric] = [
     _m("per_t", "err_mean", "", "zero", "mean of predicted minus true noise"),
     _m("per_t", "err_std", "", "lower", "std of predicted minus true noise"),
     _m("per_t", "vlb_bits", "bits/dim", "lower", "L_{t-1} (t >= 2) or L_0 (t = 1) in bits/dim (DDPM eq. 5)"),
+    _m("per_t", "ref_loss_pixelwise", "MSE", "lower", "loss_mse of the parameter-free pixelwise reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
+    _m("per_t", "ref_loss_gaussian", "MSE", "lower", "loss_mse of the parameter-free gaussian reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
+    _m("per_t", "ref_loss_empirical", "MSE", "lower", "loss_mse of the parameter-free empirical reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
+    _m("per_t", "ref_loss_median", "MSE", "lower", "loss_mse of the parameter-free median reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
+    _m("per_t", "loss_floor", "MSE", "lower", "the lowest reference loss at t: an upper bound on the irreducible loss", "diagnostics.reference_losses"),
+    _m("per_t", "floor_denoiser", "", None, "the reference denoiser that sets loss_floor", "diagnostics.reference_losses"),
     # ---- probe: one row per probe (diagnostics.bits_per_dim_bound, heldout_loss)
     _m("probe", "step", "step", None, "training step of the probe"),
     _m("probe", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at this probe"),
@@ -91,292 +100,69 @@ DECLARED: list[Metric] = [
     _m("probe", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} at this probe"),
     _m("probe", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at this probe"),
     # ---- drift: one row per reverse step (diagnostics.DriftRecorder)
-    *[
-        _m("drift", name, "pixel", None, f"{what} of the sampled x_t", "diagnostics.DriftRecorder")
-        for name, what in (
-            ("mean", "mean pixel"),
-            ("std", "pixel std"),
-            ("p01", "1st percentile"),
-            ("p50", "median"),
-            ("p99", "99th percentile"),
-            ("frac_out", "fraction of pixels outside [-1, 1]"),
-        )
-    ],
+    _m("drift", "mean", "pixel", None, "mean pixel of the sampled x_t", "diagnostics.DriftRecorder"),
+    _m("drift", "std", "pixel", None, "pixel std of the sampled x_t", "diagnostics.DriftRecorder"),
+    _m("drift", "p01", "pixel", None, "1st percentile of the sampled x_t", "diagnostics.DriftRecorder"),
+    _m("drift", "p50", "pixel", None, "median of the sampled x_t", "diagnostics.DriftRecorder"),
+    _m("drift", "p99", "pixel", None, "99th percentile of the sampled x_t", "diagnostics.DriftRecorder"),
+    _m("drift", "frac_out", "pixel", None, "fraction of pixels outside [-1, 1] of the sampled x_t", "diagnostics.DriftRecorder"),
     _m("drift", "t", "", None, "reverse step: T..1, then 0 for the final sample"),
-    *[
-        _m("drift", f"ref_{name}", "pixel", None, f"the same statistic ({name}) of q(x_t) from held-out data")
-        for name in ("mean", "std", "p01", "p50", "p99", "frac_out")
-    ],
+    _m("drift", "ref_mean", "pixel", None, "the same statistic (mean) of q(x_t) from held-out data"),
+    _m("drift", "ref_std", "pixel", None, "the same statistic (std) of q(x_t) from held-out data"),
+    _m("drift", "ref_p01", "pixel", None, "the same statistic (p01) of q(x_t) from held-out data"),
+    _m("drift", "ref_p50", "pixel", None, "the same statistic (p50) of q(x_t) from held-out data"),
+    _m("drift", "ref_p99", "pixel", None, "the same statistic (p99) of q(x_t) from held-out data"),
+    _m("drift", "ref_frac_out", "pixel", None, "the same statistic (frac_out) of q(x_t) from held-out data"),
     # ---- drift_hist: one row per reverse step x bin
     _m("drift_hist", "t", "", None, "reverse step"),
     _m("drift_hist", "bin_lo", "pixel", None, "bin lower edge"),
     _m("drift_hist", "bin_hi", "pixel", None, "bin upper edge"),
     _m("drift_hist", "count", "pixels", None, "sampled pixels in the bin"),
     _m("drift_hist", "ref_count", "pixels", None, "q(x_t) pixels in the bin"),
-    # ---- quality: the run's summary, one row per run (the per-run metrics)
-    _m(
-        "quality",
-        "bpd",
-        "bits/dim",
-        "lower",
-        "bits/dim bound L_T + sum L_t + L_0 at the final probe",
-        "diagnostics.bits_per_dim_bound",
-        group=_LOSS,
-        label="bits/dim",
-    ),
-    _m(
-        "quality",
-        "prior_bits",
-        "bits/dim",
-        "lower",
-        "prior term L_T: KL(q(x_T|x_0) || N(0, I))",
-        "diagnostics.bits_per_dim_bound",
-        group=_LOSS,
-        label="prior L_T (bits/dim)",
-    ),
-    _m(
-        "quality",
-        "l0_bits",
-        "bits/dim",
-        "lower",
-        "decoder term L_0 at the final probe",
-        "diagnostics.bits_per_dim_bound",
-    ),
-    _m(
-        "quality",
-        "diffusion_bits",
-        "bits/dim",
-        "lower",
-        "sum of L_1..L_{T-1} at the final probe",
-        "diagnostics.bits_per_dim_bound",
-    ),
-    _m(
-        "quality",
-        "heldout_loss",
-        "MSE",
-        "lower",
-        "held-out L_simple averaged over uniform t at the final probe",
-        "diagnostics.heldout_loss",
-        group=_LOSS,
-        label="held-out loss",
-    ),
-    _m(
-        "quality",
-        "final_loss",
-        "MSE",
-        "lower",
-        "mean training loss of the last four logged windows",
-        "experiment",
-        group=_LOSS,
-        label="final train loss",
-    ),
-    _m(
-        "quality",
-        "loss_t_small",
-        "MSE",
-        "lower",
-        "loss_mse at the smallest probed t (final probe)",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "loss_t_mid",
-        "MSE",
-        "lower",
-        "loss_mse at the probed t nearest T/2 other than the smallest",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "loss_small_minus_mid",
-        "MSE",
-        "lower",
-        "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "eps_bias_max",
-        "",
-        "lower",
-        "largest |err_mean| over probed t (F2: predicted-noise bias)",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "eps_std_gap_small",
-        "",
-        "zero",
-        "eps_pred_std - 1 at the smallest probed t (F2)",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "eps_std_gap_mean",
-        "",
-        "lower",
-        "mean over every t of |eps_pred_std - 1|, linear between probed t (F2)",
-        "metrics.per_t_summary",
-    ),
-    _m(
-        "quality",
-        "final_mean_gap",
-        "pixel",
-        "zero",
-        "mean pixel of the final samples - mean pixel of the held-out data",
-        "diagnostics.drift_summary",
-        group=_DRIFT,
-        label="final mean gap",
-    ),
-    _m(
-        "quality",
-        "max_mean_gap",
-        "pixel",
-        "lower",
-        "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T)",
-        "diagnostics.drift_summary",
-        group=_DRIFT,
-        label="max |mean gap|",
-    ),
-    _m(
-        "quality",
-        "final_std_gap",
-        "pixel",
-        "zero",
-        "pixel std of the final samples - that of the held-out data",
-        "diagnostics.drift_summary",
-    ),
-    _m(
-        "quality",
-        "hist_w1",
-        "pixel",
-        "lower",
-        "Wasserstein-1 of final pixel values vs held-out data",
-        "diagnostics.drift_summary",
-        group=_DRIFT,
-        label="histogram W1",
-    ),
-    _m(
-        "quality",
-        "sample_frac_out",
-        "",
-        "lower",
-        "fraction of final sample pixels outside [-1, 1]",
-        "diagnostics.drift_summary",
-    ),
-    _m(
-        "quality",
-        "sat_frac",
-        "",
-        None,
-        "fraction of sample pixels with |x| >= 0.99",
-        "quality.sample_quality",
-        group=_DRIFT,
-        label="saturated fraction",
-    ),
+    # ---- quality: the run"s summary, one row per run (the per-run metrics)
+    _m("quality", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at the final probe", "diagnostics.bits_per_dim_bound", group=_LOSS, label="bits/dim"),
+    _m("quality", "prior_bits", "bits/dim", "lower", "prior term L_T: KL(q(x_T|x_0) || N(0, I))", "diagnostics.bits_per_dim_bound", group=_LOSS, label="prior L_T (bits/dim)"),
+    _m("quality", "l0_bits", "bits/dim", "lower", "decoder term L_0 at the final probe", "diagnostics.bits_per_dim_bound"),
+    _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} at the final probe", "diagnostics.bits_per_dim_bound"),
+    _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss"),
+    _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss"),
+    _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary"),
+    _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary"),
+    _m("quality", "loss_small_minus_mid", "MSE", "lower", "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)", "metrics.per_t_summary"),
+    _m("quality", "floor_t_small", "MSE", "lower", "loss_floor at the smallest probed t (final probe)", "metrics.per_t_summary"),
+    _m("quality", "shortfall_t_small", "MSE", "lower", "max(0, loss_mse - loss_floor) at the smallest probed t: how far the model is demonstrably short of what the data allow there", "metrics.per_t_summary"),
+    _m("quality", "frac_t_above_floor", "", "lower", "fraction of probed t where the model's loss_mse is above loss_floor", "metrics.per_t_summary"),
+    _m("quality", "eps_bias_max", "", "lower", "largest |err_mean| over probed t (F2: predicted-noise bias)", "metrics.per_t_summary"),
+    _m("quality", "eps_std_gap_small", "", "zero", "eps_pred_std - 1 at the smallest probed t (F2)", "metrics.per_t_summary"),
+    _m("quality", "eps_std_gap_mean", "", "lower", "mean over every t of |eps_pred_std - 1|, linear between probed t (F2)", "metrics.per_t_summary"),
+    _m("quality", "final_mean_gap", "pixel", "zero", "mean pixel of the final samples - mean pixel of the held-out data", "diagnostics.drift_summary", group=_DRIFT, label="final mean gap"),
+    _m("quality", "max_mean_gap", "pixel", "lower", "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T)", "diagnostics.drift_summary", group=_DRIFT, label="max |mean gap|"),
+    _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
+    _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1"),
+    _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
+    _m("quality", "sat_frac", "", None, "fraction of sample pixels with |x| >= 0.99", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
     _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images", "quality.sample_quality"),
-    _m(
-        "quality",
-        "sat_gap",
-        "",
-        "zero",
-        "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)",
-        "quality.sample_quality",
-    ),
-    _m(
-        "quality",
-        "pixel_mean_gap",
-        "pixel",
-        "zero",
-        "mean pixel of the samples - mean pixel of the training images",
-        "quality.sample_quality",
-    ),
-    _m(
-        "quality",
-        "fd",
-        "",
-        "lower",
-        "Frechet distance (digit-classifier features; downsampled pixels otherwise)",
-        "quality.sample_quality",
-        group=_QUALITY,
-        label="Fréchet distance",
-    ),
-    _m(
-        "quality",
-        "coverage",
-        "",
-        "higher",
-        "fraction of digit classes produced by at least 20% of their fair share",
-        "quality.sample_quality",
-        group=_QUALITY,
-        label="class coverage",
-    ),
-    _m(
-        "quality",
-        "class_entropy",
-        "bits",
-        "higher",
-        "entropy of the predicted-class histogram of the samples",
-        "quality.sample_quality",
-    ),
-    _m(
-        "quality",
-        "confidence",
-        "",
-        "higher",
-        "mean maximum softmax probability of the digit classifier",
-        "quality.sample_quality",
-    ),
-    _m(
-        "quality",
-        "params",
-        "parameters",
-        None,
-        "model parameter count",
-        "model.count_parameters",
-        cost=True,
-        group=_COST,
-        label="parameters",
-    ),
+    _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),
+    _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
+    _m("quality", "fd", "", "lower", "Frechet distance (digit-classifier features; downsampled pixels otherwise)", "quality.sample_quality", group=_QUALITY, label="Fréchet distance"),
+    _m("quality", "coverage", "", "higher", "fraction of digit classes produced by at least 20% of their fair share", "quality.sample_quality", group=_QUALITY, label="class coverage"),
+    _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples", "quality.sample_quality"),
+    _m("quality", "confidence", "", "higher", "mean maximum softmax probability of the digit classifier", "quality.sample_quality"),
+    _m("quality", "nn_train_dist", "pixel", None, "mean RMS pixel distance of each sample to its nearest training image (0: copies)", "quality.memorisation"),
+    _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set (near 0: memorised)", "quality.memorisation"),
+    _m("quality", "params", "parameters", None, "model parameter count", "model.count_parameters", cost=True, group=_COST, label="parameters"),
     _m("quality", "bf16_autocast", "", None, "1.0 if the run trained and sampled under bf16 autocast", "experiment"),
-    _m(
-        "quality",
-        "images_per_s",
-        "images/s",
-        "higher",
-        "median training throughput",
-        "experiment",
-        cost=True,
-        group=_COST,
-        label="images/s",
-    ),
+    _m("quality", "images_per_s", "images/s", "higher", "median training throughput", "experiment", cost=True, group=_COST, label="images/s"),
     _m("quality", "train_seconds", "s", "lower", "wall time until the final probe", "experiment", cost=True),
     _m("quality", "sample_seconds", "s", "lower", "wall time of sampling", "experiment", cost=True),
-    _m(
-        "quality",
-        "seconds",
-        "s",
-        "lower",
-        "wall time of the run in the engine",
-        "experiment",
-        cost=True,
-        group=_COST,
-        label="seconds",
-    ),
+    _m("quality", "seconds", "s", "lower", "wall time of the run in the engine", "experiment", cost=True, group=_COST, label="seconds"),
     _m("quality", "peak_memory_mb", "MB", "lower", "peak device memory (CUDA only; NaN on CPU)", "device", cost=True),
     _m("quality", "resumed_from_step", "step", None, "step the run resumed from (0 if it started fresh)", "experiment"),
     _m("quality", "train_steps", "steps", None, "optimizer steps trained", "experiment"),
     _m("quality", "train_images", "images", None, "training images seen", "experiment"),
-    _m(
-        "quality",
-        "train_loop_seconds",
-        "s",
-        "lower",
-        "time inside training steps (the budget_by seconds clock)",
-        "experiment",
-        cost=True,
-    ),
+    _m("quality", "train_loop_seconds", "s", "lower", "time inside training steps (the budget_by seconds clock)", "experiment", cost=True),
 ]
+# fmt: on
 
 TABLES: dict[str, dict[str, Metric]] = {}
 for _metric in DECLARED:
@@ -424,7 +210,9 @@ def mean_over_t(curve: pd.Series) -> float:
 def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     """Per-run numbers from the per-t rows of ONE probe (the final one): the seed's
     observations as metrics. F1: loss at the smallest t against mid t. F2: the largest
-    predicted-noise bias over t, and the std's departure from 1 at small t and over all t."""
+    predicted-noise bias over t, and the std's departure from 1 at small t and over all t.
+    With the reference floor in the rows: the model's shortfall at the smallest t and the
+    fraction of t where it is above the floor."""
     names = (
         "loss_t_small",
         "loss_t_mid",
@@ -446,6 +234,12 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
             loss_t_mid=float(loss[t_mid]),
             loss_small_minus_mid=float(loss[t_small] - loss[t_mid]),
         )
+    if loss is not None and not loss.empty and "loss_floor" in frame and frame["loss_floor"].notna().any():
+        floor = frame["loss_floor"].reindex(loss.index)
+        t_small = int(loss.index[0])
+        out["floor_t_small"] = float(floor[t_small])
+        out["shortfall_t_small"] = max(0.0, float(loss[t_small] - floor[t_small]))
+        out["frac_t_above_floor"] = float((loss > floor).mean())
     if "err_mean" in frame and frame["err_mean"].notna().any():
         out["eps_bias_max"] = float(frame["err_mean"].abs().max())
     if "eps_pred_std" in frame:

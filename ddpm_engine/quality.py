@@ -427,3 +427,30 @@ def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, 
         "ref_sat_frac": ref_sat,
         "sat_gap": sat - ref_sat,
     }
+
+
+def nearest_distances(queries: torch.Tensor, pool: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """For each query image, the RMS pixel distance (L2 / sqrt(D), in pixel units of [-1, 1])
+    to its nearest image in ``pool``; float64, chunked so memory stays at chunk x len(pool)."""
+    q = queries.reshape(len(queries), -1).to("cpu", torch.float64)
+    p = pool.reshape(len(pool), -1).to("cpu", torch.float64)
+    p_sq = (p * p).sum(1)
+    out = []
+    for lo in range(0, len(q), chunk):
+        block = q[lo : lo + chunk]
+        # ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2, clamped: rounding can dip below 0
+        d2 = (block * block).sum(1, keepdim=True) - 2 * block @ p.T + p_sq
+        out.append(d2.clamp_min(0).min(1).values)
+    return (torch.cat(out) / q.shape[1]).sqrt()
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor) -> dict[str, float]:
+    """Does the model copy its training set? nn_train_dist: mean RMS distance of each sample
+    to its nearest training image; nn_heldout_ratio: that over the same mean for held-out
+    images (about 1 for a model that generalises like the data, near 0 for a memoriser)."""
+    to_train = float(nearest_distances(samples, train).mean())
+    heldout_to_train = float(nearest_distances(heldout, train).mean())
+    return {
+        "nn_train_dist": to_train,
+        "nn_heldout_ratio": to_train / heldout_to_train if heldout_to_train > 0 else math.nan,
+    }

@@ -102,9 +102,7 @@ class PixelwiseDenoiser(_Reference):
     O(N D levels) time and memory, chunked over the query images.
     """
 
-    def __init__(
-        self, schedule: Schedule, train_x0: torch.Tensor, levels: int, chunk_elements: int = CHUNK_ELEMENTS
-    ):
+    def __init__(self, schedule: Schedule, train_x0: torch.Tensor, levels: int, chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__(schedule, chunk_elements)
         if levels < 2:
             raise ValueError(f"levels must be at least 2, got {levels}")
@@ -318,3 +316,10 @@ def build_reference(name: str, schedule: Schedule, train_x0: torch.Tensor, level
     if name == "median":
         return MedianDenoiser(schedule)
     raise ValueError(f"unknown reference denoiser {name!r}; choose one of {sorted(REFERENCES)}")
+
+
+def reference_device(device: torch.device | str) -> torch.device:
+    """Where a reference's float64 buffers can live: MPS has no float64, so there they stay on
+    the CPU (forward moves x_t to them and returns eps on x_t's device)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device

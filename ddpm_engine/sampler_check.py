@@ -16,16 +16,17 @@ unclipped sampler only.
 
 All A_t share the eigenvectors V of Sigma, so with V computed once (float64) the chain stays
 diagonal in that basis: after the O(D^3) eigendecomposition each step costs O(D) to propagate
-and O(D^2) to map the mean and the per-pixel variances back to pixels. For the 8x8 digits
-(D = 64) a T = 1000 check takes about 0.1 s; D = 4096 takes seconds (the eigendecomposition
-dominates). Larger D falls back to a diagonal covariance in ``check_config``.
+and O(D^2) to map the mean and the per-pixel variances back to pixels. The steps are probed
+in one batched call per chain. Measured on 2 CPU cores: the 8x8 digits (D = 64) take about
+0.1 s for T = 1000 (0.02 s for 50 DDIM steps); at D = 4096 the float64 eigendecomposition
+alone takes about 50 s (it grows as D^3: about 1 s at D = 1024). Above D = 4096
+``check_config`` falls back to a diagonal covariance, which costs O(D) per step.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -33,13 +34,15 @@ from .config import DiffusionConfig, SampleConfig
 from .sampling import ddim_step, ddim_timesteps, ddpm_step
 from .schedule import Schedule, make_schedule
 
-# Above this many dimensions check_config fits a diagonal covariance: a full D x D float64
-# matrix and its eigendecomposition get expensive (12288^2 doubles is 1.2 GB at 64x64x3).
-FULL_COVARIANCE_MAX_DIM = 4096
+# Above this many dimensions check_config fits a diagonal covariance: the eigendecomposition
+# of a full D x D float64 matrix grows as D^3 (54 s at D = 4096 on 2 loaded cores, and
+# 12288^2 doubles is 1.2 GB at 64x64x3); `harness plan` runs the check, so it must stay fast.
+FULL_COVARIANCE_MAX_DIM = 1024
 
 # The columns of one summary row per checked configuration (check_config results).
 TABLE_COLUMNS = (
     "schedule",
+    "beta_scaling",
     "T",
     "sigma",
     "sampler",
@@ -56,7 +59,7 @@ TABLE_COLUMNS = (
 _AFFINE_TOL = 1e-9
 
 
-def _eps_gains(eigvals: torch.Tensor, abar: float) -> torch.Tensor:
+def _eps_gains(eigvals: torch.Tensor, abar: float | torch.Tensor) -> torch.Tensor:
     """Eigenvalues of A_t: sqrt(1 - abar) / (abar lambda + 1 - abar), one per eigenvector.
 
     From DDPM eq. 4 with the Gaussian posterior mean
@@ -145,6 +148,107 @@ def _chain_steps(
     raise ValueError(f"unknown sampler {sampler!r}")
 
 
+def check_sampler(
+    schedule: Schedule,
+    mu,
+    cov,
+    *,
+    sampler: str = "ddpm",
+    sigma: str = "beta",
+    steps: int | None = None,
+    eta: float = 0.0,
+    step_fns: dict[str, Callable] | None = None,
+) -> dict:
+    """Run the reverse chain of ``sampler`` in closed form with the exact denoiser of N(mu, cov).
+
+    ``mu`` is the flattened data mean (D,), ``cov`` its D x D covariance, or a (D,) vector of
+    variances for a diagonal covariance. ``sigma`` is the DDPM reverse variance (beta or
+    beta_tilde); ``steps`` (None: T) and ``eta`` are DDIM's. ``step_fns`` overrides the step
+    functions, {"ddpm": f, "ddim": f} with the signatures of ``ddpm_step`` / ``ddim_step``
+    (one t per row, as theirs). Unclipped sampler only: clip_x0 makes the step nonlinear.
+
+    From x_T ~ N(0, I), each step x' = a x + c eps + s z with eps = A x + b gives
+    mean' = M mean + c b, cov' = M cov M^T + s^2 I, M = a I + c A; all of it is diagonal in the
+    eigenbasis of cov. At every visited t (T first, 0 last) the chain's per-pixel mean and
+    std are compared with q(x_t) (DDPM eq. 4), and at t = 0 with the data N(mu, cov).
+
+    Returns ``prior_mean_gap`` (mean over pixels of |chain mean - forward mean| at t = T),
+    ``max_mean_gap`` and ``max_std_gap`` (largest over visited t, T and 0 included, of the
+    pixel-averaged |gap| of mean and of std), ``final_mean_gap`` and ``final_std_gap`` (t = 0
+    against the data), ``final_mean`` and ``final_std`` (the chain's x_0 per pixel, numpy), and
+    ``chain``, a DataFrame with one row per visited t: t, mean_gap, std_gap, chain_mean,
+    forward_mean, chain_std, forward_std (the last four averaged over pixels).
+
+    Reading the mean gaps: with the exact denoiser, a correct DDPM or DDIM step maps the mean
+    of q(x_t) to the mean of q(x_prev) (tower property: E[x0_hat] = mu, E[eps_hat] = 0), so the
+    chain's mean gap is only the prior gap carried along. A final mean gap well above the
+    carried prior gap flags a wrong step even where the std gaps are small; the std gaps are
+    what the discretisation (T, steps, sigma) costs.
+    """
+    fns = {"ddpm": ddpm_step, "ddim": ddim_step, **(step_fns or {})}
+    mu = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    D = mu.numel()
+    if cov.ndim == 1:
+        if cov.numel() != D:
+            raise ValueError(f"diagonal cov has {cov.numel()} entries, mu has {D}")
+        eigvals, V = cov.clamp(min=0), None
+    elif cov.shape == (D, D):
+        # a sample covariance is PSD; eigh may return tiny negative eigenvalues for it
+        eigvals, V = torch.linalg.eigh((cov + cov.T) / 2)
+        eigvals = eigvals.clamp(min=0)
+    else:
+        raise ValueError(f"cov must be ({D}, {D}) or ({D},), got {tuple(cov.shape)}")
+    mu_e = mu if V is None else V.T @ mu  # mu in the eigenbasis
+
+    ts, coef = _chain_steps(schedule, sampler, sigma, steps, eta, fns)
+    # alphabar at each visited t, with alphabar_0 = 1 for the final x_0
+    abars = torch.cat([schedule.alphabar, torch.ones(1, dtype=torch.float64)])[torch.tensor(ts) - 1]
+
+    # the chain in the eigenbasis, one row per visited t: mean_e and the variances var_e.
+    # Per step: M = a I + c A (its eigenvalues m) and c b = -c A sqrt(abar) mu, since
+    # eps = A (x - sqrt(abar) mu); computed for all steps at once, the loop only accumulates.
+    a, c, s = (col[:, None] for col in coef.unbind(1))
+    abar = abars[:-1, None]
+    gains = _eps_gains(eigvals[None, :], abar)  # eigenvalues of A_t, one row per step
+    m = a + c * gains
+    shift = -c * gains * abar.sqrt() * mu_e
+    mean_e = torch.zeros(len(ts), D, dtype=torch.float64)
+    var_e = torch.ones(len(ts), D, dtype=torch.float64)
+    for j in range(len(ts) - 1):
+        torch.addcmul(shift[j], m[j], mean_e[j], out=mean_e[j + 1])  # mean' = M mean + c b
+        torch.addcmul(s[j] ** 2, m[j] ** 2, var_e[j], out=var_e[j + 1])  # cov' = M cov M^T + s^2 I
+
+    # back to pixels: the covariance V diag(var_e) V^T has the diagonal (V * V) var_e
+    mean = mean_e if V is None else mean_e @ V.T
+    std = (var_e if V is None else var_e @ (V**2).T).clamp(min=0).sqrt()
+    data_var = eigvals if V is None else (V**2) @ eigvals  # diag(Sigma)
+    a_col = abars[:, None]
+    fwd_mean = a_col.sqrt() * mu  # q(x_t), DDPM eq. 4; at t = 0 the data
+    fwd_std = (a_col * data_var + (1 - a_col)).clamp(min=0).sqrt()
+    chain = pd.DataFrame(
+        dict(
+            t=ts,
+            mean_gap=(mean - fwd_mean).abs().mean(1).numpy(),
+            std_gap=(std - fwd_std).abs().mean(1).numpy(),
+            chain_mean=mean.mean(1).numpy(),
+            forward_mean=fwd_mean.mean(1).numpy(),
+            chain_std=std.mean(1).numpy(),
+            forward_std=fwd_std.mean(1).numpy(),
+        )
+    )
+    return dict(
+        prior_mean_gap=float(chain["mean_gap"].iloc[0]),
+        max_mean_gap=float(chain["mean_gap"].max()),
+        max_std_gap=float(chain["std_gap"].max()),
+        final_mean_gap=float(chain["mean_gap"].iloc[-1]),
+        final_std_gap=float(chain["std_gap"].iloc[-1]),
+        final_mean=mean[-1].numpy(),
+        final_std=std[-1].numpy(),
+        chain=chain,
+    )
+
+
 def fit_gaussian(train_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Mean, covariance (full while D <= FULL_COVARIANCE_MAX_DIM, else the diagonal as a
     vector) and a sentence saying which, of images N x C x H x W, in float64."""
@@ -183,6 +287,7 @@ def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig,
     )
     result.update(
         schedule=diffusion_config.schedule,
+        beta_scaling=diffusion_config.beta_scaling,
         T=diffusion_config.T,
         sigma=None if is_ddim else diffusion_config.sigma,
         sampler=sampler,

@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddpm_engine.metrics import REFERENCE_NAMES
+
 from .ledger import Ledger
 from .lifecycle import RunState
 from .plan import RunSpec, changed_keys, expand, study_manifest, write_manifest
@@ -98,6 +100,7 @@ def plan(
     device: str = typer.Option("auto", help="Device to measure the step time on: auto, cpu, cuda."),
     results: Path = RESULTS_OPT,
     measure: bool = typer.Option(True, help="Time a few training steps per distinct model to estimate cost."),
+    check: bool = typer.Option(True, help="Run the closed-form sampler check of each schedule and sampler used."),
 ):
     """Show the expansion (arms x seeds) with parameters and estimated time; runs nothing.
 
@@ -137,6 +140,19 @@ def plan(
             f"{finished} / {len(arm_specs) - finished}",
         )
     console.print(table)
+    references = [
+        f"{arm} ({s[0].config.model.preset})"
+        for arm, s in by_arm.items()
+        if s[0].config.model.preset in REFERENCE_NAMES
+    ]
+    if references:
+        console.print(
+            f"reference arms, fitted on the training split and never trained (train.* ignored): {', '.join(references)}"
+        )
+    if check:
+        from .sampler_checks import sampler_check_table
+
+        _print_sampler_checks(sampler_check_table(specs, data))
     summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seeds)} seeds)"
     if measure:
         summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time in all"
@@ -196,6 +212,7 @@ def run(
         by_name = {s.name: s for s in tuned}
         specs = [by_name.get(s.name, s) for s in specs]
     if storage:
+        _record_sampler_checks(study, specs, results)
         _run_on_storage(
             study,
             specs,
@@ -225,6 +242,7 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
     scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
     make_tracker, uri = _open_tracking(study, results, scheduler)
+    _record_sampler_checks(study, specs, results)
     console.print(
         f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
         f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {uri}"
@@ -241,6 +259,13 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
         raise typer.Exit(130)
     if any(final.state(s.key) is RunState.FAILED for s in specs):
         raise typer.Exit(1)
+
+
+def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) -> None:
+    """results/<study>/sampler_check.parquet (a fraction of a second per combination)."""
+    from .sampler_checks import sampler_check_table, write_sampler_checks
+
+    write_sampler_checks(results, study.study, sampler_check_table(specs))
 
 
 def _open_tracking(study: Study, results: Path, scheduler):
@@ -262,6 +287,38 @@ def _open_tracking(study: Study, results: Path, scheduler):
         scheduler.abort()
         raise
     return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client.tracking_uri
+
+
+def _print_sampler_checks(frame) -> None:
+    table = Table(
+        title="sampler check: the training data's Gaussian denoiser run through each sampler in closed form, "
+        "against q(x_t) (no trained model; mean gaps over pixels)",
+        title_justify="left",
+    )
+    columns = [
+        "arms",
+        "schedule",
+        "beta_scaling",
+        "T",
+        "sigma",
+        "sampler",
+        "steps",
+        "prior_mean_gap",
+        "max_mean_gap",
+        "max_std_gap",
+        "final_mean_gap",
+        "final_std_gap",
+    ]
+    for column in columns:
+        table.add_column(column.replace("_", " "), overflow="fold")
+    for row in frame.to_dict("records"):
+        table.add_row(
+            *[
+                f"{row[c]:.4f}" if isinstance(row[c], float) else ("–" if row[c] is None else str(row[c]))
+                for c in columns
+            ]
+        )
+    console.print(table)
 
 
 def _chosen_arms(study_path: Path, specs: list[RunSpec], arms: list[str] | None) -> set[str] | None:

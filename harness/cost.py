@@ -11,6 +11,7 @@ from ddpm_engine.config import ExperimentConfig
 from ddpm_engine.data import ImageData
 from ddpm_engine.device import autocast_factory
 from ddpm_engine.diagnostics import probe_timesteps
+from ddpm_engine.metrics import REFERENCE_NAMES
 from ddpm_engine.model import build_model, count_parameters
 from ddpm_engine.schedule import make_schedule
 from ddpm_engine.training import Trainer
@@ -53,8 +54,31 @@ def measure_step_seconds(
     return count_parameters(model), (time.perf_counter() - start) / steps
 
 
+def reference_estimate(config: ExperimentConfig, data: ImageData, device: torch.device) -> Estimate:
+    """A reference arm trains nothing: fit it, time one call on a sampling batch, and scale
+    by the sampler's steps (plus one probe over the grid)."""
+    from ddpm_engine.references import build_reference
+
+    schedule = make_schedule(config.diffusion)
+    reference = build_reference(config.model.preset, schedule, data.to_model_space(data.train).to(device), data.levels)
+    batch = torch.randn(config.sample.num_samples, data.channels, data.image_size, data.image_size, device=device)
+    t = torch.full((len(batch),), max(1, schedule.T // 2), dtype=torch.long, device=device)
+    reference(batch, t)
+    start = time.perf_counter()
+    reference(batch, t)
+    call = time.perf_counter() - start
+    T = config.diffusion.T
+    sample_steps = T if config.sample.sampler == "ddpm" else min(config.sample.steps or T, T)
+    grid = len(probe_timesteps(T, config.eval.probe_timesteps))
+    per_image = call / len(batch)
+    probe_images = min(config.eval.probe_images, len(data.heldout))
+    return Estimate(0, 0.0, 0.0, call * sample_steps, per_image * grid * probe_images)
+
+
 def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, cache: dict) -> Estimate:
     """Time of one run: measured training steps, plus sampling and probes scaled from them."""
+    if config.model.preset in REFERENCE_NAMES:
+        return reference_estimate(config, data, device)
     signature = (
         config.model.model_dump_json(),
         config.train.batch_size,

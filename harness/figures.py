@@ -121,8 +121,16 @@ def fig_per_t_loss(data: StudyResults, palette: dict):
     arms = _arms_with(frame, data.arms, "loss_mse")
     if not arms:
         return None
-    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 3.8))
+    floor_arms = _arms_with(frame, arms, "loss_floor")
+    fig, axes = plt.subplots(1, 2 if floor_arms else 1, figsize=(FIG_WIDTH, 4.0), squeeze=False)
+    ax = axes[0][0]
     _band(ax, frame, "t", "loss_mse", arms, palette, positive=True)
+    for arm in floor_arms:  # the floor depends on the schedule and data only: one line per arm
+        rows = frame[frame["arm"] == arm].groupby("t")["loss_floor"].mean().sort_index()
+        rows = rows[rows > 0]
+        ax.plot(rows.index, rows.to_numpy(), color=palette[arm], ls="--", lw=1.1)
+    if floor_arms:
+        ax.plot([], [], color="0.3", ls="--", lw=1.1, label="loss floor (best reference, dashed)")
     ax.set(
         xscale="log",
         yscale="log",
@@ -131,6 +139,20 @@ def fig_per_t_loss(data: StudyResults, palette: dict):
         title="Held-out noise-prediction loss per t (final probe)",
     )
     ax.legend(fontsize=8, ncol=2)
+    if floor_arms:
+        right = axes[0][1]
+        shortfall = frame[frame["arm"].isin(floor_arms)].assign(
+            shortfall=lambda f: (f["loss_mse"] - f["loss_floor"]).clip(lower=0)
+        )
+        _band(right, shortfall, "t", "shortfall", floor_arms, palette, positive=True, label_seeds=False)
+        right.set(
+            xscale="log",
+            yscale="log",
+            xlabel="t (log scale)",
+            ylabel="loss − floor (where positive)",
+            title="Shortfall: where the model is short of what the data allow",
+        )
+    fig.tight_layout()
     return fig
 
 
@@ -319,7 +341,11 @@ FIGURES: list[FigureSpec] = [
         "per_t_loss",
         fig_per_t_loss,
         "per-t loss per arm",
-        "Line: mean over seeds; band: min to max over seeds. Final probe of each run; t on a log scale, loss on a log scale.",
+        "Line: mean over seeds; band: min to max over seeds. Final probe of each run; t and loss on log scales. "
+        "Dashed: the loss floor, the lowest loss of four parameter-free reference denoisers fitted on the training split "
+        "(per-pixel Bayes, Gaussian/Wiener, the training set's exact optimum, a 3x3 median filter) on the same images, "
+        "noise and t: an upper bound on the irreducible loss. Right: the model's shortfall above that floor, where it "
+        "is demonstrably short of what the data allow (no line where it is at or below the floor).",
         "No per-t probe data: no arm has a finished run with a per_t table.",
     ),
     FigureSpec(

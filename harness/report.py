@@ -352,6 +352,18 @@ def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def sampler_check_rows(data: StudyResults) -> list[dict]:
+    from .sampler_checks import read_sampler_checks
+
+    frame = read_sampler_checks(data.root, data.study)
+    rows = []
+    for row in frame.to_dict("records"):
+        shown = {k: (f"{v:.4f}" if isinstance(v, float) and k.endswith("gap") else v) for k, v in row.items()}
+        shown.update({k: "–" for k in ("sigma", "steps") if row.get(k) is None or row.get(k) != row.get(k)})
+        rows.append(shown)
+    return rows
+
+
 def budget_statement(data: StudyResults) -> str:
     """How training budgets compare across arms (train.budget_by of the finished runs)."""
     budgets = set()
@@ -417,6 +429,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         tuning=tuning_context(data),
         budget=budget_statement(data),
         figures=figures,
+        sampler_checks=sampler_check_rows(data),
         samples=grids,
         samples_note=samples_note,
         runs=run_rows(data),

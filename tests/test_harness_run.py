@@ -309,3 +309,50 @@ def test_an_unusable_tracking_store_is_one_clear_error(tmp_path):
     assert "cannot use the MLflow tracking store sqlite:///" in proc.stderr and "Traceback" not in proc.stderr
     # the slots, already started, were stopped before any run was recorded
     assert not (tmp_path / "results" / "nostore" / "runs").exists()
+
+
+REFERENCE_STUDY = """\
+study: with_reference
+question: Does a parameter-free reference denoiser run as an arm beside a trained one?
+base:
+  model: {preset: tiny, base_channels: 16, time_embed_dim: 32}
+  diffusion: {T: 20}
+  train: {steps: 10, batch_size: 32, log_every: 5, warmup_steps: 2}
+  sample: {num_samples: 16}
+  eval: {probe_every: 10, probe_images: 32, drift_hist_steps: 5}
+ablations:
+  denoiser:
+    unet: {model.preset: tiny}
+    wiener: {model.preset: gaussian}
+    memoriser: {model.preset: empirical}
+seeds: [0]
+"""
+
+
+def test_reference_arms_run_end_to_end_without_training(tmp_path):
+    study = tmp_path / "with_reference.yaml"
+    study.write_text(REFERENCE_STUDY)
+    plan = harness(["plan", str(study)], tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "never trained (train.* ignored): wiener (gaussian), memoriser (empirical)" in " ".join(plan.stdout.split())
+    done = harness(["run", str(study)], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = table(tmp_path, "with_reference", "runs").to_pandas().set_index("arm")
+    assert set(runs["status"]) == {"finished"}
+    quality = table(tmp_path, "with_reference", "quality").to_pandas().set_index("run_key")
+    wiener, memoriser = (quality.loc[runs.loc[arm, "run_key"]] for arm in ("wiener", "memoriser"))
+    assert wiener["params"] == 0 and wiener["train_steps"] == 0
+    assert memoriser["nn_train_dist"] < 1e-3 < quality.loc[runs.loc["unet", "run_key"], "nn_train_dist"]
+    per_t = table(tmp_path, "with_reference", "per_t").to_pandas()
+    assert per_t["loss_floor"].notna().all() and set(per_t["floor_denoiser"]) <= {
+        "pixelwise",
+        "gaussian",
+        "empirical",
+        "median",
+    }
+    # a reference arm is probed once (step 0); its own loss is never below the floor it is part of
+    wiener_rows = per_t[per_t["run_key"] == runs.loc["wiener", "run_key"]]
+    assert set(wiener_rows["step"]) == {0}
+    assert (wiener_rows["loss_mse"] >= wiener_rows["loss_floor"] - 1e-6).all()
+    assert (wiener_rows["loss_mse"] - wiener_rows["ref_loss_gaussian"]).abs().max() < 1e-4
+    assert "loss floor" in (tmp_path / "reports" / "with_reference" / "index.html").read_text()
