@@ -355,4 +355,9 @@ def test_reference_arms_run_end_to_end_without_training(tmp_path):
     assert set(wiener_rows["step"]) == {0}
     assert (wiener_rows["loss_mse"] >= wiener_rows["loss_floor"] - 1e-6).all()
     assert (wiener_rows["loss_mse"] - wiener_rows["ref_loss_gaussian"]).abs().max() < 1e-4
-    assert "loss floor" in (tmp_path / "reports" / "with_reference" / "index.html").read_text()
+    html = (tmp_path / "reports" / "with_reference" / "index.html").read_text()
+    assert "loss floor" in html and "prior mean gap" in html
+    # one sampler-check row: every arm shares the schedule and sampler
+    checks = ds.dataset(str(tmp_path / "results" / "with_reference" / "sampler_check.parquet")).to_table().to_pandas()
+    assert len(checks) == 1 and checks["arms"].iloc[0] == "unet, wiener, memoriser"
+    assert 0 < checks["prior_mean_gap"].iloc[0] < 1 and checks["T"].iloc[0] == 20

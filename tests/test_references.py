@@ -292,3 +292,32 @@ def test_fitted_references_refuse_uint8_levels(name, schedule):
 def test_build_reference_rejects_an_unknown_name(schedule):
     with pytest.raises(ValueError, match=r"'gausian'.*empirical.*gaussian.*median.*pixelwise"):
         build_reference("gausian", schedule, _small_data(), levels=17)
+
+
+def test_reference_losses_floor_is_the_lowest_and_is_cached(tmp_path, monkeypatch):
+    """The per-t floor is the minimum over the references, computed once per (split, schedule,
+    probe draw, grid) and then read back from the cache without fitting anything."""
+    from ddpm_engine import diagnostics
+    from ddpm_engine.metrics import REFERENCE_NAMES
+
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 5, (40, 1, 4, 4), generator=gen).double() / 2 - 1).float()
+    probe = (torch.randint(0, 5, (12, 1, 4, 4), generator=gen).double() / 2 - 1).float()
+    noise = torch.randn(probe.shape, generator=gen)
+    schedule = Schedule(torch.linspace(1e-4, 0.2, 30, dtype=torch.float64))
+    grid = [1, 5, 15, 30]
+    first = diagnostics.reference_losses(schedule, train, 5, probe, noise, grid, cache_dir=tmp_path)
+    losses = first[[f"ref_loss_{n}" for n in REFERENCE_NAMES]].to_numpy()
+    assert list(first["t"]) == grid
+    np.testing.assert_allclose(first["loss_floor"], losses.min(axis=1))
+    assert list(first["floor_denoiser"]) == [REFERENCE_NAMES[i] for i in losses.argmin(axis=1)]
+    assert first.loc[0, "floor_denoiser"] == "pixelwise" and first.loc[0, "loss_floor"] < 1e-6  # 5 levels, t = 1
+    assert len(list(tmp_path.glob("reference_losses-*.parquet"))) == 1
+
+    diagnostics._REFERENCE_MEMO.clear()
+    monkeypatch.setattr("ddpm_engine.references.build_reference", lambda *a, **k: pytest.fail("refitted"))
+    again = diagnostics.reference_losses(schedule, train, 5, probe, noise, grid, cache_dir=tmp_path)
+    assert again.equals(first)
+    other = noise + 1e-3  # another probe draw is another entry, not a stale hit
+    with pytest.raises(pytest.fail.Exception):
+        diagnostics.reference_losses(schedule, train, 5, probe, other, grid, cache_dir=tmp_path)
