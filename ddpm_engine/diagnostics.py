@@ -209,10 +209,16 @@ class DriftRecorder:
 
 
 def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor) -> dict[str, float]:
-    """Summary figures of drift: final and largest mean gap, W1 of final pixel values."""
+    """Summary figures of drift: final and largest mean gap, W1 of final pixel values, and the
+    split of the gap into the setup's share (at t = T, before any model step) and the model's
+    (the largest departure from the oracle chain of the data's Gaussian denoiser)."""
     gap = drift["mean"] - drift["ref_mean"]
     final = drift.loc[drift["t"] == 0]
+    start = drift.loc[drift["t"] == drift["t"].max()]
+    excess = (drift["mean"] - drift["oracle_mean"]).abs() if "oracle_mean" in drift else None
     return {
+        "prior_mean_gap": float((start["mean"] - start["ref_mean"]).iloc[0]) if len(start) else float("nan"),
+        "excess_mean_gap": float(excess.max()) if excess is not None else float("nan"),
         "final_mean_gap": float((final["mean"] - final["ref_mean"]).iloc[0]) if len(final) else float("nan"),
         "max_mean_gap": float(gap.abs().max()),
         "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else float("nan"),

@@ -21,11 +21,13 @@ from .config import EvalConfig, ExperimentConfig, TrainConfig
 from .data import ImageData, engine_cache_dir, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
+    STAT_NAMES,
     DriftRecorder,
     bits_per_dim_bound,
     drift_summary,
     heldout_loss,
     per_t_probe,
+    pixel_statistics,
     probe_timesteps,
     reference_losses,
 )
@@ -275,18 +277,29 @@ def _interrupt(trainer: Trainer, checkpoint_dir: Path | None, window: _Throughpu
 
 def sample_with_drift(parts: RunParts) -> Sampled:
     """Sample with config.sample's sampler while a DriftRecorder follows the pixels of x_t
-    along the reverse chain against q(x_t) of the held-out images. Common random numbers:
-    x_T and every z come from sample.seed, the same for every arm and seed."""
+    along the reverse chain against q(x_t) of the held-out images; then run the same sampler,
+    from the same x_T and noise, with the data's Gaussian denoiser (no trained weights): what
+    the chain does without the model. Common random numbers: x_T and every z come from
+    sample.seed, the same for every arm and seed."""
+    drift = drift_recorder(parts)
+    started = time.perf_counter()
+    x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift)
+    seconds = time.perf_counter() - started
+    drift_table, drift_hist = drift.tables()
+    drift_table = drift_table.merge(oracle_drift(parts), on="t", how="left")
+    return Sampled(x0, parts.data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
+
+
+def run_sampler(parts: RunParts, denoiser: torch.nn.Module, autocast, callback) -> torch.Tensor:
+    """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from sample.seed."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
     generator = torch.Generator(device=device).manual_seed(sc.seed)
-    drift = drift_recorder(parts)
     chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
-    started = time.perf_counter()
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
     x_T = gaussian_noise(shape, generator, device, config.objective.noise_clip)
-    x0 = SAMPLERS[sc.sampler](
-        chunked_eps(parts.denoiser, chunk_size, parts.autocast),
+    return SAMPLERS[sc.sampler](
+        chunked_eps(denoiser, chunk_size, autocast),
         x_T,
         parts.schedule,
         generator=generator,
@@ -295,11 +308,24 @@ def sample_with_drift(parts: RunParts) -> Sampled:
         sigma=config.diffusion.sigma,
         steps=sc.steps,
         eta=sc.eta,
-        callback=drift,
+        callback=callback,
     )
-    seconds = time.perf_counter() - started
-    drift_table, drift_hist = drift.tables()
-    return Sampled(x0, data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
+
+
+def oracle_drift(parts: RunParts) -> pd.DataFrame:
+    """oracle_mean, oracle_std, oracle_frac_out of x_t per reverse step when the arm's sampler
+    runs the data's Gaussian (Wiener) denoiser from the same x_T and noise. Where the sampled
+    chain departs from this one is what the model adds; where both depart from q(x_t) (e.g. at
+    t = T when q(x_T) is not N(0, I)) the setup forces it. Cheap: a linear map per step."""
+    device = reference_device(parts.device)
+    oracle = build_reference(
+        "gaussian", parts.schedule, parts.data.to_model_space(parts.data.train).to(device), parts.data.levels
+    )
+    rows: list[tuple[int, torch.Tensor]] = []
+    run_sampler(parts, oracle.to(device), None, lambda t, x: rows.append((t, pixel_statistics(x, 2)[0])))
+    stats = torch.stack([r[1] for r in rows]).cpu().numpy()
+    columns = {name: stats[:, STAT_NAMES.index(name)] for name in ("mean", "std", "frac_out")}
+    return pd.DataFrame({"t": [r[0] for r in rows], **{f"oracle_{k}": v for k, v in columns.items()}})
 
 
 def drift_recorder(parts: RunParts) -> DriftRecorder:
@@ -362,7 +388,7 @@ def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
     if data.name == "digits" and data.train_labels is not None:
         classifier = load_digit_classifier(data.train, data.train_labels, config.data.cache_dir)
     train = data.to_model_space(data.train).float()
-    out = sample_quality(x0.float().cpu(), train, classifier)
+    out = sample_quality(x0.float().cpu(), train, classifier, levels=data.levels)
     out.update(memorisation(x0.float().cpu(), train, data.to_model_space(data.heldout).float()))
     return out
 

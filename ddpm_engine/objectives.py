@@ -55,9 +55,21 @@ class TimestepSampler:
     def update(self, t: torch.Tensor, row_losses: torch.Tensor) -> None:
         if self.kind == "uniform":
             return
-        slot = self.counts[t - 1] % self.losses.shape[1]
-        self.losses[t - 1, slot] = row_losses.detach().to(torch.float64)
-        self.counts.index_add_(0, t - 1, torch.ones_like(t))
+        # One history entry per occurrence: a t drawn k times in a batch fills k slots (the
+        # last `history` of them when k is larger), so the warm-up ends exactly when every
+        # slot holds a loss and the probabilities follow sqrt(E[L^2]) (Improved DDPM sec. 3.3).
+        index = t - 1
+        history = self.losses.shape[1]
+        order = torch.argsort(index, stable=True)
+        grouped = index[order]
+        first_of_group = torch.searchsorted(grouped, grouped)
+        rank = torch.empty_like(index)
+        rank[order] = torch.arange(len(index), device=index.device) - first_of_group
+        in_batch = torch.bincount(index, minlength=self.T)[index]
+        keep = rank >= in_batch - history
+        slot = (self.counts[index] + rank) % history
+        self.losses[index[keep], slot[keep]] = row_losses.detach().to(torch.float64)[keep]
+        self.counts.index_add_(0, index, torch.ones_like(index))
 
     def state_dict(self) -> dict:
         return {"losses": self.losses.cpu(), "counts": self.counts.cpu()}

@@ -45,7 +45,6 @@ _LR = 3e-3
 _ROUND_TRIP_P = 0.5  # share of training batches seen through an upsample/downsample trip
 _ROUND_TRIP_SIDES = (12, 16, 24, 32)
 _EVAL_BATCH = 1024
-_SATURATED = 0.99  # |x| at or above this counts as a saturated pixel
 _COVERAGE_SHARE = 0.2  # a class is "covered" with >= 20% of its fair share of samples
 
 
@@ -322,8 +321,10 @@ def sample_quality(
     samples: torch.Tensor,
     reference: torch.Tensor,
     classifier: DigitClassifier | None = None,
+    levels: int = 256,
 ) -> dict[str, float]:
-    """Quality of `samples` (N x C x H x W in [-1, 1]) against `reference` (M x C x H x W).
+    """Quality of `samples` (N x C x H x W in [-1, 1]) against `reference` (M x C x H x W),
+    both seen as images with ``levels`` grey levels (17 for digits, 256 for 8-bit images).
 
     With a classifier (digits):
       - fd: Frechet distance (Heusel et al. 2017) between the classifier's 64-dim
@@ -341,8 +342,8 @@ def sample_quality(
         and confidence are NaN.
     Always:
       - pixel_mean_gap: mean pixel of samples minus mean pixel of reference.
-      - sat_frac / ref_sat_frac: fraction of sample / reference pixels with |x| >= 0.99, and
-        sat_gap, their difference.
+      - sat_frac / ref_sat_frac: fraction of sample / reference pixels at the lowest or highest
+        level after mapping to the data's levels (round, clip), and sat_gap, their difference.
 
     Tensors may live on any device; the classifier runs on its own device and all
     statistics are computed on CPU in float64.
@@ -358,7 +359,7 @@ def sample_quality(
     else:
         out["fd"] = _fd_between(_pixel_features(samples), _pixel_features(reference))
         out.update(coverage=math.nan, class_entropy=math.nan, confidence=math.nan)
-    out.update(_pixel_metrics(samples, reference))
+    out.update(_pixel_metrics(samples, reference, levels))
     return out
 
 
@@ -417,16 +418,30 @@ def _pixel_features(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor, levels: int) -> dict[str, float]:
+    """Saturation as a viewer sees it: both sets mapped to the data's ``levels`` (round,
+    clip), then the fraction of pixels at the lowest or highest level. A threshold such as
+    |x| >= 0.99 would sit far inside one grey level (half a level is 1/16 on digits)."""
     s = samples.detach().to("cpu", torch.float64)
     r = reference.detach().to("cpu", torch.float64)
-    sat, ref_sat = ((x.abs() >= _SATURATED).to(torch.float64).mean().item() for x in (s, r))
+    sat, ref_sat = (float(saturated_fraction(x, levels)) for x in (s, r))
     return {
         "pixel_mean_gap": float(s.mean() - r.mean()),
         "sat_frac": sat,
         "ref_sat_frac": ref_sat,
         "sat_gap": sat - ref_sat,
     }
+
+
+def to_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Model-space pixels ([-1, 1]) as the integer level a viewer sees: round, then clip."""
+    return ((x + 1) * (levels - 1) / 2).round().clamp(0, levels - 1)
+
+
+def saturated_fraction(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Fraction of pixels at the lowest or highest of ``levels`` after quantization."""
+    q = to_levels(x, levels)
+    return ((q == 0) | (q == levels - 1)).to(torch.float64).mean()
 
 
 def nearest_distances(queries: torch.Tensor, pool: torch.Tensor, chunk: int = 256) -> torch.Tensor:

@@ -237,6 +237,9 @@ def fig_drift_curves(data: StudyResults, palette: dict):
                 ax.plot(rows["t"], rows[col], color=palette[arm], lw=1.6, label=f"{arm} (seed {seed})")
             if ref in rows:
                 ax.plot(rows["t"], rows[ref], color=palette[arm], lw=1.2, ls="--")
+            oracle = f"oracle_{col}"
+            if oracle in rows and rows[oracle].notna().any():
+                ax.plot(rows["t"], rows[oracle], color=palette[arm], lw=1.0, ls=":")
         ax.set_xscale("symlog", linthresh=1)
         ax.set(xlabel="t (symlog; sampling runs left to right)", ylabel=ylabel)
         ax.invert_xaxis()
@@ -246,6 +249,9 @@ def fig_drift_curves(data: StudyResults, palette: dict):
     handles, labels = axes[0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="0.3", ls="--"))
     labels.append("reference q(x_t) (dashed)")
+    if any(c.startswith("oracle_") for c in drift.columns):
+        handles.append(plt.Line2D([], [], color="0.3", ls=":"))
+        labels.append("oracle: data's Gaussian denoiser, same x_T and noise (dotted)")
     axes[0].legend(handles, labels, fontsize=7)
     fig.tight_layout()
     return fig
@@ -369,7 +375,9 @@ FIGURES: list[FigureSpec] = [
         "drift_curves",
         fig_drift_curves,
         "sample drift along the reverse chain per arm",
-        "Statistics of x_t while sampling (solid) against q(x_t) from held-out data (dashed, same colour). "
+        "Statistics of x_t while sampling (solid) against q(x_t) from held-out data (dashed, same colour) and against "
+        "the oracle chain (dotted): the same sampler, x_T and noise with the data's Gaussian denoiser and no trained weights. "
+        "Solid departing from dotted is drift the model adds; dotted departing from dashed is drift the setup forces. "
         "First seed of each arm (the first with a finished run; seed in the legend). t on a symmetric-log axis (linear below 1, so the final sample t=0 shows), "
         "reversed so that sampling runs left to right. The gap between solid and dashed is the drift.",
         "No drift data: no arm has a finished run with a drift table.",

@@ -103,3 +103,23 @@ def test_wasserstein1_matches_scipy():
         scipy.stats.wasserstein_distance(a, b), rel=1e-5
     )
     assert math.isclose(wasserstein1(torch.tensor(a), torch.tensor(a)), 0.0, abs_tol=1e-12)
+
+
+def test_importance_history_keeps_one_entry_per_occurrence():
+    """A t drawn several times in one batch fills as many history slots (the last `history`
+    of them), and the warm-up ends exactly when every slot of every t is filled."""
+    sampler = TimestepSampler(T=3, kind="importance", history=3, device="cpu")
+    sampler.update(torch.tensor([2, 2, 2, 1]), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert sampler.losses[1].tolist() == [1.0, 2.0, 3.0] and sampler.counts.tolist() == [1, 3, 0]
+    assert sampler.losses[0].tolist() == [4.0, 0.0, 0.0]
+    sampler.update(torch.tensor([2]), torch.tensor([5.0]))  # the ring wraps: the oldest entry goes
+    assert sampler.losses[1].tolist() == [5.0, 2.0, 3.0]
+    sampler.update(torch.tensor([3, 3, 3, 3, 3]), torch.tensor([6.0, 7.0, 8.0, 9.0, 10.0]))
+    assert sorted(sampler.losses[2].tolist()) == [8.0, 9.0, 10.0]  # the last three of five
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert torch.equal(sampler.probabilities(), uniform)  # t = 1 has one entry of three: still warming up
+    sampler.update(torch.tensor([1, 1]), torch.tensor([4.0, 4.0]))
+    rms = sampler.losses.pow(2).mean(dim=1).sqrt()
+    ideal = rms / rms.sum()
+    expected = ideal * (1 - sampler.uniform_mix) + uniform * sampler.uniform_mix
+    assert torch.allclose(sampler.probabilities(), expected)

@@ -206,9 +206,10 @@ def test_pixel_fallback_without_classifier(digits):
 
 def test_saturation_and_mean_gap(digits):
     ones = torch.ones(16, 1, 8, 8)
-    out = sample_quality(ones, digits["train"], None)
+    out = sample_quality(ones, digits["train"], None, levels=17)
     assert out["sat_frac"] == 1.0
     assert 0.0 < out["ref_sat_frac"] < 1.0
+    assert out["sat_gap"] == pytest.approx(1.0 - out["ref_sat_frac"])
     assert out["pixel_mean_gap"] == pytest.approx(1.0 - float(digits["train"].mean()), abs=1e-6)
 
 
@@ -216,3 +217,14 @@ def test_sample_quality_is_deterministic(classifier, digits):
     a = sample_quality(digits["test"], digits["train"], classifier)
     b = sample_quality(digits["test"], digits["train"], classifier)
     assert a == b
+
+
+def test_saturation_is_counted_on_the_data_levels():
+    """17 levels: a level is 0.125 wide. 0.95 rounds to the top level (what a viewer sees as
+    white) although |x| < 0.99; 0.9 rounds to the level below; 1.3 and -1.2 clip to the ends."""
+    from ddpm_engine.quality import saturated_fraction, to_levels
+
+    x = torch.tensor([0.95, 0.9, 1.3, -1.2, -0.95, 0.0, -0.9, 0.5])
+    assert to_levels(x, 17).tolist() == [16, 15, 16, 0, 0, 8, 1, 12]
+    assert float(saturated_fraction(x, 17)) == pytest.approx(4 / 8)
+    assert float(saturated_fraction(x, 256)) == pytest.approx(2 / 8)  # finer levels: only the clipped ones

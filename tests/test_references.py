@@ -321,3 +321,33 @@ def test_reference_losses_floor_is_the_lowest_and_is_cached(tmp_path, monkeypatc
     other = noise + 1e-3  # another probe draw is another entry, not a stale hit
     with pytest.raises(pytest.fail.Exception):
         diagnostics.reference_losses(schedule, train, 5, probe, other, grid, cache_dir=tmp_path)
+
+
+def test_drift_splits_into_the_setups_share_and_the_models():
+    """The oracle chain is the data's Gaussian denoiser from the arm's own x_T and noise: a
+    `gaussian` reference arm IS that chain, so it adds exactly no drift of its own; an untrained
+    UNet does. The prior gap is the same for both (t = T comes before any model step)."""
+    from ddpm_engine import ExperimentConfig, MemoryRecorder, run_experiment
+
+    def run(preset: str):
+        config = ExperimentConfig.from_dict(
+            {
+                "model": {"preset": preset, "base_channels": 16, "time_embed_dim": 32},
+                "diffusion": {"T": 20},
+                "train": {"steps": 2, "batch_size": 16, "log_every": 1, "warmup_steps": 1},
+                "sample": {"num_samples": 16},
+                "eval": {"probe_every": 2, "probe_images": 16, "quality": False, "drift_hist_steps": 3},
+            }
+        )
+        recorder = MemoryRecorder()
+        return run_experiment(config, recorder, device="cpu").summary, recorder.tables["drift"]
+
+    wiener, wiener_drift = run("gaussian")
+    np.testing.assert_allclose(wiener_drift["mean"], wiener_drift["oracle_mean"], atol=1e-6)
+    np.testing.assert_allclose(wiener_drift["std"], wiener_drift["oracle_std"], atol=1e-6)
+    assert wiener["excess_mean_gap"] < 1e-6
+    unet, unet_drift = run("tiny")
+    assert unet["excess_mean_gap"] > 1e-3
+    assert unet["prior_mean_gap"] == pytest.approx(wiener["prior_mean_gap"], abs=1e-7)
+    start = unet_drift[unet_drift["t"] == 20].iloc[0]
+    assert unet["prior_mean_gap"] == pytest.approx(start["mean"] - start["ref_mean"])
