@@ -61,7 +61,7 @@ def per_t_probe(
     """
     device = x0.device
     tables = schedule.on(device)
-    reverse_log_variance = schedule.reverse_variance(sigma).log().to(device, torch.float32)
+    reverse_log_variance = schedule.bound_variance(sigma).log().to(device, torch.float32)
     wt = schedule.vlb_weights(sigma)
     rows = []
     for t_now in timesteps:

@@ -84,6 +84,18 @@ class Schedule:
             return self.posterior_log_variance_clipped.exp()
         raise ValueError(f"unknown reverse variance {sigma!r}")
 
+    def bound_variance(self, sigma: str) -> torch.Tensor:
+        """sigma_t^2 as the variational bound uses it. For sigma = beta the t = 1 entry (the
+        variance of the discretized decoder in L_0) is beta_tilde_2, as in the DDPM and Improved
+        DDPM code ("fixedlarge": posterior_variance[1] prepended to betas[1:]); beta_1 there
+        would make the decoder far narrower than the data's last step of noise and L_0, hence
+        bits/dim, incomparable with published numbers. Sampling never uses the t = 1 variance
+        (Algorithm 2 adds no noise at t = 1), and training keeps reverse_variance."""
+        variance = self.reverse_variance(sigma)
+        if sigma == "beta":
+            variance[0] = self.posterior_variance[1]
+        return variance
+
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio alphabar_t / (1 - alphabar_t)."""
         return self.alphabar / (1 - self.alphabar)

@@ -366,7 +366,7 @@ FIGURES: list[FigureSpec] = [
         "vlb",
         fig_vlb,
         "VLB per t, w_t and prior L_T per arm",
-        "Left: L_{t-1} in bits/dim (t=1 shows L_0), log scales. Middle: the DDPM weight w_t that L_simple drops. "
+        "Left: L_{t-1} in bits/dim (t=1 shows L_0; its discretized decoder has variance beta_tilde_2 when sigma = beta, as in the DDPM and Improved DDPM code), log scales. Middle: the DDPM weight w_t that L_simple drops. "
         "Right: the prior term L_T per arm (bar: mean over seeds, dots: seeds). "
         "A large L_T means the forward chain never reaches N(0, I): sampling starts from noise the model never saw.",
         "No VLB data: no arm has a finished run with per_t or quality rows.",

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,38 @@ def test_ddim_sampling_with_eta0_is_deterministic_given_x_T():
         observer=lambda t, x: seen.append(t),
     )
     assert seen[0] == 50 and seen[-1] == 0 and len(seen) == 11
+
+
+def test_l0_uses_the_decoder_variance_of_the_ddpm_code():
+    """For sigma = beta the bound's t = 1 variance is beta_tilde_2 ("fixedlarge" in Improved
+    DDPM); L_0 of a perfect eps-predictor on 256-level data is checked against the discretized
+    Gaussian written out with scipy."""
+    from scipy.stats import norm
+
+    from ddpm_engine.diagnostics import per_t_probe
+
+    schedule = make_schedule(DiffusionConfig(T=1000))
+    bound = schedule.bound_variance("beta")
+    assert bound[0] == schedule.posterior_variance[1] and torch.equal(bound[1:], schedule.betas[1:])
+    assert torch.equal(schedule.bound_variance("beta_tilde"), schedule.reverse_variance("beta_tilde"))
+
+    gen = torch.Generator().manual_seed(0)
+    levels = 256
+    x0 = (torch.randint(1, levels - 1, (64, 1, 4, 4), generator=gen).double() * 2 / (levels - 1) - 1).float()
+    noise = torch.randn(x0.shape, generator=gen)
+
+    class Oracle(torch.nn.Module):  # returns the true noise: the reverse mean is the true posterior mean
+        def forward(self, xt, t):
+            return noise[: len(xt)]
+
+    row = per_t_probe(Oracle(), schedule, x0, noise, [1], sigma="beta", levels=levels).iloc[0]
+    abar = float(schedule.alphabar[0])
+    xt = (abar**0.5 * x0.double() + (1 - abar) ** 0.5 * noise.double()).numpy()
+    mean = (xt - (1 - abar) ** 0.5 * noise.double().numpy()) / abar**0.5  # x0 exactly: mu(x_1, x0) at t = 1
+    std = float(schedule.posterior_variance[1]) ** 0.5
+    half = 1 / (levels - 1)
+    x = x0.double().numpy()
+    upper = np.where(x > 0.999, 1.0, norm.cdf((x + half - mean) / std))
+    lower = np.where(x < -0.999, 0.0, norm.cdf((x - half - mean) / std))
+    bits = -np.log2(np.clip(upper - lower, 1e-12, None)).mean()
+    assert row["vlb_bits"] == pytest.approx(bits, rel=1e-3)
