@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import stats as _scipy_stats
 
 from .spec import Hypothesis
-from .stats import ROUNDING, mean_ci
+from .stats import mean_ci, paired_differences
 
 SUPPORTED = "supported"
 REFUTED = "refuted"
@@ -192,24 +192,6 @@ def _judge_zero_width(n: int, estimate: float, expect: str, value: float) -> Jud
         return Judgement(n, estimate, estimate, estimate, 1.0, INCONCLUSIVE)
     verdict = _side_verdict(estimate, estimate, expect, value)
     return Judgement(n, estimate, estimate, estimate, 0.0, verdict)
-
-
-def paired_differences(
-    arm_values_by_seed: Mapping[Any, float], baseline_values_by_seed: Mapping[Any, float]
-) -> list[float]:
-    """Per-seed differences arm - baseline over the seeds both have a finite value for, with
-    the rounding rule of ``harness.stats.paired_effect``: a difference within relative
-    ``ROUNDING`` of the two values is exactly 0."""
-    diffs = []
-    for seed, value in arm_values_by_seed.items():
-        base = baseline_values_by_seed.get(seed)
-        if value is None or base is None:
-            continue
-        value, base = float(value), float(base)
-        if math.isfinite(value) and math.isfinite(base):
-            diff = value - base
-            diffs.append(0.0 if abs(diff) <= ROUNDING * max(abs(value), abs(base)) else diff)
-    return diffs
 
 
 def _by_seed(per_run: pd.DataFrame, arm: str, metric: str) -> dict[Any, float]:

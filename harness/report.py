@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jinja2
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from ddpm_engine.metrics import PER_RUN, Metric, report_columns
@@ -121,46 +122,62 @@ def metrics_table(data: StudyResults) -> list[dict]:
     return rows
 
 
-def effects_table(data: StudyResults, baseline: str | None) -> list[dict]:
-    rows = []
+def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict], list[dict]]:
+    """(a row per arm of paired effects against the baseline, the minimum-detectable-effect
+    cells). Every arm x metric cell that is not a cost is one test; their p-values are
+    Holm-adjusted together and a cell is starred (and called better / worse) only if it
+    survives. Costs are shown and said "higher" / "lower", never starred or tested."""
     if baseline is None:
-        return rows
+        return [], []
+    from .hypotheses import holm
+
     columns = report_columns()
     values = {m.name: metric_values(data, m) for m in columns}
-    for arm in data.arms:
-        if arm == baseline:
-            continue
-        cells, pairs = [], 0
-        for m in columns:
-            diff, half, n = stats.paired_effect(values[m.name][arm], values[m.name][baseline])
-            word = stats.verdict(diff, half, n, star_direction(m))
-            pairs = max(pairs, n)
-            excludes = stats.ci_excludes_zero(diff, half)
-            cells.append(
-                {
-                    "text": fmt_signed(diff) if n else "",
-                    "half": fmt(half, 2) if n > 1 else "",
-                    "n": n,
-                    "verdict": word,
-                    "excludes_zero": excludes,
-                    "title": (
-                        f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs: "
-                        + ("excludes 0" if excludes else "includes 0")
-                    )
-                    if n > 1
-                    else "",
-                    "class": {
-                        "better": "eff-better",
-                        "worse": "eff-worse",
-                        "higher": "eff-sig",
-                        "lower": "eff-sig",
-                    }.get(word, "eff-none"),
-                }
-            )
+    arms = [a for a in data.arms if a != baseline]
+    diffs = {
+        (a, m.name): stats.paired_differences(values[m.name][a], values[m.name][baseline])
+        for a in arms
+        for m in columns
+    }
+    tested = [key for key in diffs if star_direction(PER_RUN[key[1]]) is not None]
+    adjusted = dict(zip(tested, holm([stats.p_value(diffs[key]) for key in tested])))
+    rows = []
+    for arm in arms:
+        cells = [_effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name))) for m in columns]
+        pairs = max(c["n"] for c in cells)
         for cell in cells:  # a metric with fewer pairs than the row's says so
             cell["n_note"] = f"n={cell['n']}" if 0 < cell["n"] < pairs else ""
         rows.append({"arm": arm, "pairs": pairs, "cells": cells})
-    return rows
+    n_seeds = len(data.seeds) or max((len(d) for d in diffs.values()), default=0)
+    mde = []
+    for m in columns:
+        spreads = [float(np.std(diffs[a, m.name], ddof=1)) for a in arms if len(diffs[a, m.name]) > 1]
+        sd = float(np.sqrt(np.mean(np.square(spreads)))) if spreads else math.nan
+        mde.append({"text": fmt(stats.minimum_detectable_effect(sd, n_seeds)), "cost": star_direction(m) is None})
+    return rows, mde
+
+
+def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -> dict:
+    diff, half, n = stats.mean_ci(diffs)
+    direction = star_direction(metric)
+    word = stats.verdict(diff, half, n, direction)
+    survives = p_adjusted is not None and math.isfinite(p_adjusted) and p_adjusted < 0.05
+    if direction is not None and word in ("better", "worse") and not survives:
+        word = stats.NO_CLEAR_EFFECT  # the interval alone excludes 0, but not after Holm
+    starred = direction is not None and survives and word in ("better", "worse")
+    title = ""
+    if n > 1:
+        title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
+        title += f"; Holm-adjusted p = {fmt(p_adjusted)}" if p_adjusted is not None else "; a cost: not tested"
+    return {
+        "text": fmt_signed(diff) if n else "",
+        "half": fmt(half, 2) if n > 1 else "",
+        "n": n,
+        "verdict": word,
+        "excludes_zero": starred,
+        "title": title,
+        "class": {"better": "eff-better", "worse": "eff-worse"}.get(word, "eff-sig" if starred else "eff-none"),
+    }
 
 
 def metric_columns() -> list[dict]:
@@ -407,6 +424,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
 
     baseline, baseline_how = data.baseline()
     judged = judge_hypotheses(data, baseline)
+    effect_rows, effect_mde = effects_table(data, baseline)
     palette = arm_palette(data.arms)
     with plt.rc_context({"font.size": 9, "axes.titlesize": 10}):
         figures = {spec.name: render_figure(spec, data, palette, out_dir) for spec in FIGURES}
@@ -424,7 +442,8 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         ci_statement=CI_STATEMENT,
         metric_groups=metric_columns(),
         metric_rows=metrics_table(data),
-        effect_rows=effects_table(data, baseline),
+        effect_rows=effect_rows,
+        effect_mde=effect_mde,
         hypotheses=hypotheses_context(data, judged),
         tuning=tuning_context(data),
         budget=budget_statement(data),

@@ -49,13 +49,10 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
     return mean, half, n
 
 
-def paired_effect(
-    arm_values_by_seed: Mapping[int, float],
-    baseline_values_by_seed: Mapping[int, float],
-    confidence: float = 0.95,
-) -> tuple[float, float, int]:
-    """Mean of the per-seed differences (arm - baseline) over the seeds both have a finite
-    value for, the half-width of their Student-t interval, and the number of pairs.
+def paired_differences(
+    arm_values_by_seed: Mapping[int, float], baseline_values_by_seed: Mapping[int, float]
+) -> list[float]:
+    """Per-seed differences arm - baseline over the seeds both have a finite value for.
 
     A difference within floating-point rounding of the two values (relative ``ROUNDING``)
     counts as exactly zero: otherwise equal values reached by different arithmetic give
@@ -70,7 +67,40 @@ def paired_effect(
         if math.isfinite(value) and math.isfinite(base):
             diff = value - base
             diffs.append(0.0 if abs(diff) <= ROUNDING * max(abs(value), abs(base)) else diff)
-    return mean_ci(diffs, confidence)
+    return diffs
+
+
+def paired_effect(
+    arm_values_by_seed: Mapping[int, float],
+    baseline_values_by_seed: Mapping[int, float],
+    confidence: float = 0.95,
+) -> tuple[float, float, int]:
+    """Mean of the per-seed differences (arm - baseline), the half-width of their Student-t
+    interval, and the number of pairs (``paired_differences``)."""
+    return mean_ci(paired_differences(arm_values_by_seed, baseline_values_by_seed), confidence)
+
+
+def p_value(values: Iterable[float], mu: float = 0.0) -> float:
+    """Two-sided p of the one-sample t test of H0: mean = ``mu`` (p < 0.05 exactly when the
+    95% interval of ``mean_ci`` excludes mu). No spread: 0 when the mean is off mu, else 1."""
+    x = _finite(values)
+    n = int(x.size)
+    if n < 2:
+        return math.nan
+    sd = float(x.std(ddof=1))
+    if sd <= ROUNDING * max(1.0, abs(float(x.mean()))):
+        return 0.0 if abs(float(x.mean()) - mu) > ROUNDING * max(1.0, abs(mu)) else 1.0
+    t = (float(x.mean()) - mu) / (sd / math.sqrt(n))
+    return float(2 * _scipy_stats.t.sf(abs(t), n - 1))
+
+
+def minimum_detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true paired effect a two-sided t test over ``n`` seeds detects with
+    ``power``, given the seed-to-seed sd of the differences: (t_{1-a/2} + t_power) sd / sqrt(n)."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    df = n - 1
+    return float((_scipy_stats.t.ppf(0.5 + confidence / 2, df) + _scipy_stats.t.ppf(power, df)) * sd / math.sqrt(n))
 
 
 def ci_excludes_zero(estimate: float, half_width: float) -> bool:

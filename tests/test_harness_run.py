@@ -335,6 +335,7 @@ def test_reference_arms_run_end_to_end_without_training(tmp_path):
     plan = harness(["plan", str(study)], tmp_path)
     assert plan.returncode == 0, plan.stderr
     assert "never trained (train.* ignored): wiener (gaussian), memoriser (empirical)" in " ".join(plan.stdout.split())
+    assert "1 seed: no confidence interval at all" in " ".join(plan.stdout.split())
     done = harness(["run", str(study)], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = table(tmp_path, "with_reference", "runs").to_pandas().set_index("arm")

@@ -349,11 +349,11 @@ def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade
     assert "eff-better" in sharp and ">better<" in sharp and "✱" in sharp
     assert "−2" in sharp or "-2" in sharp
     assert "± 0.25" in sharp  # 4.3027 * 0.1 / sqrt(3) = 0.248
-    assert "95% CI -2.25 to -1.75 over 3 pairs: excludes 0" in sharp
+    assert "95% CI -2.25 to -1.75 over 3 pairs; Holm-adjusted p = " in sharp
     noisy_row = _row(effects, "noisy")
     noisy = _cells(noisy_row)[fd]
     assert ">no clear effect<" in noisy and "eff-none" in noisy and "✱" not in noisy
-    assert "-0.867" in noisy and "includes 0" in noisy
+    assert "-0.867" in noisy and "95% CI -5.87 to 4.13" in noisy
     assert "better" not in noisy_row and "eff-better" not in noisy_row
 
 
@@ -417,3 +417,26 @@ def test_every_image_loads_without_console_errors(report, tmp_path):
         line for line in done.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and report.name in line)
     ]
     assert page_errors == []
+
+
+def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
+    """Four arms, each 0.75-1.2 below the baseline's fd on every seed: each 95% CI excludes 0
+    (p = 0.0171 alone), but four tests at once: Holm multiplies the smallest p by 4 (0.0683), so
+    no cell is starred or called better, while each still shows its interval."""
+    from scipy import stats as scipy_stats
+
+    from handmade import write_run, write_study
+
+    arms = ["base", "a", "b", "c", "d"]
+    write_study(tmp_path, "holm", arms, HAND_SEEDS, "base")
+    base = [10.0, 12.0, 14.0]
+    diffs = [-1.0, -1.2, -0.75]
+    assert scipy_stats.ttest_1samp(diffs, 0).pvalue == pytest.approx(0.0171, abs=5e-4)
+    for arm in arms:
+        for i, seed in enumerate(HAND_SEEDS):
+            fd = base[i] + (0 if arm == "base" else diffs[i])
+            write_run(tmp_path, "holm", arm, seed, quality=pd.DataFrame([{"fd": fd}]))
+    effects = section(build_report("holm", tmp_path, tmp_path / "reports").read_text(), "effects")
+    assert '<span class="sig"' not in effects and ">better<" not in effects
+    assert effects.count("Holm-adjusted p = 0.0683") == 4  # 4 x 0.01708
+    assert "minimum detectable effect" in effects
