@@ -423,9 +423,8 @@ def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
     """Four arms, each 0.75-1.2 below the baseline's fd on every seed: each 95% CI excludes 0
     (p = 0.0171 alone), but four tests at once: Holm multiplies the smallest p by 4 (0.0683), so
     no cell is starred or called better, while each still shows its interval."""
-    from scipy import stats as scipy_stats
-
     from handmade import write_run, write_study
+    from scipy import stats as scipy_stats
 
     arms = ["base", "a", "b", "c", "d"]
     write_study(tmp_path, "holm", arms, HAND_SEEDS, "base")
