@@ -311,20 +311,9 @@ def _print_sampler_checks(frame) -> None:
         "against q(x_t) (no trained model; mean gaps over pixels)",
         title_justify="left",
     )
-    columns = [
-        "arms",
-        "schedule",
-        "beta_scaling",
-        "T",
-        "sigma",
-        "sampler",
-        "steps",
-        "prior_mean_gap",
-        "max_mean_gap",
-        "max_std_gap",
-        "final_mean_gap",
-        "final_std_gap",
-    ]
+    from ddpm_engine.sampler_check import TABLE_COLUMNS
+
+    columns = ["arms", *TABLE_COLUMNS]
     for column in columns:
         table.add_column(column.replace("_", " "), overflow="fold")
     for row in frame.to_dict("records"):
