@@ -477,6 +477,14 @@ def worker(
 
 
 def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
+    """Run the scheduler with progress: rich bars on a terminal, plain lines otherwise."""
+    if not console.is_terminal:
+        from .progress import PlainProgress
+
+        scheduler.on_event = PlainProgress(
+            todo, lambda line: console.print(line, markup=False, highlight=False)
+        ).on_event
+        return _run_until_done(scheduler, make_tracker, console)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -514,20 +522,25 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
                         progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
 
         scheduler.on_event = on_event
-        previous = signal.getsignal(signal.SIGINT)
+        return _run_until_done(scheduler, make_tracker, progress.console)
 
-        def on_sigint(signum, frame):
-            if scheduler.stop.is_set():
-                raise KeyboardInterrupt
-            progress.console.print("[yellow]Ctrl-C: checkpointing the running runs and stopping...[/]")
-            scheduler.request_stop()
 
-        signal.signal(signal.SIGINT, on_sigint)
-        signal.signal(signal.SIGTERM, on_sigint)
-        try:
-            return scheduler.run(make_tracker)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+def _run_until_done(scheduler, make_tracker, out: Console):
+    """scheduler.run with Ctrl-C / SIGTERM asking the slots to checkpoint and stop (twice: now)."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if scheduler.stop.is_set():
+            raise KeyboardInterrupt
+        out.print("[yellow]Ctrl-C: checkpointing the running runs and stopping...[/]")
+        scheduler.request_stop()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
+    try:
+        return scheduler.run(make_tracker)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:

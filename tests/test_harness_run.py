@@ -170,6 +170,14 @@ def test_smoke_study_tables_read_back_with_pyarrow(smoke):
         assert column in quality.columns
 
 
+def test_without_a_terminal_each_ended_run_prints_a_line(smoke):
+    import re
+
+    _, _, first = smoke
+    ended = re.findall(r"^finished T\d+-s\d \(\w{12}\) in \d+ s \[(\d)/4\]$", first.stdout, re.M)
+    assert sorted(ended) == ["1", "2", "3", "4"], first.stdout
+
+
 def test_second_run_runs_nothing(smoke):
     cwd, study, _ = smoke
     again = harness(["run", str(study), "--no-report"], cwd)
