@@ -14,7 +14,6 @@ import importlib
 import inspect
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm_engine.config import DataConfig
+from ddpm_engine.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # uint8 storage is the memory budget that lets big folders fit; more levels would need it.
@@ -255,20 +255,16 @@ def _read_cache(cache_file: Path, count: int) -> np.ndarray | None:
 
 def _write_cache(cache_file: Path, images: np.ndarray) -> None:
     # A cache is a convenience: failing to write one must not fail the run.
-    tmp_name = None
+    # Atomic, so a concurrent reader sees the old state or the whole new file.
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, images)
-        # Atomic, so a concurrent reader sees the old state or the whole new file.
-        os.replace(tmp_name, cache_file)
-        tmp_name = None
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # np.save given a name would append ".npy" to it
+                np.save(handle, images)
+
+        atomic_write(cache_file, save)
     except OSError as exc:
         warnings.warn(f"could not write image cache {cache_file} ({exc}); next load decodes again", stacklevel=2)
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def _decode_folder(folder: Path, files: list[Path], config: DataConfig) -> np.ndarray:

@@ -7,8 +7,6 @@ same noise to every arm, so a difference between arms is the models', not the di
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pandas as pd
 import torch
 
 from .diffusion import prior_kl_bits, q_sample, vlb_term_bits
+from .files import atomic_write
 from .schedule import Schedule
 
 HIST_RANGE = (-1.5, 1.5)  # wide enough to show pixels escaping [-1, 1]
@@ -301,10 +300,6 @@ def _reference_key(schedule, train_x0, levels, probe_x0, probe_noise, timesteps)
 def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
     # A cache is a convenience: failing to write one must not fail the run.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
     except OSError:
         pass

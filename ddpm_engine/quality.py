@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .files import atomic_write
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -240,16 +241,8 @@ def _load_cached(path: Path) -> DigitClassifier | None:
 def _save_atomic(model: DigitClassifier, path: Path) -> None:
     # Write to a temp file in the same directory, then os.replace: concurrent runs either
     # see the old state or the complete new file, never a half-written one.
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"version": CLASSIFIER_VERSION, "state_dict": model.state_dict()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _train_classifier(images: torch.Tensor, labels: torch.Tensor) -> DigitClassifier:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ExperimentConfig
+from .files import atomic_write
 from .objectives import Objective, TimestepSampler, gaussian_noise
 from .schedule import Schedule
 
@@ -190,17 +189,8 @@ class Trainer:
 
     def save(self, directory: Path) -> Path:
         """Write ``last.pt`` atomically: a kill mid-write leaves the previous checkpoint."""
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "last.pt"
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        state = self.state_dict()
+        return atomic_write(Path(directory) / "last.pt", lambda tmp: torch.save(state, tmp))
 
     def restore(self, directory: Path | None) -> bool:
         """Load ``last.pt`` from ``directory`` if there is one; True when resumed."""

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ddpm_engine.files import atomic_write
 from ddpm_engine.metrics import PER_RUN, Metric, report_columns
 
 from . import stats
@@ -457,10 +456,4 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         results_dir=str(Path(results_root) / study),
         no_clear_effect=stats.NO_CLEAR_EFFECT,
     )
-    index = out_dir / "index.html"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(html)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, index)
-    return index
+    return atomic_write(out_dir / "index.html", lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))

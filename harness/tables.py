@@ -7,14 +7,14 @@ rendered in docs/design.md, "Tables". t is 1-based.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from ddpm_engine.files import atomic_write
 
 # The `runs` table is the harness's own record of each run; every other table's columns are
 # the engine's, declared with their meanings in ddpm_engine.metrics (docs/design.md lists them).
@@ -67,18 +67,8 @@ def write_table(results: Path, study: str, table: str, run_key: str, frame: pd.D
 
 def write_frame(path: Path, frame: pd.DataFrame) -> Path:
     """One Parquet file, atomically: temp file then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(arrow, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
 def read_table(results: Path, study: str, table: str) -> pd.DataFrame:

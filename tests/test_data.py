@@ -465,3 +465,27 @@ def test_data_error_is_value_error() -> None:
 def test_levels_beyond_uint8_are_refused() -> None:
     with pytest.raises(DataError, match="data.levels"):
         load_data(DataConfig(name="digits", levels=1024))
+
+
+def test_atomic_write_replaces_whole_files_with_the_umask_permissions(tmp_path):
+    """Results on a shared cluster folder must be readable by the group: the written file
+    takes the process umask (mkstemp alone makes 0600); a failed write leaves the old file."""
+    import os
+
+    from ddpm_engine.files import atomic_write
+
+    target = tmp_path / "sub" / "table.bin"
+    old = os.umask(0o002)
+    try:
+        atomic_write(target, lambda tmp: open(tmp, "w").write("first"))
+    finally:
+        os.umask(old)
+    assert target.read_text() == "first" and (target.stat().st_mode & 0o777) == 0o664
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["table.bin"]
