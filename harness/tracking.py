@@ -114,6 +114,8 @@ class RunTracker:
             self.run_id = existing.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "resumed", "true")
+            if "error" in existing.data.tags:  # an earlier attempt's failure no longer describes the run
+                self.client.delete_tag(self.run_id, "error")
         else:
             spec = self.spec
             tags = {

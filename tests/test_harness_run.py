@@ -276,6 +276,7 @@ def test_a_failing_run_is_recorded_and_retried_alone(tmp_path):
     assert "1 to run" in retry.stdout
     client, runs = mlflow_runs(tmp_path, "flaky")
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all("error" not in r.data.tags for r in runs)  # the failed attempt's reason is gone once it finished
     for run in runs:
         if run.data.tags["run_key"] in finished_before:
             assert run.info.end_time == finished_before[run.data.tags["run_key"]]
