@@ -565,7 +565,10 @@ def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:
 def _build_report(study: str, results: Path, reports: Path) -> None:
     from .report import build_report
 
-    path = build_report(study, results, reports)
+    try:
+        path = build_report(study, results, reports)
+    except FileNotFoundError:
+        fail_input(ValueError(f"no results for study {study!r} under {results}: run it first (`harness run STUDY`)"))
     console.print(f"report: {path}")
 
 

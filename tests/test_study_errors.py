@@ -132,3 +132,12 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path):
     assert "typo.yaml:4: base.diffusion.schedul: unknown key (did you mean 'schedule'?)" in " ".join(
         proc.stderr.split()
     )
+
+
+def test_report_of_a_study_never_run_is_one_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "never.yaml"
+    path.write_text("study: never\nquestion: q\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no results for study 'never'" in " ".join(result.output.split())
