@@ -21,15 +21,18 @@ from .config import EvalConfig, ExperimentConfig, TrainConfig
 from .data import ImageData, engine_cache_dir, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
+    BOUND_TIMESTEPS,
     STAT_NAMES,
     DriftRecorder,
     bits_per_dim_bound,
+    diffusion_bits_estimate,
     drift_summary,
     heldout_loss,
     per_t_probe,
     pixel_statistics,
     probe_timesteps,
     reference_losses,
+    stratified_timesteps,
 )
 from .metrics import PER_RUN, REFERENCE_NAMES, per_t_summary
 from .model import build_model, count_parameters
@@ -365,6 +368,7 @@ def measure(
         train_images=float(parts.step * tc.batch_size),
         train_loop_seconds=parts.trainer.train_seconds if parts.trainer is not None else 0.0,
     )
+    summary.update(final_bound(parts, summary))
     per_t = pd.DataFrame(history["per_t"])
     summary.update(per_t_summary(per_t[per_t["step"] == per_t["step"].iloc[-1]].reset_index(drop=True)))
     tables = {
@@ -376,6 +380,26 @@ def measure(
         "quality": pd.DataFrame([summary]),
     }
     return summary, tables
+
+
+def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
+    """bpd of the final weights without interpolating between probed t: every L_{t-1} for
+    T <= 201, else one t per stratum of BOUND_TIMESTEPS strata (an unbiased estimate, its
+    standard error in bpd_se). The same t for every arm: drawn from eval.probe_seed."""
+    generator = torch.Generator().manual_seed(parts.config.eval.probe_seed + 2)
+    ts, sizes = stratified_timesteps(parts.schedule.T, BOUND_TIMESTEPS, generator)
+    rows = per_t_probe(
+        parts.denoiser,
+        parts.schedule,
+        parts.probe_x0,
+        parts.probe_noise,
+        ts,
+        sigma=parts.config.diffusion.sigma,
+        levels=parts.data.levels,
+        autocast=parts.autocast,
+    )
+    middle, se = diffusion_bits_estimate(rows["vlb_bits"].to_numpy(), sizes)
+    return {"bpd": probed["prior_bits"] + probed["l0_bits"] + middle, "diffusion_bits": middle, "bpd_se": se}
 
 
 def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:

@@ -94,7 +94,7 @@ DECLARED: list[Metric] = [
     _m("per_t", "floor_denoiser", "", None, "the reference denoiser that sets loss_floor", "diagnostics.reference_losses"),
     # ---- probe: one row per probe (diagnostics.bits_per_dim_bound, heldout_loss)
     _m("probe", "step", "step", None, "training step of the probe"),
-    _m("probe", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at this probe"),
+    _m("probe", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at this probe (L_t interpolated between probed t; the final bpd in quality is not)"),
     _m("probe", "prior_bits", "bits/dim", "lower", "L_T at this probe"),
     _m("probe", "l0_bits", "bits/dim", "lower", "L_0 at this probe"),
     _m("probe", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} at this probe"),
@@ -123,10 +123,11 @@ DECLARED: list[Metric] = [
     _m("drift_hist", "count", "pixels", None, "sampled pixels in the bin"),
     _m("drift_hist", "ref_count", "pixels", None, "q(x_t) pixels in the bin"),
     # ---- quality: the run"s summary, one row per run (the per-run metrics)
-    _m("quality", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at the final probe", "diagnostics.bits_per_dim_bound", group=_LOSS, label="bits/dim"),
+    _m("quality", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 of the final weights: every t for T <= 201, else an unbiased stratified estimate over t (no interpolation)", "experiment.final_bound", group=_LOSS, label="bits/dim"),
     _m("quality", "prior_bits", "bits/dim", "lower", "prior term L_T: KL(q(x_T|x_0) || N(0, I))", "diagnostics.bits_per_dim_bound", group=_LOSS, label="prior L_T (bits/dim)"),
+    _m("quality", "bpd_se", "bits/dim", None, "standard error of bpd: 0 when every L_t is evaluated (T <= 201), else of the stratified estimate over t", "experiment.final_bound"),
     _m("quality", "l0_bits", "bits/dim", "lower", "decoder term L_0 at the final probe", "diagnostics.bits_per_dim_bound"),
-    _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} at the final probe", "diagnostics.bits_per_dim_bound"),
+    _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} of the final weights (as bpd: exact or stratified)", "experiment.final_bound"),
     _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss"),
     _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss"),
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary"),

@@ -263,3 +263,32 @@ def test_l0_uses_the_decoder_variance_of_the_ddpm_code():
     lower = np.where(x < -0.999, 0.0, norm.cdf((x - half - mean) / std))
     bits = -np.log2(np.clip(upper - lower, 1e-12, None)).mean()
     assert row["vlb_bits"] == pytest.approx(bits, rel=1e-3)
+
+
+def test_stratified_bound_is_exact_at_small_T_and_unbiased_beyond():
+    """sum_{t=2..T} L_{t-1}: every t when T - 1 <= budget (exact, SE 0); else one t per stratum,
+    whose mean over many draws is the exact sum, with a standard error that covers its spread."""
+    from ddpm_engine.diagnostics import diffusion_bits_estimate, stratified_timesteps
+
+    T = 120
+    curve = 1.0 / np.arange(1, T + 1) ** 1.5 + 0.01 * np.sin(np.arange(T))  # L_{t-1} by t, index t - 1
+    exact = curve[1:].sum()
+    ts, sizes = stratified_timesteps(T, 200, torch.Generator().manual_seed(0))
+    assert ts == list(range(2, T + 1)) and diffusion_bits_estimate(curve[np.array(ts) - 1], sizes) == (
+        pytest.approx(exact),
+        0.0,
+    )
+    estimates, errors = [], []
+    for seed in range(400):
+        ts, sizes = stratified_timesteps(T, 12, torch.Generator().manual_seed(seed))
+        assert sum(sizes) == T - 1 and len(ts) == 12
+        value, se = diffusion_bits_estimate(curve[np.array(ts) - 1], sizes)
+        estimates.append(value)
+        errors.append(se)
+    spread = np.std(estimates)
+    assert abs(np.mean(estimates) - exact) < 4 * spread / np.sqrt(len(estimates))  # unbiased
+    assert np.mean(errors) >= 0.8 * spread  # the collapsed-strata SE does not understate the spread
+    # interpolating between 12 evenly spaced t is biased on this convex curve
+    grid = np.unique(np.linspace(2, T, 12).round().astype(int))
+    interpolated = np.interp(np.arange(2, T + 1), grid, curve[grid - 1]).sum()
+    assert abs(interpolated - exact) > 8 * spread / np.sqrt(len(estimates))
