@@ -277,7 +277,7 @@ def _open_tracking(study: Study, results: Path, scheduler):
 
     try:
         client = make_client()
-        experiment_id = ensure_experiment(client, study.study)
+        experiment_id = ensure_experiment(client, study.study, study.question)
         commit = git_commit()
     except Exception as error:  # a wrong MLFLOW_TRACKING_URI is bad input, not a crash
         scheduler.abort()
@@ -352,7 +352,7 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
 
         storage = db_url(storage)
     client = make_client()
-    experiment_id = ensure_experiment(client, study.study)
+    experiment_id = ensure_experiment(client, study.study, study.question)
     stop = {"requested": False}
 
     def on_trial(arm: str, number: int, values: dict, value, state: str) -> None:

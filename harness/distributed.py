@@ -332,7 +332,9 @@ class Worker:
         self.settings = settings or QueueSettings.from_env()
         self.stop = stop or threading.Event()
         self.client = make_client()
-        self.experiment_id = ensure_experiment(self.client, study.study_name)
+        self.experiment_id = ensure_experiment(
+            self.client, study.study_name, (storage_manifest(study) or {}).get("question", "")
+        )
         self.commit = git_commit()
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.result = WorkerResult()
@@ -766,7 +768,7 @@ def run_on_storage(
     queue = create_queue(storage, manifest)
     write_manifest(results, manifest)
     client = make_client()
-    ensure_experiment(client, study.study)
+    ensure_experiment(client, study.study, study.question)
     outcome = enqueue(queue, specs, retry_failed=retry_failed)
     console.print(
         f"[bold]{study.study}[/]: {len(specs)} runs; enqueued {len(outcome.enqueued)}, "

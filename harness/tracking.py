@@ -54,27 +54,72 @@ def artifact_location(study: str) -> str | None:
     return None
 
 
-def ensure_experiment(client: MlflowClient, study: str) -> str:
-    """The study's experiment id, created (or restored from deletion) if needed."""
+def ensure_experiment(client: MlflowClient, study: str, question: str = "") -> str:
+    """The study's experiment id, created (or restored from deletion) if needed. Tagged as a
+    model-development experiment (MLflow 3 otherwise opens it in its GenAI view) with the
+    study's question as its description."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         try:
-            return client.create_experiment(study, artifact_location=artifact_location(study))
+            experiment_id = client.create_experiment(study, artifact_location=artifact_location(study))
         except Exception:  # another process created it between the two calls
             experiment = client.get_experiment_by_name(study)
             if experiment is None:
                 raise
+        else:
+            experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    wanted = {"mlflow.experimentKind": "custom_model_development"}
+    if question:
+        wanted["mlflow.note.content"] = question
+    for key, value in wanted.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
 def git_commit() -> str:
+    """The checkout's commit, with "-dirty" when tracked files have uncommitted changes."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() or "unknown"
+        if commit != "unknown":
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+            )
+            if status.stdout.strip():
+                commit += "-dirty"
+        return commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# Per-t curves of the final probe (step = t) and drift curves (step = reverse-chain index, 0 at
+# x_T) as MLflow metrics, so that MLflow's chart view overlays them across runs.
+CURVE_METRICS = {
+    "per_t": ("per_t", ["loss_mse", "eps_pred_mean", "eps_pred_std", "vlb_bits", "loss_floor"]),
+    "drift": ("drift", ["mean", "std", "frac_out", "ref_mean", "oracle_mean"]),
+}
+METRIC_BATCH = 1000  # MLflow's limit per log_batch call
+
+
+def curve_metrics(name: str, frame: pd.DataFrame, now: int) -> list[Metric]:
+    if name not in CURVE_METRICS or frame.empty:
+        return []
+    prefix, columns = CURVE_METRICS[name]
+    if name == "per_t":
+        frame = frame[frame["step"] == frame["step"].max()]
+        steps = frame["t"].astype(int).tolist()
+    else:
+        steps = list(range(len(frame)))  # rows run from t = T down to the final sample
+    out = []
+    for column in columns:
+        if column in frame:
+            out += [
+                Metric(f"{prefix}/{column}", float(v), now, s) for v, s in zip(frame[column], steps) if np.isfinite(v)
+            ]
+    return out
 
 
 def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
@@ -124,6 +169,10 @@ class RunTracker:
                 "seed": str(spec.seed),
                 "run_key": spec.key,
                 "git_commit": self.commit,
+                "mlflow.source.name": f"harness run {spec.study}",
+                "mlflow.source.type": "LOCAL",
+                "mlflow.source.git.commit": self.commit.removesuffix("-dirty"),
+                "git_dirty": str(self.commit.endswith("-dirty")).lower(),
                 "host": socket.gethostname(),
                 **{f"ablation.{axis}": level for axis, level in spec.arm.levels.items()},
             }
@@ -144,13 +193,19 @@ class RunTracker:
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.paths.append(write_table(self.results, self.study, name, self.spec.key, frame))
+        metrics = curve_metrics(name, frame, int(time.time() * 1000))
+        for i in range(0, len(metrics), METRIC_BATCH):
+            batch = metrics[i : i + METRIC_BATCH]
+            self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def image(self, name: str, pixels: np.ndarray) -> None:
         folder = self.results / self.study / name
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.spec.key}.png"
-        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(path)
+        picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+        picture.save(path)
         self.paths.append(path)
+        self.client.log_image(self.run_id, picture, key=name, step=0)  # MLflow's image view, per run
 
     # -- lifecycle
     def flush(self) -> None:

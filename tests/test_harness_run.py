@@ -90,6 +90,18 @@ def test_smoke_study_is_tracked_in_mlflow(smoke):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config", "samples", "train", "per_t", "drift", "drift_hist", "quality", "probe"} <= artifacts
         assert [a.path for a in client.list_artifacts(run.info.run_id, "per_t")] == [f"per_t/{tags['run_key']}.parquet"]
+        # per-t and drift curves as metrics, so MLflow's chart view overlays them across runs
+        T = int(tags["arm"][1:])
+        per_t = client.get_metric_history(run.info.run_id, "per_t/loss_mse")
+        assert sorted(m.step for m in per_t) == list(range(1, T + 1))
+        assert len(client.get_metric_history(run.info.run_id, "per_t/loss_floor")) == T
+        drift = client.get_metric_history(run.info.run_id, "drift/mean")
+        assert sorted(m.step for m in drift) == list(range(T + 1))  # x_T, then one per reverse step
+        assert tags["mlflow.source.git.commit"] and tags["git_dirty"] in ("true", "false")
+        assert "images" in artifacts  # the sample grid through log_image
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] == "Does the harness run end to end?"
 
 
 def test_cpu_slots_default_to_one_per_core_and_runs_overlap(smoke):
