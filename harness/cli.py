@@ -236,6 +236,7 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     from .scheduler import LocalScheduler, slot_devices
 
     todo, skipped = ledger_of(results, study).todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
+    claims, todo = _claim(study, results, todo, rerun)  # held while this function runs
     try:
         slots = slot_devices(device, workers, runs=len(todo))
     except ValueError as error:
@@ -256,11 +257,34 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     _print_summary(specs, final)
     if reports is not None:
         _build_report(study.study, results, reports)
+    claims.release()
     if any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes):
         console.print("[yellow]stopped: run the same command again to resume[/]")
         raise typer.Exit(130)
     if any(final.state(s.key) is RunState.FAILED for s in specs):
         raise typer.Exit(1)
+
+
+def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
+    """Claim the keys this process will run (harness.claims); keys another process holds are
+    left to it and named. A key finished by another process since the ledger was read is
+    dropped."""
+    from .claims import KeyClaims
+
+    claims = KeyClaims(results, study.study)
+    mine, held = claims.acquire(todo)
+    if held:
+        shown = ", ".join(f"{spec.name} ({who})" for spec, who in held[:5]) + (" ..." if len(held) > 5 else "")
+        console.print(
+            f"[yellow]{len(held)} run(s) are being run by another harness process and are left to it:[/] {escape(shown)}"
+        )
+    if not rerun:
+        now = ledger_of(results, study)
+        finished = [s for s in mine if now.is_finished(s.key)]
+        for spec in finished:
+            claims.release(spec.key)
+        mine = [s for s in mine if not now.is_finished(s.key)]
+    return claims, mine
 
 
 def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) -> None:

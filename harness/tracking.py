@@ -6,6 +6,7 @@ the `runs` Parquet row as this machine's record of the key's state (``harness.le
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -36,8 +37,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def prepare_store(uri: str) -> None:
+    """Create a new SQLite store in one piece: the schema is built in a temp file that then
+    replaces ``mlflow.db`` in one rename, under a file lock, so two processes starting at once
+    do not race through MLflow's migrations (which left "duplicate column name" errors) and a
+    kill during creation leaves no half-made store behind (which alembic then refused)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be creating it: wait for it
+        if path.exists():
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def make_client() -> MlflowClient:
     uri = tracking_uri()
+    prepare_store(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # worker processes inherit the same store
     # MLflow's async logger otherwise polls its queue with a 1 s timeout, so every run's end
     # waited up to 1 s for it to stop; buffering also merges a run's metrics into few writes.

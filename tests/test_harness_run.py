@@ -383,3 +383,26 @@ def test_reference_arms_run_end_to_end_without_training(tmp_path):
     checks = ds.dataset(str(tmp_path / "results" / "with_reference" / "sampler_check.parquet")).to_table().to_pandas()
     assert len(checks) == 1 and checks["arms"].iloc[0] == "unet, wiener, memoriser"
     assert 0 < checks["prior_mean_gap"].iloc[0] < 1 and checks["T"].iloc[0] == 20
+
+
+def test_two_concurrent_runs_of_one_study_train_each_key_once(tmp_path):
+    """Two `harness run` of one study started together in a fresh folder (issue: every key was
+    trained twice, MLflow histories interleaved, or the second died creating the store)."""
+    study = write_study(tmp_path, name="twice")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, "-m", "harness.cli", "run", str(study), "--no-report", "--workers", "1"]
+    procs = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    said = " ".join(" ".join(out.split()) for out, _ in outputs)
+    assert "being run by another harness process" in said or "0 to run" in said
+    client, runs = mlflow_runs(tmp_path, "twice")
+    keys = [r.data.tags["run_key"] for r in runs]
+    assert len(keys) == 4 and len(set(keys)) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:  # one training per key: no second history interleaved into the first
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    rows = table(tmp_path, "twice", "runs").to_pandas()
+    assert len(rows) == 4 and set(rows["status"]) == {"finished"}
