@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .metrics import REFERENCE_NAMES
 
+MAX_SEED = 2**32 - 1  # the range numpy's and torch's generators accept everywhere
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -47,7 +49,7 @@ class DataConfig(_Section):
     )
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of images held out from training.")
     split_seed: int = Field(
-        0, ge=0, description="Seed of the fixed train / held-out split (independent of train.seed)."
+        0, ge=0, le=MAX_SEED, description="Seed of the fixed train / held-out split (independent of train.seed)."
     )
     max_images: int | None = Field(None, ge=2, description="Use at most this many images (after a seeded shuffle).")
     cache_dir: str | None = Field(
@@ -191,7 +193,7 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm; None is off.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(25, ge=1, description="Steps between logged training scalars.")
-    seed: int = Field(0, ge=0, description="Seed of initialisation, batches, t and noise.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of initialisation, batches, t and noise.")
     # fp32 stays the default: a default is part of every run key, and bf16 on a CPU pays
     # off only with native bf16 (see device.native_bf16). GPU users opt in with auto.
     precision: Literal["fp32", "bf16", "auto"] = Field(
@@ -231,6 +233,7 @@ class SampleConfig(_Section):
     seed: int = Field(
         1234,
         ge=0,
+        le=MAX_SEED,
         description="Seed of x_T and the sampling noise, the same for every arm and training "
         "seed (common random numbers).",
     )
@@ -241,7 +244,7 @@ class EvalConfig(_Section):
     probe_timesteps: int = Field(40, ge=2, description="Timesteps in the probe grid (all t when T <= 200).")
     probe_images: int = Field(256, ge=1, description="Held-out images in each probe.")
     probe_seed: int = Field(
-        4321, ge=0, description="Seed of the probe noise, shared by all arms (common random numbers)."
+        4321, ge=0, le=MAX_SEED, description="Seed of the probe noise, shared by all arms (common random numbers)."
     )
     drift_bins: int = Field(64, ge=2, description="Histogram bins of pixel values over [-1.5, 1.5].")
     drift_hist_steps: int = Field(

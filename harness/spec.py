@@ -14,13 +14,13 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddpm_engine import metrics
-from ddpm_engine.config import ExperimentConfig, field_docs
+from ddpm_engine.config import MAX_SEED, ExperimentConfig, field_docs
 
 ENGINE_KEYS = sorted(field_docs())  # every dotted leaf key of the engine config
 
@@ -125,7 +125,9 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     study: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the study (folder and MLflow experiment)."
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,  # a folder name and an MLflow experiment name: file systems stop at 255 bytes
+        description="Name of the study (folder and MLflow experiment).",
     )
     question: str = Field(min_length=1, description="The question the study answers.")
     base: dict[str, Any] = Field(default_factory=dict, description="Engine config shared by every arm.")
@@ -137,7 +139,9 @@ class Study(BaseModel):
     arms: dict[str, dict[str, str]] | None = Field(
         None, description="Explicit arms: name -> {axis: level}; axes left out take the baseline level."
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Training seeds of every arm.")
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        default_factory=lambda: [0], description="Training seeds of every arm."
+    )
     tune: Tune | None = Field(None, description="Tune each arm before its seed replicates.")
     hypotheses: dict[str, Hypothesis] = Field(
         default_factory=dict,
@@ -198,10 +202,39 @@ def _compose_lines(text: str, source: str) -> dict[tuple, int]:
     return lines
 
 
+MAX_NODES = 100_000  # a study file is a few hundred nodes; aliases must not expand past this
+MAX_DEPTH = 100
+
+
+def _expanded_size(node, memo: dict, depth: int = 0) -> int:
+    """Nodes the document expands to, counting an aliased node at every use: a few hundred
+    bytes of nested aliases ("billion laughs") expand to billions, so this is checked on the
+    composed graph (shared nodes, linear cost) before anything is constructed."""
+    if depth > MAX_DEPTH:
+        raise RecursionError
+    if id(node) in memo:
+        return memo[id(node)]
+    children = node.value if isinstance(node.value, list) else []
+    flat = [c for pair in children for c in (pair if isinstance(pair, tuple) else (pair,))]
+    memo[id(node)] = size = 1 + sum(_expanded_size(child, memo, depth + 1) for child in flat)
+    return size
+
+
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise StudyError(
+                source,
+                None,
+                "",
+                f"the YAML expands to more than {MAX_NODES:,} nodes through its "
+                "aliases; a study file needs a few hundred",
+            )
         data = yaml.safe_load(text)
         lines = _compose_lines(text, source)
+    except RecursionError:
+        raise StudyError(source, None, "", f"the YAML is nested more than {MAX_DEPTH} levels deep") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -318,7 +351,15 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
         raise StudyError(source, None, "", "no such study file")
     if path.is_dir():
         raise StudyError(source, None, "", "is a directory, expected a YAML study file")
-    data, lines = _parse_yaml(path.read_text(encoding="utf-8"), source)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise StudyError(
+            source, line, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    data, lines = _parse_yaml(text, source)
     if not isinstance(data, dict):
         raise StudyError(source, 1, "", "a study file must be a mapping with keys study, question, ablations, ...")
 

@@ -92,6 +92,26 @@ CASES = {
         "hypotheses.h1.versu",
         "did you mean 'versus'",
     ),
+    "seed_too_large": (
+        HEADER + "seeds: [0, 18446744073709551616]\n",
+        ":3:",
+        "seeds.1",
+        "less than or equal to 4294967295",
+    ),
+    "study_name_too_long": ("study: " + "s" * 300 + "\nquestion: q\n", ":1:", "study", "at most 100 characters"),
+    "yaml_nested_too_deep": (HEADER + "base: " + "[" * 5000 + "]" * 5000 + "\n", "", "", "nested more than 100"),
+    "billion_laughs": (
+        HEADER
+        + "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+            f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+            for i in range(8)
+        ),
+        "",
+        "",
+        "more than 100,000 nodes",
+    ),
 }
 
 
@@ -106,7 +126,7 @@ def test_bad_study_file_exits_2_naming_file_line_and_key(tmp_path, monkeypatch, 
     result = CliRunner().invoke(app, args)
     out = " ".join(result.output.split())  # rich may wrap long lines
     assert result.exit_code == 2, result.output
-    assert f"{path}{line}" in out.replace(" ", "") or (line == ":" and str(path) in out)
+    assert f"{path}{line}" in out.replace(" ", "") or (line in (":", "") and str(path) in out)
     assert key in out and reason in out, out
     assert "Traceback" not in result.output
     # nothing was started or written
@@ -141,3 +161,13 @@ def test_report_of_a_study_never_run_is_one_clear_error(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["report", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "no results for study 'never'" in " ".join(result.output.split())
+
+
+def test_a_study_file_that_is_not_utf8_names_the_line(tmp_path, monkeypatch):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(HEADER.encode() + "base: {data: {name: caf\xe9}}\n".encode("latin-1"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{path}:3:" in out.replace(" ", "") and "not UTF-8" in out
