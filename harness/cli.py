@@ -44,7 +44,8 @@ STORAGE_OPT = typer.Option(
 
 def fail_input(error: Exception) -> None:
     """Bad input: one clear message, exit code 2, no traceback."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    # escaped: a key such as train.[lr] in the message must print as written, not as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

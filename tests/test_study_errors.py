@@ -171,3 +171,10 @@ def test_a_study_file_that_is_not_utf8_names_the_line(tmp_path, monkeypatch):
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{path}:3:" in out.replace(" ", "") and "not UTF-8" in out
+
+
+def test_bracketed_text_in_a_message_is_printed_as_written(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(HEADER)
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", "train.[lr]=3"])
+    assert result.exit_code == 2 and "train.[lr]" in result.output
