@@ -61,30 +61,38 @@ def baseline_levels(study: Study) -> dict[str, str]:
 
 def expand_arms(study: Study) -> list[Arm]:
     """The arms of the study's design, in a stable order (baseline first where it exists)."""
+    return [arm for arm, _ in arms_with_chosen_axes(study)]
+
+
+def arms_with_chosen_axes(study: Study) -> list[tuple[Arm, list[str]]]:
+    """Each arm with the axes it chooses itself; its other axes take the baseline's level.
+    Overrides apply the baseline's levels first and the chosen ones last, so an arm's own
+    level wins over a baseline default that sets the same key (one_at_a_time's annotated arm
+    keeps its per-block time MLP whatever the axis order)."""
     axes = list(study.ablations)
     base = baseline_levels(study)
     if study.arms is not None:
-        choices = [(name, {**base, **levels}) for name, levels in study.arms.items()]
+        choices = [(name, {**base, **levels}, list(levels)) for name, levels in study.arms.items()]
     elif not axes:
-        choices = [("base", {})]
+        choices = [("base", {}, [])]
     elif study.design == "factorial":
         combos = itertools.product(*(list(study.ablations[a]) for a in axes))
-        choices = [("-".join(combo), dict(zip(axes, combo))) for combo in combos]
+        choices = [("-".join(combo), dict(zip(axes, combo)), list(axes)) for combo in combos]
     else:  # one_at_a_time: the baseline, then each non-baseline level alone
         all_levels = [lvl for a in axes for lvl in study.ablations[a]]
-        choices = [("baseline", dict(base))]
+        choices = [("baseline", dict(base), list(axes))]
         for axis in axes:
             for level in study.ablations[axis]:
                 if level != base[axis]:
                     label = level if all_levels.count(level) == 1 else f"{axis}.{level}"
-                    choices.append((label, {**base, axis: level}))
-    arms = []
-    for label, levels in choices:
+                    choices.append((label, {**base, axis: level}, [axis]))
+    out = []
+    for label, levels, chosen in choices:
         overrides: dict[str, Any] = {}
-        for axis in axes:
+        for axis in [a for a in axes if a not in chosen] + [a for a in axes if a in chosen]:
             overrides.update(study.ablations[axis][levels[axis]])
-        arms.append(Arm(label=label, levels=levels, overrides=overrides))
-    return arms
+        out.append((Arm(label=label, levels=levels, overrides=overrides), chosen))
+    return out
 
 
 def baseline_arm(study: Study, arms: list[Arm]) -> str | None:

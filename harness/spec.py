@@ -376,8 +376,11 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     study.source, study.lines = source, lines
 
     base = study.base
+    set_keys: list[str] = []
     if set_options:
-        base = apply_overrides(base, parse_set_options(set_options))
+        overrides = parse_set_options(set_options)
+        set_keys = list(overrides)
+        base = apply_overrides(base, overrides)
         study.base = base
     try:
         ExperimentConfig.model_validate(base)
@@ -388,7 +391,47 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     if study.tune is not None:
         _check_tune(study)
     _check_hypotheses(study)
+    _check_arm_keys(study, set_keys)
     return study
+
+
+def _check_arm_keys(study: Study, set_keys: list[str]) -> None:
+    """Overrides that would silently do nothing: two axes of one arm setting the same key (the
+    later would win), a --set of the seed (the study's `seeds` decide it), or a --set of a key
+    that every arm sets itself."""
+    from .plan import arms_with_chosen_axes
+
+    with_chosen = arms_with_chosen_axes(study)
+    arms = [arm for arm, _ in with_chosen]
+    for arm, chosen in with_chosen:
+        setters: dict[str, str] = {}
+        for axis in chosen:
+            level = arm.levels[axis]
+            for key in study.ablations[axis][level]:
+                if key in setters:
+                    raise study.error(
+                        ("ablations", axis, level, key),
+                        f"arm {arm.label!r} takes {key} from both {setters[key]} and {axis}.{level}: one would "
+                        "silently win; set it in one axis only",
+                    )
+                setters[key] = f"{axis}.{level}"
+    for key in set_keys:
+        if key == "train.seed":
+            raise StudyError(
+                "--set",
+                None,
+                key,
+                "the seed of every run comes from the study's `seeds` list; "
+                "change that list (or use a copy of the study) instead",
+            )
+        if arms and study.ablations and all(key in arm.overrides for arm in arms):
+            raise StudyError(
+                "--set",
+                None,
+                key,
+                "every arm of this study sets this key itself, so --set would "
+                "change nothing; edit the study's levels instead",
+            )
 
 
 def _check_hypotheses(study: Study) -> None:

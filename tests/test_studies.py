@@ -157,3 +157,19 @@ def test_shipped_studies_state_the_seed_observations_as_hypotheses(path):
     study = load_study(path)
     metrics = {h.metric for h in study.hypotheses.values()}
     assert {"loss_small_minus_mid", "eps_bias_max", "final_mean_gap", "sat_gap"} <= metrics
+
+
+def test_an_arms_own_level_wins_over_a_baseline_default_whatever_the_axis_order(tmp_path):
+    """one_at_a_time: the varied level must win over another axis's baseline level that sets the
+    same key, even when the varied axis comes first (it used to lose to the later axis)."""
+    path = tmp_path / "order.yaml"
+    path.write_text(
+        "study: order\nquestion: q\ndesign: one_at_a_time\n"
+        "ablations:\n"
+        "  capacity:\n    tiny: {model.preset: tiny}\n    wide: {model.base_channels: 32, model.time_mlp: per_block}\n"
+        "  time_mlp:\n    shared: {model.time_mlp: shared}\n    per_block: {model.time_mlp: per_block}\n"
+        "baseline: {capacity: tiny, time_mlp: shared}\n"
+    )
+    runs = {r.arm.label: r for r in expand(load_study(path))}
+    assert runs["wide"].config.model.time_mlp == "per_block" and runs["wide"].config.model.base_channels == 32
+    assert runs["baseline"].config.model.time_mlp == "shared"

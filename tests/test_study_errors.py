@@ -178,3 +178,26 @@ def test_bracketed_text_in_a_message_is_printed_as_written(tmp_path):
     path.write_text(HEADER)
     result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", "train.[lr]=3"])
     assert result.exit_code == 2 and "train.[lr]" in result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        ("train.seed=5", "comes from the study's `seeds` list"),
+        ("diffusion.T=100", "every arm of this study sets this key"),
+    ],
+)
+def test_set_options_that_would_do_nothing_are_errors(tmp_path, option, reason):
+    path = tmp_path / "two.yaml"
+    path.write_text(HEADER + "ablations:\n  t:\n    a: {diffusion.T: 20}\n    b: {diffusion.T: 10}\n")
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", option])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--set" in out and reason in out
+
+
+def test_two_axes_setting_one_key_in_an_arm_is_an_error(tmp_path):
+    path = tmp_path / "clash.yaml"
+    path.write_text(HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n  b:\n    y: {train.steps: 6}\n")
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "clash.yaml:7:" in out.replace(" ", "") and "from both a.x and b.y" in out
