@@ -91,7 +91,13 @@ def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) ->
 
 
 def ledger_of(results: Path, study: Study) -> Ledger:
-    return Ledger.load(results, study.study)
+    ledger = Ledger.load(results, study.study)
+    for path in ledger.quarantined:
+        console.print(
+            f"[yellow]unreadable {escape(str(path))}: set aside as {escape(path.name)}.corrupt; "
+            "its run counts as not done and runs again[/]"
+        )
+    return ledger
 
 
 @app.command()

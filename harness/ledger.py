@@ -65,6 +65,7 @@ class Ledger:
     results: Path
     study: str
     rows: dict[str, dict] = field(default_factory=dict)  # run key -> its latest `runs` row
+    quarantined: list[Path] = field(default_factory=list)  # unreadable `runs` files set aside
 
     @classmethod
     def load(cls, results: Path, study: str) -> Ledger:
@@ -75,9 +76,10 @@ class Ledger:
             return cls(results, study)
         from .tables import read_table
 
-        frame = read_table(results, study, "runs")
+        quarantined: list[Path] = []
+        frame = read_table(results, study, "runs", quarantined)
         rows = {} if frame.empty else {row["run_key"]: row for row in frame.to_dict("records")}
-        return cls(results, study, rows)
+        return cls(results, study, rows, quarantined)
 
     def state(self, key: str) -> RunState:
         row = self.rows.get(key)

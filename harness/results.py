@@ -215,7 +215,10 @@ def read_table_tolerant(root: Path, study: str, table: str, notes: list[str]) ->
     from .tables import read_table
 
     try:
-        return read_table(root, study, table)
+        quarantined: list[Path] = []
+        frame = read_table(root, study, table, quarantined)
+        notes += [f"Unreadable file set aside as {p.name}.corrupt: {table}/{p.name}." for p in quarantined]
+        return frame
     except Exception as exc:  # noqa: BLE001
         log.warning("reading table %s as a dataset failed: %s", table, exc)
     import pyarrow.parquet as pq

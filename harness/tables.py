@@ -7,6 +7,7 @@ rendered in docs/design.md, "Tables". t is 1-based.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -71,17 +72,26 @@ def write_frame(path: Path, frame: pd.DataFrame) -> Path:
     return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
-def read_table(results: Path, study: str, table: str) -> pd.DataFrame:
-    """All runs' rows of ``table`` as one DataFrame (empty if none were written)."""
+def read_table(results: Path, study: str, table: str, quarantined: list[Path] | None = None) -> pd.DataFrame:
+    """All runs' rows of ``table`` as one DataFrame (empty if none were written).
+
+    A file that cannot be read (truncated by a full disk or a kill outside our atomic writes,
+    or damaged by hand) is set aside as ``<name>.corrupt`` (renamed, never deleted) and its
+    path appended to ``quarantined``: its run key then counts as not done and is run again."""
     folder = Path(results) / study / table
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-    if not files:
+    schemas = []
+    for path in files:
+        try:
+            schemas.append((path, pq.read_schema(path)))
+        except (pa.ArrowInvalid, OSError):
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            if quarantined is not None:
+                quarantined.append(path)
+    if not schemas:
         return pd.DataFrame()
-    dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_unified_schema(files))
+    # Runs of one study may differ in optional columns (a failed run's empty table): read
+    # them all under the union of their schemas.
+    schema = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
+    dataset = ds.dataset([str(p) for p, _ in schemas], format="parquet", schema=schema)
     return dataset.to_table().to_pandas()
-
-
-def _unified_schema(files: list[Path]) -> pa.Schema:
-    """Runs of one study may differ in optional columns (e.g. a failed run's empty table);
-    the dataset reads them all under the union of their schemas."""
-    return pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")

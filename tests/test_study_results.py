@@ -182,3 +182,21 @@ def test_hypotheses_are_judged_and_written(results, page):
     section = re.search(r'<section id="hypotheses">(.*?)</section>', page, re.S).group(1)
     assert "the loss at the smallest t is above mid t" in section and "supported" in section and "refuted" in section
     assert page.index('id="hypotheses"') < page.index('id="design"')  # first on the page
+
+
+def test_a_truncated_runs_file_is_set_aside_and_its_key_runs_again(tmp_path):
+    """A `runs` file cut short (a full disk, a hand edit) used to crash status, run and plan
+    with an ArrowInvalid traceback naming no file. Now it is renamed to .corrupt (kept), the
+    ledger names it, and its key counts as pending; the other keys are unaffected."""
+    from harness.ledger import Ledger
+    from harness.lifecycle import RunState
+
+    write_study(tmp_path, "cut", ["a", "b"], [0], "a")
+    good = write_run(tmp_path, "cut", "a", 0)
+    bad = write_run(tmp_path, "cut", "b", 0)
+    path = tmp_path / "cut" / "runs" / f"{bad}.parquet"
+    path.write_bytes(path.read_bytes()[:40])
+    ledger = Ledger.load(tmp_path, "cut")
+    assert ledger.quarantined == [path] and not path.exists() and path.with_name(path.name + ".corrupt").exists()
+    assert ledger.state(good) is RunState.FINISHED and ledger.state(bad) is RunState.PENDING
+    assert Ledger.load(tmp_path, "cut").state(good) is RunState.FINISHED  # nothing left to trip on
