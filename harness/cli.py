@@ -252,7 +252,6 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
     scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
     make_tracker, uri = _open_tracking(study, results, scheduler)
-    _record_sampler_checks(study, specs, results)
     console.print(
         f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
         f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {uri}"
@@ -260,6 +259,9 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     if any(why == RunState.FAILED for _, why in skipped):
         console.print("[yellow]failed runs are not retried without --retry-failed[/]")
     outcomes = _run_with_progress(scheduler, todo, make_tracker) if todo else []
+    # after the runs: the parent must record the slots' first events at once (a run killed
+    # early must already have its MLflow run to resume), and only the report needs this
+    _record_sampler_checks(study, specs, results)
     final = ledger_of(results, study)
     _print_summary(specs, final)
     if reports is not None:
