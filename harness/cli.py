@@ -31,6 +31,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+PLAN_ARMS_SHOWN = 40
+T_975 = {2: 12.706, 3: 4.303, 5: 2.776}  # two-sided 95% Student-t critical value for n seeds (df = n - 1)
 STUDY_ARG = typer.Argument(..., help="A study YAML file, e.g. studies/timestep_ablation.yaml.", show_default=False)
 SET_OPT = typer.Option(None, "--set", help="Override the base config: `--set train.steps=500` (repeatable).")
 RESULTS_OPT = typer.Option(Path("results"), "--results", help="Folder of Parquet tables and checkpoints.")
@@ -108,35 +110,42 @@ def plan(
     results: Path = RESULTS_OPT,
     measure: bool = typer.Option(True, help="Time a few training steps per distinct model to estimate cost."),
     check: bool = typer.Option(True, help="Run the closed-form sampler check of each schedule and sampler used."),
+    all_arms: bool = typer.Option(False, "--all", help=f"List every arm (default: the first {PLAN_ARMS_SHOWN})."),
 ):
     """Show the expansion (arms x seeds) with parameters and estimated time; runs nothing.
 
     Example: `harness plan studies/timestep_ablation.yaml --set train.steps=500`
     """
     study, specs = load(study_path, set_options)
-    data = preflight_data(study, specs)
-    from ddpm_engine.device import resolve_device
+    # the digits need loading only to time steps; other data are always checked here
+    data = preflight_data(study, specs, embedded=measure)
+    device_name = "CPU"
+    if measure:  # torch loads only when steps are timed (about 2 s)
+        from ddpm_engine.device import resolve_device
 
-    from .cost import estimate, format_seconds
+        from .cost import estimate, format_seconds
 
-    dev = resolve_device(device)
+        dev = resolve_device(device)
+        device_name = dev.type.upper()
     ledger = ledger_of(results, study)
     table = Table(title=f"{study.study}: {study.question}", title_justify="left")
-    for column in ("arm", "seeds", "changed keys", "params", f"est. {dev.type.upper()} time / run", "done / pending"):
+    for column in ("arm", "seeds", "changed keys", "params", f"est. {device_name} time / run", "done / pending"):
         table.add_column(column, overflow="fold")
     cache: dict = {}
     total = 0.0
     by_arm: dict[str, list[RunSpec]] = {}
     for spec in specs:
         by_arm.setdefault(spec.arm.label, []).append(spec)
-    for arm, arm_specs in by_arm.items():
+    for index, (arm, arm_specs) in enumerate(by_arm.items()):
         first = arm_specs[0]
-        changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         params, seconds = "", ""
         if measure:
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
             params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
             total += est.total_seconds * len(arm_specs)
+        if index >= PLAN_ARMS_SHOWN and not all_arms:
+            continue  # a table of thousands of rows is unreadable, and rendering it took seconds
+        changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         finished = sum(ledger.is_finished(s.key) for s in arm_specs)
         table.add_row(
             arm,
@@ -147,6 +156,8 @@ def plan(
             f"{finished} / {len(arm_specs) - finished}",
         )
     console.print(table)
+    if len(by_arm) > PLAN_ARMS_SHOWN and not all_arms:
+        console.print(f"... and {len(by_arm) - PLAN_ARMS_SHOWN:,} more arms (`--all` lists them)")
     references = [
         f"{arm} ({s[0].config.model.preset})"
         for arm, s in by_arm.items()
@@ -326,15 +337,14 @@ def _open_tracking(study: Study, results: Path, scheduler):
 
 def _warn_few_seeds(n: int) -> None:
     """What an interval costs at this seed count: the Student-t critical value multiplies the
-    standard error (12.7 at 2 seeds, 4.3 at 3, 2.8 at 5)."""
-    from .stats import t_quantile
-
+    standard error. Quoted from a table (checked against scipy in tests/test_stats.py) because
+    importing scipy would cost `plan` 1.6 s."""
     if n < 2:
         console.print("[yellow]1 seed: no confidence interval at all; every hypothesis stays inconclusive[/]")
         return
     console.print(
-        f"[yellow]{n} seeds: a 95% interval is ±{t_quantile(n):.1f} standard errors (±{t_quantile(3):.1f} at 3 seeds, "
-        f"±{t_quantile(5):.1f} at 5); most effects will be inconclusive[/]"
+        f"[yellow]{n} seeds: a 95% interval is ±{T_975[n]:.1f} standard errors (±{T_975[3]:.1f} at 3 seeds, "
+        f"±{T_975[5]:.1f} at 5); most effects will be inconclusive[/]"
     )
 
 

@@ -102,3 +102,10 @@ def test_rounding_differences_are_no_effect():
     diff, half, n = paired_effect(arm, base)
     assert (diff, half, n) == (0.0, 0.0, 3)
     assert verdict(diff, half, n, LOWER) == NO_CLEAR_EFFECT
+
+
+def test_the_plan_warnings_t_table_matches_scipy():
+    from harness.cli import T_975
+
+    for n, value in T_975.items():
+        assert value == pytest.approx(scipy_stats.t.ppf(0.975, n - 1), abs=5e-4)
