@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -193,10 +195,24 @@ class Trainer:
         return atomic_write(Path(directory) / "last.pt", lambda tmp: torch.save(state, tmp))
 
     def restore(self, directory: Path | None) -> bool:
-        """Load ``last.pt`` from ``directory`` if there is one; True when resumed."""
-        if directory is None or not (directory / "last.pt").exists():
+        """Load ``last.pt`` from ``directory`` if there is one; True when resumed.
+
+        A checkpoint file that does not load (truncated by a full disk or a kill outside our
+        atomic writes) is set aside as ``last.pt.corrupt`` with a warning and the run starts
+        over: raising would fail the key on every retry, forever."""
+        path = None if directory is None else Path(directory) / "last.pt"
+        if path is None or not path.exists():
             return False
-        # Loaded to CPU: RNG states must be CPU tensors; load_state_dict moves the rest.
-        state = torch.load(directory / "last.pt", map_location="cpu", weights_only=False)
+        try:
+            # Loaded to CPU: RNG states must be CPU tensors; load_state_dict moves the rest.
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises for a damaged file
+            os.replace(path, path.with_name("last.pt.corrupt"))
+            warnings.warn(
+                f"checkpoint {path} does not load ({type(exc).__name__}: {str(exc)[:200]}); "
+                "set aside as last.pt.corrupt, the run starts over",
+                stacklevel=2,
+            )
+            return False
         self.load_state_dict(state)
         return True

@@ -72,6 +72,19 @@ def test_a_finished_checkpoint_skips_training(tmp_path):
     assert again.resumed_from_step == 40
 
 
+def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_run_starts_over(tmp_path):
+    """A truncated last.pt used to fail its key on every --retry-failed, forever."""
+    config = small_config()
+    run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path)
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="does not load .* set aside as last.pt.corrupt"):
+        again = run_experiment(config, MemoryRecorder(), device="cpu", checkpoint_dir=tmp_path)
+    assert again.resumed_from_step == 0 and (tmp_path / "last.pt.corrupt").exists()
+    assert again.summary["train_steps"] == 40  # trained from the start, then checkpointed afresh
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["step"] == 40
+
+
 def test_non_finite_loss_names_the_step_and_the_last_finite_loss():
     config = small_config()
     data = load_data(config.data)
