@@ -13,6 +13,23 @@ from harness.tables import write_table
 
 AXIS = "variant"
 
+# hypotheses.parquet's columns as issue 12 specifies them (the code's list must match this one)
+HYPOTHESES_COLUMNS = [
+    "name",
+    "arm",
+    "metric",
+    "versus",
+    "expect",
+    "value",
+    "n",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "verdict",
+]
+
 
 def run_key(study: str, arm: str, seed: int) -> str:
     return hashlib.sha256(f"{study}/{arm}/{seed}".encode()).hexdigest()[:12]

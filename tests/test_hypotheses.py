@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from handmade import HYPOTHESES_COLUMNS
 from pydantic import ValidationError
 from scipy import stats as scipy_stats
 
@@ -20,21 +21,7 @@ from harness.hypotheses import (
 )
 from harness.stats import mean_ci, paired_effect
 
-COLUMNS = [
-    "name",
-    "arm",
-    "metric",
-    "versus",
-    "expect",
-    "value",
-    "n",
-    "estimate",
-    "ci_low",
-    "ci_high",
-    "p_value",
-    "p_adjusted",
-    "verdict",
-]
+COLUMNS = HYPOTHESES_COLUMNS
 
 RISING = [1.0, 1.2, 1.4, 1.6]  # mean 1.3, sample std sqrt(0.2/3), n 4
 CENTRED = [-0.15, -0.05, 0.05, 0.15]  # mean 0, sample std sqrt(0.05/3), n 4

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from handmade import write_run, write_study
+from handmade import HYPOTHESES_COLUMNS, write_run, write_study
 from scipy import stats as scipy_stats
 
 from ddpm_engine.metrics import PER_RUN, mean_over_t, nearest_t, per_t_summary
@@ -145,21 +145,7 @@ def test_per_t_summary_pieces():
 
 def test_hypotheses_are_judged_and_written(results, page):
     table = pq.read_table(results / STUDY / "hypotheses.parquet").to_pandas()
-    assert list(table.columns[:13]) == [
-        "name",
-        "arm",
-        "metric",
-        "versus",
-        "expect",
-        "value",
-        "n",
-        "estimate",
-        "ci_low",
-        "ci_high",
-        "p_value",
-        "p_adjusted",
-        "verdict",
-    ]
+    assert list(table.columns[:13]) == HYPOTHESES_COLUMNS
     rows = {(r["name"], r["arm"]): r for r in table.to_dict("records")}
     # every arm with data: base supported, armA refuted, armB inconclusive, broken no finished run
     assert rows["small_t_is_hard", "base"]["verdict"] == "supported"
