@@ -195,11 +195,13 @@ class TrainConfig(_Section):
     log_every: int = Field(25, ge=1, description="Steps between logged training scalars.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of initialisation, batches, t and noise.")
     # fp32 stays the default: a default is part of every run key, and bf16 on a CPU pays
-    # off only with native bf16 (see device.native_bf16). GPU users opt in with auto.
+    # off only with native bf16 and a big model (see device.auto_precision). Opt in with auto.
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
         description="bf16 runs forward and backward under bf16 autocast; auto is bf16 "
-        "on a CUDA GPU that supports it, fp32 elsewhere (summary bf16_autocast says which ran).",
+        "on a CUDA GPU that supports it and, for a model of at least 5M parameters, on a CPU "
+        "with bf16 in hardware (AVX512-BF16, AMX or ARM BF16); fp32 elsewhere (summary "
+        "bf16_autocast says which ran).",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
 

@@ -26,10 +26,9 @@ from PIL import Image
 
 from ddpm_engine.config import DataConfig
 from ddpm_engine.files import atomic_write
+from ddpm_engine.shapes import MAX_LEVELS, split_sizes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# uint8 storage is the memory budget that lets big folders fit; more levels would need it.
-MAX_LEVELS = 256
 # Bump when decoding changes, so caches written by an older decoder are not reused.
 _CACHE_FORMAT = 1
 # Below this many files a progress bar is noise.
@@ -115,6 +114,54 @@ def load_data(config: DataConfig) -> ImageData:
         keep = keep[: config.max_images].sort().values
         images, labels = images[keep], None if labels is None else labels[keep]
     return _split(images, labels, levels, name, config)
+
+
+# --- what a run trained on, for whoever tracks it (the `dataset` table) ---
+
+# Bump when what enters the digest changes, so old and new digests never collide.
+_DIGEST_VERSION = 1
+
+
+def data_source(config: DataConfig) -> str:
+    """Where the images come from: the loader of embedded data, else the resolved path."""
+    if config.name == "digits":
+        return "sklearn.datasets.load_digits"
+    path = str(Path(config.path).expanduser().resolve()) if config.path else ""
+    if config.name == "torchvision":
+        return f"torchvision.datasets.{config.torchvision_set}:{path}"
+    return path
+
+
+def split_digest(data: ImageData, config: DataConfig) -> str:
+    """16 hex of a sha256 over the training split: its images (shape, levels, every byte) and
+    the split definition (held-out fraction, split seed, image cap), so equal digests mean the
+    same training images split the same way. About 1 s per GB of images."""
+    split = {
+        "version": _DIGEST_VERSION,
+        "shape": list(data.train.shape),
+        "levels": data.levels,
+        "heldout_fraction": config.heldout_fraction,
+        "split_seed": config.split_seed,
+        "max_images": config.max_images,
+    }
+    digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode())
+    digest.update(data.train.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
+    return digest.hexdigest()[:16]
+
+
+def describe_split(data: ImageData, config: DataConfig) -> dict[str, str | int]:
+    """The `dataset` table's row (columns declared in ddpm_engine.metrics): the training data's
+    name, digest, source and size. A tracker logs it as the run's input (MLflow: a dataset)."""
+    return {
+        "name": data.name,
+        "digest": split_digest(data, config),
+        "source": data_source(config),
+        "train_images": int(data.train.shape[0]),
+        "heldout_images": int(data.heldout.shape[0]),
+        "channels": data.channels,
+        "image_size": data.image_size,
+        "levels": data.levels,
+    }
 
 
 # --- sources: each returns (uint8 N x C x H x W, int64 labels or None, levels, name) ---
@@ -558,7 +605,7 @@ def _split(images: torch.Tensor, labels: torch.Tensor | None, levels: int, name:
     count = images.shape[0]
     if count < 2:
         raise DataError(f"data set {name} has {count} image(s); a train / held-out split needs at least 2.")
-    held = min(max(round(count * config.heldout_fraction), 1), count - 1)
+    held = split_sizes(count, config.heldout_fraction)[1]
     # The permutation order is kept (not sorted) so any prefix of either part is a random sample.
     order = torch.randperm(count, generator=_generator(config.split_seed))
     held_idx, train_idx = order[:held], order[held:]

@@ -7,6 +7,7 @@ same noise to every arm, so a difference between arms is the models', not the di
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -126,27 +127,37 @@ BOUND_TIMESTEPS = 200  # L_{t-1} terms evaluated for the final bound: every t up
 
 
 def stratified_timesteps(T: int, budget: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
-    """(one t drawn uniformly from each stratum, the stratum sizes) over t = 2..T split into
-    ``budget`` contiguous strata of near-equal size; every t when T - 1 <= budget."""
+    """(the t to evaluate, the stratum each stands for) over t = 2..T: every t when
+    T - 1 <= budget; else the first budget // 2 t exactly (strata of one) and one t drawn
+    uniformly from each of the remaining strata, contiguous and of near-equal size, over the
+    rest. Why exact at small t: L_{t-1} falls by orders of magnitude over the first few t, so
+    one draw from a wide stratum there dominated the variance (an SE of 0.58 bits/dim at
+    T = 1000 with 200 equal strata on digits)."""
     every = np.arange(2, T + 1)
     if len(every) <= budget:
         return every.tolist(), [1] * len(every)
-    strata = np.array_split(every, budget)
+    exact = budget // 2
+    strata = np.array_split(every[exact:], budget - exact)
     picks = [int(part[torch.randint(len(part), (1,), generator=generator).item()]) for part in strata]
-    return picks, [len(part) for part in strata]
+    return every[:exact].tolist() + picks, [1] * exact + [len(part) for part in strata]
 
 
 def diffusion_bits_estimate(bits: np.ndarray, sizes: list[int]) -> tuple[float, float]:
     """sum_{t=2..T} L_{t-1} from one draw per stratum: sum_h N_h L(t_h), unbiased because each
-    t_h is uniform in its stratum; its standard error from the collapsed-strata estimator
-    (adjacent strata paired; conservative). Exact, with SE 0, when every stratum is one t."""
-    totals = np.asarray(sizes, dtype=float) * np.asarray(bits, dtype=float)
-    if max(sizes) == 1:
+    t_h is uniform in its stratum; its standard error from the collapsed-strata estimator over
+    the drawn strata (adjacent ones paired; conservative). Strata of one t are exact and add
+    no variance; all of them: exact, SE 0."""
+    sizes = np.asarray(sizes)
+    totals = sizes * np.asarray(bits, dtype=float)
+    drawn = totals[sizes > 1]
+    if drawn.size == 0:
         return float(totals.sum()), 0.0
-    pairs = totals[: len(totals) // 2 * 2].reshape(-1, 2)
+    if drawn.size == 1:  # nothing to pair it with: no estimate of its spread
+        return float(totals.sum()), math.nan
+    pairs = drawn[: len(drawn) // 2 * 2].reshape(-1, 2)
     variance = float(((pairs[:, 0] - pairs[:, 1]) ** 2).sum())
-    if len(totals) % 2:  # an odd stratum out: pair it with its neighbour once more
-        variance += float((totals[-1] - totals[-2]) ** 2)
+    if len(drawn) % 2:  # an odd stratum out: pair it with its neighbour once more
+        variance += float((drawn[-1] - drawn[-2]) ** 2)
     return float(totals.sum()), variance**0.5
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .config import EvalConfig, ExperimentConfig, TrainConfig
-from .data import ImageData, engine_cache_dir, load_data
+from .data import ImageData, describe_split, engine_cache_dir, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
     BOUND_TIMESTEPS,
@@ -134,8 +134,9 @@ def run_experiment(
     data: ImageData | None = None,
 ) -> RunResult:
     """Train, probe, sample and measure one config; resume from ``checkpoint_dir`` if it holds
-    a checkpoint. Emits scalars while training and the tables train, per_t, probe (bound and
-    held-out loss per probe), drift, drift_hist and quality at the end, plus the image ``samples``.
+    a checkpoint. Emits the table dataset first (the training split's name, digest and source),
+    scalars while training and the tables train, per_t, probe (bound and held-out loss per
+    probe), drift, drift_hist and quality at the end, plus the image ``samples``.
 
     ``should_stop`` is polled after every step; when it returns True a checkpoint is written
     and RunInterrupted is raised.
@@ -145,6 +146,8 @@ def run_experiment(
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     parts = build(config, device, data)
+    # first, so a tracker has the run's input (its training split) even if the run fails
+    recorder.table("dataset", pd.DataFrame([describe_split(parts.data, config.data)]))
     resumed_from = train_with_probes(parts, recorder, checkpoint_dir, should_stop)
     train_seconds = time.perf_counter() - started
     sampled = sample_with_drift(parts)
@@ -167,7 +170,7 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
         # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
         torch.manual_seed(config.train.seed)
         model = build_model(config.model, data.channels, data.image_size).to(device)
-        autocast = autocast_factory(device, config.train.precision)
+        autocast = autocast_factory(device, config.train.precision, count_parameters(model))
         trainer = Trainer(config, model, schedule, train_x0, data.levels, device, autocast)
     probe_x0, probe_noise = probe_inputs(config.eval, data, device)
     grid = probe_timesteps(schedule.T, config.eval.probe_timesteps)
@@ -262,17 +265,21 @@ def train_with_probes(
         if checkpoint_dir is not None and (trainer.step % tc.checkpoint_every == 0 or last):
             trainer.save(checkpoint_dir)
         if should_stop is not None and should_stop() and not last:
-            _interrupt(trainer, checkpoint_dir, window)
+            _interrupt(trainer, recorder, checkpoint_dir, window)
     if not trainer.history["per_t"] or trainer.history["per_t"][-1]["step"] != trainer.step:
         probe(parts)  # a run resumed after its last step was trained still needs its final probe
     return resumed_from
 
 
-def _interrupt(trainer: Trainer, checkpoint_dir: Path | None, window: _ThroughputWindow) -> NoReturn:
+def _interrupt(
+    trainer: Trainer, recorder: Recorder, checkpoint_dir: Path | None, window: _ThroughputWindow
+) -> NoReturn:
     """Checkpoint and raise RunInterrupted. The steps since the last logged row are flushed
-    first, so a non-finite loss among them is caught and their row is in the checkpoint."""
+    first, so a non-finite loss among them is caught and their row is in the checkpoint; the
+    row is emitted too, so that a tracker's history holds every row the train table will."""
     if trainer.unlogged:
-        trainer.flush_window(window.images_per_s())
+        row = trainer.flush_window(window.images_per_s())
+        recorder.scalars(trainer.step, {k: v for k, v in row.items() if k != "step"})
     if checkpoint_dir is not None:
         trainer.save(checkpoint_dir)
     raise RunInterrupted(trainer.step)
@@ -384,8 +391,8 @@ def measure(
 
 def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
     """bpd of the final weights without interpolating between probed t: every L_{t-1} for
-    T <= 201, else one t per stratum of BOUND_TIMESTEPS strata (an unbiased estimate, its
-    standard error in bpd_se). The same t for every arm: drawn from eval.probe_seed."""
+    T <= 201, else the first 100 t exactly and one t per stratum of 100 strata over the rest
+    (an unbiased estimate, its standard error in bpd_se). The same t for every arm: drawn from eval.probe_seed."""
     generator = torch.Generator().manual_seed(parts.config.eval.probe_seed + 2)
     ts, sizes = stratified_timesteps(parts.schedule.T, BOUND_TIMESTEPS, generator)
     rows = per_t_probe(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm_engine.config import ModelConfig
+from ddpm_engine.shapes import feature_map_sides
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -150,7 +151,7 @@ class UNet(nn.Module):
         super().__init__()
         base = config.base_channels
         widths = [base * mult for mult in config.channel_mults]
-        sides = self._level_sides(image_size, config.channel_mults)
+        sides = feature_map_sides(image_size, config.channel_mults)
         attention_sides = set(config.attention_resolutions)
         groups, heads = config.norm_groups, config.attention_heads
         time_dim = config.time_embed_dim
@@ -223,19 +224,6 @@ class UNet(nn.Module):
         # training step at these widths (24-channel NCHW convs fall off a fast path), it
         # was never slower on the annotated preset, and it is attention's token order.
         self.to(memory_format=torch.channels_last)
-
-    @staticmethod
-    def _level_sides(image_size: int, channel_mults: tuple[int, ...]) -> list[int]:
-        sides = [image_size]
-        for _ in channel_mults[1:]:
-            if sides[-1] < 2:
-                raise ValueError(
-                    f"image_size {image_size} cannot be halved {len(channel_mults) - 1} times "
-                    f"for channel_mults {tuple(channel_mults)}: the feature map reaches 1x1 "
-                    f"after {len(sides) - 1} downsamples; use fewer levels"
-                )
-            sides.append((sides[-1] + 1) // 2)
-        return sides
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """eps prediction for x_t [B, C, H, W] at 1-based timesteps t [B] (or one scalar t)."""

@@ -12,12 +12,18 @@ import numpy as np
 import pandas as pd
 
 
+class RunNote(UserWarning):
+    """Something that happened to a run that its record should keep although the run went on
+    (a checkpoint that did not load and was set aside, say). The harness collects these
+    warnings into the run's outcome; alone, the engine shows them as warnings."""
+
+
 class Recorder(Protocol):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars observed at a training step (streamed; e.g. loss, lr, images/s)."""
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
-        """A whole named table of the run (train, per_t, drift, drift_hist, quality)."""
+        """A whole named table of the run (dataset, train, per_t, drift, drift_hist, quality)."""
 
     def image(self, name: str, pixels: np.ndarray) -> None:
         """An HxWxC uint8 image, e.g. a grid of samples."""

@@ -12,6 +12,7 @@ import torch
 from .config import ExperimentConfig
 from .files import atomic_write
 from .objectives import Objective, TimestepSampler, gaussian_noise
+from .recorder import RunNote
 from .schedule import Schedule
 
 
@@ -198,8 +199,9 @@ class Trainer:
         """Load ``last.pt`` from ``directory`` if there is one; True when resumed.
 
         A checkpoint file that does not load (truncated by a full disk or a kill outside our
-        atomic writes) is set aside as ``last.pt.corrupt`` with a warning and the run starts
-        over: raising would fail the key on every retry, forever."""
+        atomic writes) is set aside as ``last.pt.corrupt`` with a warning (a RunNote: the
+        harness keeps it in the run's record) and the run starts over: raising would fail the
+        key on every retry, forever."""
         path = None if directory is None else Path(directory) / "last.pt"
         if path is None or not path.exists():
             return False
@@ -211,6 +213,7 @@ class Trainer:
             warnings.warn(
                 f"checkpoint {path} does not load ({type(exc).__name__}: {str(exc)[:200]}); "
                 "set aside as last.pt.corrupt, the run starts over",
+                RunNote,
                 stacklevel=2,
             )
             return False

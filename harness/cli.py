@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -61,35 +62,58 @@ def load(study_path: Path, set_options: list[str] | None) -> tuple[Study, list[R
 
 def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) -> dict:
     """Load every distinct data set once, before anything runs, so that a missing folder is
-    reported against the study file (and the decoded cache is warm for the workers).
+    reported against the study file (and the decoded cache is warm for the workers), and check
+    every arm against its data's size (ddpm_engine.shapes.problems): what would fail only
+    after training, or silently do nothing, stops here with exit 2.
 
-    ``embedded=False`` skips the digits, which ship with scikit-learn: nothing can be
-    missing, and `run` would only delay its slots' start by loading them (`plan` times
-    training steps on them, so it keeps the default)."""
-    specs = [s for s in specs if embedded or s.config.data.name != "digits"]
-    if not specs:
-        return {}
-    from ddpm_engine.data import DataError, load_data
+    ``embedded=False`` skips loading the digits, which ship with scikit-learn: nothing can be
+    missing and their size is known, and `run` would only delay its slots' start by loading
+    them (`plan` times training steps on them, so it keeps the default)."""
+    from ddpm_engine.shapes import digits_extent, problems
 
-    loaded = {}
+    # one spec per arm: its seeds differ only in train.seed, which nothing here depends on
+    first_of_arm: dict[str, RunSpec] = {}
     for spec in specs:
+        first_of_arm.setdefault(spec.arm.label, spec)
+    arms = list(first_of_arm.values())
+    for spec in arms:  # before loading: data.levels beyond uint8 would fail as a data error
+        for key, reason in problems(spec.config):
+            fail_input(_located(study, spec, [key], reason))
+    loaded: dict = {}
+    extents: dict[str, tuple[int, int]] = {}
+    for spec in arms:
         key = spec.config.data.model_dump_json()
-        if key in loaded:
-            continue
-        try:
-            loaded[key] = load_data(spec.config.data)
-        except DataError as error:
-            where = next(
-                (
-                    ("ablations", axis, spec.arm.levels[axis], k)
-                    for axis in spec.arm.levels
-                    for k in study.ablations[axis][spec.arm.levels[axis]]
-                    if k.startswith("data.")
-                ),
-                ("base", "data", "path"),
-            )
-            fail_input(study.error(where, str(error)))
+        if key not in extents:
+            if spec.config.data.name == "digits" and not embedded:
+                extents[key] = digits_extent(spec.config.data)
+            else:
+                from ddpm_engine.data import DataError, load_data
+
+                try:
+                    data = loaded[key] = load_data(spec.config.data)
+                except DataError as error:
+                    fail_input(_located(study, spec, ["data.path", "data.name"], str(error)))
+                extents[key] = (data.train.shape[0] + data.heldout.shape[0], data.image_size)
+        for dotted, reason in problems(spec.config, *extents[key]):
+            # a default a preset filled in is located at the preset
+            fallbacks = ["model.preset"] if dotted.startswith("model.") else ["data.path", "data.name"]
+            fail_input(_located(study, spec, [dotted, *fallbacks], reason))
     return loaded
+
+
+def _located(study: Study, spec: RunSpec, keys: list[str], message: str) -> StudyError:
+    """``message`` at the first of ``keys`` the arm sets: in the ablation level whose value it
+    takes, with --set, or in the base; else at the base section of the first key."""
+    for key in keys:
+        for axis, level in spec.arm.levels.items():
+            overrides = study.ablations[axis][level]
+            if key in overrides and overrides[key] == spec.arm.overrides.get(key):
+                return study.error(("ablations", axis, level, key), message)
+        if key in study.set_keys:
+            return StudyError("--set", None, key, message)
+        if ("base", *key.split(".")) in study.lines:
+            return study.error(("base", *key.split(".")), message)
+    return study.error(("base", keys[0].split(".")[0]), message)
 
 
 def ledger_of(results: Path, study: Study) -> Ledger:
@@ -128,8 +152,18 @@ def plan(
         dev = resolve_device(device)
         device_name = dev.type.upper()
     ledger = ledger_of(results, study)
+    from .reuse import finished_elsewhere
+
+    reusable = finished_elsewhere(results, study.study, [s.key for s in specs if not ledger.is_finished(s.key)])
     table = Table(title=f"{study.study}: {study.question}", title_justify="left")
-    for column in ("arm", "seeds", "changed keys", "params", f"est. {device_name} time / run", "done / pending"):
+    for column in (
+        "arm",
+        "seeds",
+        "changed keys",
+        "params",
+        f"est. {device_name} time / run",
+        "done / reused / to train",
+    ):
         table.add_column(column, overflow="fold")
     cache: dict = {}
     total = 0.0
@@ -142,18 +176,19 @@ def plan(
         if measure:
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
             params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
-            total += est.total_seconds * len(arm_specs)
+            total += est.total_seconds * sum(not ledger.is_finished(s.key) and s.key not in reusable for s in arm_specs)
         if index >= PLAN_ARMS_SHOWN and not all_arms:
             continue  # a table of thousands of rows is unreadable, and rendering it took seconds
         changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         finished = sum(ledger.is_finished(s.key) for s in arm_specs)
+        reused = sum(s.key in reusable for s in arm_specs)
         table.add_row(
             arm,
             ",".join(str(s.seed) for s in arm_specs),
             changed,
             params,
             seconds,
-            f"{finished} / {len(arm_specs) - finished}",
+            f"{finished} / {reused} / {len(arm_specs) - finished - reused}",
         )
     console.print(table)
     if len(by_arm) > PLAN_ARMS_SHOWN and not all_arms:
@@ -171,12 +206,28 @@ def plan(
         from .sampler_checks import sampler_check_table
 
         _print_sampler_checks(sampler_check_table(specs, data))
-    summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seeds)} seeds)"
+    adaptive = study.adaptive
+    if adaptive is None:
+        summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seed_list)} seeds)"
+    else:
+        summary = (
+            f"{len(by_arm) * adaptive.start} to {len(specs)} runs ({len(by_arm)} arms x {adaptive.start} to "
+            f"{adaptive.max} adaptive seeds: +{adaptive.batch} at a time to arms with undecided hypotheses)"
+        )
+    done_here = sum(ledger.is_finished(s.key) for s in specs)
+    summary += f"; {len(specs) - done_here - len(reusable)} to train, {done_here} done"
+    if reusable:
+        sources = Counter(reusable.values())
+        summary += f", {len(reusable)} reused from other studies ({', '.join(f'{k}: {n}' for k, n in sources.items())})"
     if measure:
-        summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time in all"
+        summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time to train"
+        if adaptive is not None:
+            summary += " at most"
     console.print(summary)
-    if len(study.seeds) < 3:
-        _warn_few_seeds(len(study.seeds))
+    if len(study.seed_list) < 3:
+        _warn_few_seeds(len(study.seed_list))
+    if adaptive is not None and not study.hypotheses:
+        console.print("[yellow]adaptive seeds without hypotheses: every arm stops at the start seeds[/]")
     if study.tune is not None:
         tune = study.tune
         space = ", ".join(f"{k} ~ {d.kind}{d.extremes()}" for k, d in tune.space.items())
@@ -225,6 +276,8 @@ def run(
     chosen = _chosen_arms(study_path, specs, arm)
     if chosen is not None and storage:
         fail_input(ValueError("--arm is for local runs; with --storage every arm is enqueued"))
+    if storage and study.adaptive is not None:
+        fail_input(study.error(("seeds",), "adaptive seeds run locally for now; with --storage list the seeds"))
     selected = [s for s in specs if chosen is None or s.arm.label in chosen]
     preflight_data(study, selected, embedded=False)
     if study.tune is not None:
@@ -245,44 +298,133 @@ def run(
             workers,
             not no_work,
         )
-    _run_locally(study, specs, chosen, results, reports if report else None, device, workers, rerun, retry_failed)
+    try:
+        _run_locally(study, specs, chosen, results, reports if report else None, device, workers, rerun, retry_failed)
+    except OSError as error:  # results/ read-only, a full disk: one line naming the file, exit 2
+        from ddpm_engine.files import write_error_message
+
+        fail_input(ValueError(write_error_message(error)))
 
 
 def _run_locally(study, specs, chosen, results, reports, device, workers, rerun, retry_failed) -> None:
     """Run the study's pending keys on local slots, then summarise, report and exit with the
-    study's state (0 all finished, 1 some failed, 130 stopped)."""
+    study's state (0 all finished, 1 some failed, 130 stopped). With adaptive seeds, rounds
+    of runs alternate with looks at the hypotheses (harness.sequential) until they stop."""
+    wanted = None if study.adaptive is None else {s.arm.label: study.seed_list[: study.adaptive.start] for s in specs}
+    ran_here: set[str] = set()  # --rerun reruns each key once, not once per round
+    write_manifest(results, study_manifest(study, specs))
+    while True:
+        planned = specs if wanted is None else [s for s in specs if s.seed in wanted.get(s.arm.label, ())]
+        outcomes = _run_round(study, planned, chosen, results, device, workers, rerun, retry_failed, ran_here)
+        stopped = any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes)
+        if wanted is None or stopped:
+            break
+        following = _next_seeds(study, specs, results, wanted)
+        if following == wanted:
+            break
+        wanted = following
+    final = ledger_of(results, study)
+    _print_summary(planned, final)
+    if reports is not None:
+        _build_report(study.study, results, reports)
+    if stopped:
+        console.print("[yellow]stopped: run the same command again to resume[/]")
+        raise typer.Exit(130)
+    if any(final.state(s.key) is RunState.FAILED for s in planned):
+        raise typer.Exit(1)
+
+
+def _run_round(study, specs, chosen, results, device, workers, rerun, retry_failed, ran_here: set[str]) -> list:
+    """Run the keys of ``specs`` not yet finished (all of them once with --rerun) and return
+    their outcomes; the sampler check is recorded after them."""
     from .scheduler import LocalScheduler, slot_devices
 
     todo, skipped = ledger_of(results, study).todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
+    todo = [s for s in todo if s.key not in ran_here]
+    done_in_mlflow = _check_tracking_store(study)
+    if not rerun:  # a key MLflow finished is restored from it below, never trained again
+        todo = [s for s in todo if s.key not in done_in_mlflow]
     claims, todo = _claim(study, results, todo, rerun)  # held while this function runs
     try:
-        slots = slot_devices(device, workers, runs=len(todo))
-    except ValueError as error:
-        fail_input(error)
-    write_manifest(results, study_manifest(study, specs))
-    scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
-    scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
-    make_tracker, uri = _open_tracking(study, results, scheduler)
+        from .reuse import finished_elsewhere
+
+        reusable = {} if rerun else finished_elsewhere(results, study.study, [s.key for s in todo])
+        adopted = [s for s in todo if s.key in reusable]
+        todo = [s for s in todo if s.key not in reusable]
+        try:
+            slots = slot_devices(device, workers, runs=len(todo))
+        except ValueError as error:
+            fail_input(error)
+        scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
+        scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
+        make_tracker, client, experiment_id = _open_tracking(study, results, scheduler)
+        console.print(
+            f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(specs) - len(todo)} already done, "
+            f"failed or not chosen; {len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
+        )
+        _reconcile(client, experiment_id, specs, results, claims, todo + adopted, scheduler)
+        if adopted:
+            _adopt(adopted, reusable, results, client, experiment_id)
+        if any(why == RunState.FAILED for _, why in skipped):
+            console.print("[yellow]failed runs are not retried without --retry-failed[/]")
+        outcomes = _run_with_progress(scheduler, todo, make_tracker) if todo else []
+        ran_here.update(s.key for s in todo)
+        _stop_if_disk_full(study, outcomes)
+        # after the runs: the parent must record the slots' first events at once (a run killed
+        # early must already have its MLflow run to resume), and only the report needs this
+        _record_sampler_checks(study, specs, results)
+    finally:
+        claims.release()
+    return outcomes
+
+
+def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client, experiment_id: str) -> None:
+    """Finished runs of other studies with the same run key, made this study's (harness.reuse)."""
+    from .reuse import adopt
+    from .tracking import git_commit
+
+    commit = git_commit()
+    for spec in specs:
+        adopt(client, experiment_id, spec, results, sources[spec.key], commit)
+    shown = ", ".join(f"{spec.name} ({sources[spec.key]})" for spec in specs[:10]) + (" ..." if len(specs) > 10 else "")
     console.print(
-        f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(skipped)} already done, failed or not chosen; "
-        f"{len(slots)} slot(s) on {slots[0][0]}; MLflow {uri}"
+        f"reused {len(specs)} finished run(s) from other studies instead of training them: {escape(shown)}",
+        highlight=False,
     )
-    if any(why == RunState.FAILED for _, why in skipped):
-        console.print("[yellow]failed runs are not retried without --retry-failed[/]")
-    outcomes = _run_with_progress(scheduler, todo, make_tracker) if todo else []
-    # after the runs: the parent must record the slots' first events at once (a run killed
-    # early must already have its MLflow run to resume), and only the report needs this
-    _record_sampler_checks(study, specs, results)
-    final = ledger_of(results, study)
-    _print_summary(specs, final)
-    if reports is not None:
-        _build_report(study.study, results, reports)
-    claims.release()
-    if any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes):
-        console.print("[yellow]stopped: run the same command again to resume[/]")
-        raise typer.Exit(130)
-    if any(final.state(s.key) is RunState.FAILED for s in specs):
-        raise typer.Exit(1)
+
+
+def _next_seeds(study: Study, specs: list[RunSpec], results: Path, wanted: dict[str, list[int]]):
+    """Look at the hypotheses on the finished runs; the seeds each arm needs next, printed."""
+    from .report import judge_hypotheses
+    from .results import StudyResults
+    from .sequential import seeds_wanted
+
+    data = StudyResults.load(results, study.study)
+    baseline, _ = data.baseline()
+    judged = judge_hypotheses(data, baseline)
+    finished = data.finished()
+    done = {arm: finished.loc[finished["arm"] == arm, "seed"].tolist() for arm in wanted}
+    following = {
+        arm: seeds
+        for arm, seeds in seeds_wanted(judged, study.hypotheses, done, baseline, study.adaptive).items()
+        if arm in wanted
+    }
+    undecided = judged[judged["verdict"] == "inconclusive"] if not judged.empty else judged
+    grown = {arm: len(seeds) for arm, seeds in following.items() if len(seeds) > len(wanted.get(arm, []))}
+    if grown:
+        console.print(
+            f"adaptive seeds: {len(undecided)} hypothesis row(s) undecided; "
+            + ", ".join(f"{escape(arm)} -> {n} seeds" for arm, n in grown.items())
+        )
+    else:
+        why = (
+            "every hypothesis is decided"
+            if undecided.empty
+            else f"{len(undecided)} row(s) undecided at the seed budget"
+        )
+        per_arm = ", ".join(f"{escape(arm)} {len(done[arm])}" for arm in wanted)
+        console.print(f"adaptive seeds: stopped ({why}); seeds per arm: {per_arm}")
+    return {arm: following.get(arm, seeds) for arm, seeds in wanted.items()}
 
 
 def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
@@ -314,9 +456,58 @@ def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) ->
     write_sampler_checks(results, study.study, sampler_check_table(specs))
 
 
+def _check_tracking_store(study: Study) -> set[str]:
+    """Before any training: a half-made SQLite store repaired or replaced (harness.store),
+    said in one message; then the run keys of the study the store has finished."""
+    from .store import check_store, finished_keys, tracking_uri
+
+    uri = tracking_uri()
+    try:
+        found = check_store(uri)
+    except ValueError as error:
+        fail_input(error)
+    if found.message:
+        console.print(f"[yellow]{escape(found.message)}[/]")
+    return finished_keys(uri, study.study)
+
+
+def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -> None:
+    """MLflow and results/ mended from each other for the keys not run now (harness.reconcile).
+    A write that fails stops the started slots (and exits 2); any other failure is said and
+    the study goes on: the runs are recorded either way."""
+    from .reconcile import reconcile
+
+    try:
+        reconcile(client, experiment_id, specs, results, claims, {s.key for s in todo}, console.print)
+    except OSError:
+        scheduler.abort()
+        raise
+    except Exception as error:  # noqa: BLE001 - mending is a service, not a precondition
+        console.print(
+            f"[yellow]could not reconcile MLflow with {escape(str(results))}: {type(error).__name__}: "
+            f"{escape(str(error)[:300])}[/]"
+        )
+
+
+def _stop_if_disk_full(study: Study, outcomes: list) -> None:
+    """Exit 2 when a run failed for a full disk: the other runs stopped at their checkpoints,
+    and nothing more (the report included) can be written."""
+    from ddpm_engine.files import DISK_FULL
+
+    full = [o for o in outcomes if o.state is RunState.FAILED and DISK_FULL in o.outcome.reason]
+    if full:
+        reason = full[0].outcome.reason
+        fail_input(
+            ValueError(
+                f"{reason[reason.index(DISK_FULL) :]} (run {full[0].spec.name}); free some space, then "
+                f"`harness run {study.source} --retry-failed` reruns the runs it failed"
+            )
+        )
+
+
 def _open_tracking(study: Study, results: Path, scheduler):
-    """(a RunTracker factory, the tracking URI); an unusable store stops the started slots
-    (their runs resume next time) and is bad input, exit 2."""
+    """(a RunTracker factory, the MLflow client, the study's experiment id); an unusable store
+    stops the started slots (their runs resume next time) and is bad input, exit 2."""
     from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
@@ -332,7 +523,7 @@ def _open_tracking(study: Study, results: Path, scheduler):
     except BaseException:
         scheduler.abort()
         raise
-    return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client.tracking_uri
+    return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client, experiment_id
 
 
 def _warn_few_seeds(n: int) -> None:
@@ -563,27 +754,37 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
                     outcome = payload[0]
                     if outcome.state is RunState.FAILED:
                         progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
+                    elif outcome.state is RunState.FINISHED and outcome.reason:
+                        progress.console.print(f"[yellow]note[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
 
         scheduler.on_event = on_event
         return _run_until_done(scheduler, make_tracker, progress.console)
 
 
 def _run_until_done(scheduler, make_tracker, out: Console):
-    """scheduler.run with Ctrl-C / SIGTERM asking the slots to checkpoint and stop (twice: now)."""
-    previous = signal.getsignal(signal.SIGINT)
+    """scheduler.run with Ctrl-C / SIGTERM asking the slots to checkpoint and stop; a second
+    stops them at once, their runs recorded as interrupted (they resume from their last
+    periodic checkpoint). Neither raises into the recording of an event, which would leave
+    it half done; a third Ctrl-C does, for a parent that no longer answers."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_sigint(signum, frame):
-        if scheduler.stop.is_set():
+        if scheduler.stop_at_once:
             raise KeyboardInterrupt
+        if scheduler.stop.is_set():
+            out.print("[yellow]Ctrl-C again: stopping now; the running runs resume from their last checkpoint[/]")
+            scheduler.request_stop_at_once()
+            return
         out.print("[yellow]Ctrl-C: checkpointing the running runs and stopping...[/]")
         scheduler.request_stop()
 
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
+    for number in previous:
+        signal.signal(number, on_sigint)
     try:
         return scheduler.run(make_tracker)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:
@@ -600,9 +801,14 @@ def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:
             spec.key,
             f"[{color}]{state}[/]",
             f"{seconds:.0f}" if isinstance(seconds, float) and seconds == seconds else "",
-            escape(str(row.get("error") or "")),
+            escape(_text(row.get("error")) or _text(row.get("note"))),
         )
     console.print(table)
+
+
+def _text(value) -> str:
+    """A text cell of the `runs` table: "" for None and for the NaN of rows written before its column."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _build_report(study: str, results: Path, reports: Path) -> None:

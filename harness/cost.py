@@ -41,7 +41,13 @@ def measure_step_seconds(
     model = build_model(config.model, data.channels, data.image_size).to(device)
     images = data.to_model_space(data.train[: max(config.train.batch_size, 1)]).to(device)
     trainer = Trainer(
-        config, model, schedule, images, data.levels, device, autocast_factory(device, config.train.precision)
+        config,
+        model,
+        schedule,
+        images,
+        data.levels,
+        device,
+        autocast_factory(device, config.train.precision, count_parameters(model)),
     )
     trainer.train_step()
     if device.type == "cuda":

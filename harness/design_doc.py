@@ -23,6 +23,7 @@ def tables_section() -> str:
     lines = ["| table | one row per | columns |", "|---|---|---|"]
     per = {
         "runs": "run key",
+        "dataset": "run (its training split)",
         "train": "logged step",
         "per_t": "probe x t",
         "probe": "probe",

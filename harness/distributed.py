@@ -61,7 +61,7 @@ from rich.markup import escape
 from .ledger import PRECEDENCE, Ledger, from_mlflow, from_trials
 from .lifecycle import Outcome, RunAbandoned, RunState, execute
 from .plan import Arm, RunSpec, run_key, study_manifest, write_manifest
-from .tables import TABLES, write_table
+from .tables import write_table
 
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a running trial is stale
@@ -70,7 +70,6 @@ ENV_HEARTBEAT = "DDPM_ABLATE_HEARTBEAT_INTERVAL"
 ENV_GRACE = "DDPM_ABLATE_GRACE_PERIOD"
 ENV_MAX_RETRY = "DDPM_ABLATE_MAX_RETRY"
 MANIFEST_ATTR = "manifest"
-ARTIFACT_FOLDERS = [t for t in TABLES if t != "runs"] + ["samples"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats, fail_stale_trials and the retry callback are flagged experimental since 2.8
@@ -643,16 +642,6 @@ def print_status(console, storage, study: optuna.Study, manifest: dict) -> list[
 # ---------------------------------------------------------------------------- report
 
 
-def _search_all_runs(client, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def pull_from_mlflow(
     client,
     study: str,
@@ -664,6 +653,8 @@ def pull_from_mlflow(
     """Rebuild ``results/<study>`` from the study's MLflow experiment: the Parquet tables and
     sample grid that each finished run logged as artifacts, one ``runs`` row per run key from
     the MLflow run's tags, metrics and status, and study.json from ``manifest``."""
+    from .reconcile import ARTIFACT_FOLDERS, all_runs, runs_row_from_mlflow
+
     results = Path(results)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
@@ -679,7 +670,7 @@ def pull_from_mlflow(
     def rank(run) -> tuple[int, int]:  # a key's finished run first (ledger precedence), then the newest
         return PRECEDENCE.index(from_mlflow(run.info.status)), -run.info.start_time
 
-    for run in _search_all_runs(client, experiment.experiment_id):
+    for run in all_runs(client, experiment.experiment_id):
         key = run.data.tags.get("run_key")
         if key and (key not in newest or rank(run) < rank(newest[key])):
             newest[key] = run
@@ -701,7 +692,9 @@ def pull_from_mlflow(
                 counts["downloaded"] += 1
         if status is RunState.FINISHED and same_run:
             continue  # the local row is as good (it has the pid and exact timings)
-        write_table(results, study, "runs", key, pd.DataFrame([_runs_row(run, status, configs.get(key, ""))]))
+        write_table(
+            results, study, "runs", key, pd.DataFrame([runs_row_from_mlflow(run, status, configs.get(key, ""))])
+        )
     log(
         f"pulled {counts['runs']} MLflow run(s) of {study} into {results / study} "
         f"({counts['downloaded']} downloaded, {counts['up_to_date']} already here)"
@@ -715,28 +708,6 @@ def pull_from_mlflow(
             "taken from the Optuna study instead[/]"
         )
     return counts
-
-
-def _runs_row(run, status: RunState, config_json: str) -> dict[str, Any]:
-    tags, metrics = run.data.tags, run.data.metrics
-    end = run.info.end_time or run.info.start_time
-    seconds = metrics.get("seconds")
-    if seconds is None and run.info.end_time:
-        seconds = (run.info.end_time - run.info.start_time) / 1000
-    return {
-        "study": tags.get("study", ""),
-        "arm": tags.get("arm", ""),
-        "seed": int(tags.get("seed", -1)),
-        **{k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith("ablation.")},
-        "status": str(status),
-        "error": tags.get("error", ""),
-        "mlflow_run_id": run.info.run_id,
-        "params": float(metrics.get("params", math.nan)),
-        "seconds": float(seconds) if seconds is not None else math.nan,
-        "config_json": config_json,
-        "host": tags.get("host", ""),
-        "updated": datetime.fromtimestamp(end / 1000, timezone.utc).isoformat(timespec="seconds") if end else "",
-    }
 
 
 # ---------------------------------------------------------------------------- commands

@@ -23,6 +23,10 @@ baseline) by the two-sided Student-t confidence interval of their mean (``harnes
 Every judgement also carries the p-value of the test that decides it, built so that
 p < 1 - confidence exactly when the interval rule decides. Over all rows of a study the
 p-values are Holm-adjusted, and a verdict stands only when its adjusted p is below alpha.
+A study with adaptive seeds is judged at each of its looks and each row's p-value is the
+sequential one of harness.sequential (alpha spent over the looks); ``look_n`` is the seed
+count of the look that gives a row its p-value (its strongest look; all its seeds in a fixed
+design) and 0 while the row is inconclusive.
 
 Pure: pandas / numpy / scipy / pydantic, no MLflow, no file IO.
 """
@@ -35,8 +39,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as _scipy_stats
+from scipy import special as _scipy_special
 
+from .sequential import look_levels
 from .spec import Hypothesis
 from .stats import mean_ci, paired_differences
 
@@ -62,6 +67,7 @@ COLUMNS = [
     "verdict",
     "says",
     "sentence",
+    "look_n",
 ]
 
 NO_RUN = "no finished run with this metric"
@@ -99,11 +105,11 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def _t_sf(t: float, df: int) -> float:
-    return float(_scipy_stats.t.sf(t, df))
+    return float(_scipy_special.stdtr(df, -t))  # = stats.t.sf(t, df), without scipy.stats' overhead
 
 
 def _t_cdf(t: float, df: int) -> float:
-    return float(_scipy_stats.t.cdf(t, df))
+    return float(_scipy_special.stdtr(df, t))
 
 
 def within_p_values(estimate: float, se: float, n: int, margin: float) -> tuple[float, float]:
@@ -194,25 +200,56 @@ def _judge_zero_width(n: int, estimate: float, expect: str, value: float) -> Jud
     return Judgement(n, estimate, estimate, estimate, 0.0, verdict)
 
 
-def _by_seed(per_run: pd.DataFrame, arm: str, metric: str) -> dict[Any, float]:
-    """{seed: value} of one arm's finite values of one metric."""
-    rows = per_run[per_run["arm"] == arm]
-    values = pd.to_numeric(rows[metric], errors="coerce")
-    keep = np.isfinite(values.to_numpy(dtype=float))
-    return dict(zip(rows["seed"].to_numpy()[keep], values.to_numpy(dtype=float)[keep]))
+def _sequential(values: list[float], expect: str, value: float, levels, alpha: float) -> tuple[float, str, int]:
+    """(sequential p, verdict at the deciding look, n there) over the looks ``levels`` =
+    [(n, spend), ...] that these values reach (harness.sequential): the look minimising
+    p_k * alpha / spend_k. Fewer values than the first look: judged once at its level."""
+    reached = [(n, spend) for n, spend in levels if n <= len(values)] or [(len(values), levels[0][1])]
+    best = (math.nan, INCONCLUSIVE, 0)
+    for n, spend in reached:
+        # at confidence 1 - spend the interval rule decides exactly when p < spend
+        j = judge(values[:n], expect, value, confidence=1.0 - spend)
+        if math.isfinite(j.p_value):
+            p = min(1.0, j.p_value * alpha / spend)
+            if not p >= best[0]:  # also replaces the NaN start
+                best = (p, j.verdict, j.n)
+    return best
 
 
-def _values(hypothesis: Hypothesis, arm: str, per_run: pd.DataFrame, baseline: str | None) -> list[float]:
-    """The per-seed numbers a (hypothesis, arm) row is judged on; empty when there are none."""
-    needed = {"arm", "seed", hypothesis.metric}
-    if not needed.issubset(per_run.columns):
+class _SeedValues:
+    """{seed: value} of an arm's finite values of a metric, each read from ``per_run`` once
+    (a study's rows share arms and metrics; the null simulations evaluate thousands of them)."""
+
+    def __init__(self, per_run: pd.DataFrame):
+        self.columns = set(per_run.columns)
+        self.rows = {arm: rows for arm, rows in per_run.groupby("arm", sort=False)} if "arm" in self.columns else {}
+        self.cache: dict[tuple[str, str], dict[Any, float]] = {}
+
+    def __call__(self, arm: str, metric: str) -> dict[Any, float]:
+        if (arm, metric) not in self.cache:
+            rows = self.rows.get(arm)
+            if rows is None:
+                self.cache[arm, metric] = {}
+            else:
+                values = pd.to_numeric(rows[metric], errors="coerce").to_numpy(dtype=float)
+                keep = np.isfinite(values)
+                self.cache[arm, metric] = dict(zip(rows["seed"].to_numpy()[keep], values[keep]))
+        return self.cache[arm, metric]
+
+
+def _values(hypothesis: Hypothesis, arm: str, by_seed: _SeedValues, baseline: str | None) -> list[float]:
+    """The per-seed numbers a (hypothesis, arm) row is judged on, in seed order (looks take
+    prefixes); empty when there are none."""
+    if not {"arm", "seed", hypothesis.metric} <= by_seed.columns:
         return []
-    arm_values = _by_seed(per_run, arm, hypothesis.metric)
+    arm_values = by_seed(arm, hypothesis.metric)
     if hypothesis.versus == "none":
-        return list(arm_values.values())
+        return [arm_values[s] for s in sorted(arm_values)]
     if baseline is None:
         return []
-    return paired_differences(arm_values, _by_seed(per_run, baseline, hypothesis.metric))
+    base_values = by_seed(baseline, hypothesis.metric)
+    common = sorted(set(arm_values) & set(base_values))
+    return paired_differences({s: arm_values[s] for s in common}, {s: base_values[s] for s in common})
 
 
 def _arms_of(hypothesis: Hypothesis, arms: Sequence[str], baseline: str | None) -> list[str]:
@@ -230,8 +267,13 @@ def evaluate(
     baseline: str | None,
     confidence: float = 0.95,
     alpha: float = 0.05,
+    looks: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """One row per (hypothesis, arm), with Holm-adjusted p-values over every row of the study.
+
+    ``looks`` (adaptive seeds: the seed counts of the looks, e.g. [3, 4, ..., 8]) judges each
+    row sequentially (harness.sequential) on prefixes of its values in seed order; n, the
+    estimate and the interval shown are those of all its values. None: one fixed-size test.
 
     ``per_run`` has columns ``arm, seed`` and one column per metric (a row per finished run).
     A hypothesis without an arm applies to every arm in ``arms`` order (except the baseline
@@ -239,10 +281,16 @@ def evaluate(
     only when the Holm-adjusted p is below ``alpha``, else inconclusive. A missing metric
     column, or no baseline for a versus-baseline hypothesis, gives an n = 0 inconclusive row.
     """
+    levels = look_levels(looks, alpha) if looks else None
+    by_seed = _SeedValues(per_run)
     rows = []
     for name, hypothesis in hypotheses.items():
         for arm in _arms_of(hypothesis, arms, baseline):
-            j = judge(_values(hypothesis, arm, per_run, baseline), hypothesis.expect, hypothesis.value, confidence)
+            values = _values(hypothesis, arm, by_seed, baseline)
+            j = judge(values, hypothesis.expect, hypothesis.value, confidence)
+            p_value, verdict, look_n = j.p_value, j.verdict, j.n
+            if levels is not None and values:
+                p_value, verdict, look_n = _sequential(values, hypothesis.expect, hypothesis.value, levels, alpha)
             rows.append(
                 {
                     "name": name,
@@ -255,9 +303,10 @@ def evaluate(
                     "estimate": j.estimate,
                     "ci_low": j.ci_low,
                     "ci_high": j.ci_high,
-                    "p_value": j.p_value,
-                    "verdict": j.verdict,
+                    "p_value": p_value,
+                    "verdict": verdict,
                     "says": hypothesis.says,
+                    "look_n": look_n,
                 }
             )
     adjusted = holm([r["p_value"] for r in rows])
@@ -265,9 +314,11 @@ def evaluate(
         row["p_adjusted"] = p_adj
         if not (math.isfinite(p_adj) and p_adj < alpha):
             row["verdict"] = INCONCLUSIVE
+            row["look_n"] = 0
         row["sentence"] = sentence(row, confidence)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["n"] = frame["n"].astype(int)
+    frame["look_n"] = frame["look_n"].astype(int)
     for column in ("value", "estimate", "ci_low", "ci_high", "p_value", "p_adjusted"):
         frame[column] = frame[column].astype(float)
     return frame

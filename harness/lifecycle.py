@@ -9,6 +9,7 @@ Optuna trial state) in one place. The states are the vocabulary of the ``runs`` 
 from __future__ import annotations
 
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -54,7 +55,9 @@ class RunAbandoned(Exception):
 class Outcome:
     state: RunState
     summary: dict[str, float] = field(default_factory=dict)
-    reason: str = ""  # failed: "Type: message"; interrupted: where it stopped
+    # failed: "Type: message"; interrupted: where it stopped; finished: what else happened to
+    # the run (the engine's RunNote warnings, e.g. a checkpoint set aside), else empty
+    reason: str = ""
     step: int | None = None  # interrupted: the checkpointed step
     traceback: str = ""
 
@@ -69,17 +72,38 @@ def execute(
 ) -> Outcome:
     """Run one config through the engine and say how it ended. Any exception of the run is
     a FAILED outcome with its reason (one failing run never takes others down); only
-    ``RunAbandoned`` and BaseExceptions (KeyboardInterrupt, SystemExit) propagate."""
+    ``RunAbandoned`` and BaseExceptions (KeyboardInterrupt, SystemExit) propagate. The
+    engine's RunNote warnings go into the reason of a finished run (and before the failure
+    or interruption of another): the run's record keeps them."""
     from ddpm_engine import RunInterrupted, run_experiment
+    from ddpm_engine.files import DiskFull
+    from ddpm_engine.recorder import RunNote
 
-    try:
-        result = run_experiment(config, recorder, device=device, checkpoint_dir=checkpoint_dir, should_stop=should_stop)
-    except RunAbandoned:
-        raise
-    except RunInterrupted as exc:
-        return Outcome(
-            RunState.INTERRUPTED, reason=f"interrupted at step {exc.step}; resumes from its checkpoint", step=exc.step
-        )
-    except Exception as exc:  # noqa: BLE001 - any failure of one run is an outcome
-        return Outcome(RunState.FAILED, reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-    return Outcome(RunState.FINISHED, summary=result.summary)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunNote)
+        try:
+            result = run_experiment(
+                config, recorder, device=device, checkpoint_dir=checkpoint_dir, should_stop=should_stop
+            )
+        except RunAbandoned:
+            raise
+        except RunInterrupted as exc:
+            outcome = Outcome(
+                RunState.INTERRUPTED,
+                reason=f"interrupted at step {exc.step}; resumes from its checkpoint",
+                step=exc.step,
+            )
+        except DiskFull as exc:  # its message names the file; "OSError: [Errno 28]" adds nothing
+            outcome = Outcome(RunState.FAILED, reason=str(exc), traceback=traceback.format_exc())
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is an outcome
+            outcome = Outcome(RunState.FAILED, reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        else:
+            outcome = Outcome(RunState.FINISHED, summary=result.summary)
+    notes = []
+    for warning in caught:
+        if issubclass(warning.category, RunNote):
+            notes.append(str(warning.message))
+        else:  # recording took every warning; the others are shown as they would have been
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    outcome.reason = "; ".join(notes + [outcome.reason] if outcome.reason else notes)
+    return outcome

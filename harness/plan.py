@@ -109,7 +109,7 @@ def expand(study: Study) -> list[RunSpec]:
     runs = []
     for arm in expand_arms(study):
         raw = apply_overrides(study.base, arm.overrides)
-        for seed in study.seeds:
+        for seed in study.seed_list:
             raw_seeded = apply_overrides(raw, {"train.seed": seed})
             try:
                 config = ExperimentConfig.model_validate(raw_seeded)
@@ -157,7 +157,8 @@ def study_manifest(study: Study, runs: list[RunSpec]) -> dict:
         "axes": {axis: list(levels) for axis, levels in study.ablations.items()},
         "baseline": baseline_levels(study) if study.ablations else None,
         "baseline_arm": baseline_arm(study, arms),
-        "seeds": list(study.seeds),
+        "seeds": study.seed_list,
+        "adaptive": study.adaptive.model_dump() if study.adaptive else None,
         "arms": [{"arm": a.label, "levels": a.levels, "overrides": a.overrides} for a in arms],
         "runs": [{"run_key": r.key, "arm": r.arm.label, "seed": r.seed} for r in runs],
         "hypotheses": {name: h.model_dump(mode="json") for name, h in study.hypotheses.items()},

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .lifecycle import RunState
 from .plan import RunSpec
 
 
@@ -36,7 +35,7 @@ class PlainProgress:
             self.done += 1
             outcome = payload[0]
             seconds = self.clock() - self.run_started.pop(spec.key, self.clock())
-            note = f": {outcome.reason}" if outcome.state is not RunState.FINISHED and outcome.reason else ""
+            note = f": {outcome.reason}" if outcome.reason else ""  # a finished run's reason: what else happened
             self.emit(f"{outcome.state} {spec.name} ({spec.key}) in {seconds:.0f} s{note} [{self.done}/{self.total}]")
         if self.clock() - self.last_line >= self.interval:
             self.emit(self.status_line())

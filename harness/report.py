@@ -167,7 +167,10 @@ def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -
     title = ""
     if n > 1:
         title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
-        title += f"; Holm-adjusted p = {fmt(p_adjusted)}" if p_adjusted is not None else "; a cost: not tested"
+        if p_adjusted is not None:
+            title += f"; Holm-adjusted p = {fmt(p_adjusted)}"
+        else:  # what the registry says of the metric: a cost, or a description with no better side
+            title += "; a cost: not tested" if metric.cost else "; no better direction: not tested"
     return {
         "text": fmt_signed(diff) if n else "",
         "half": fmt(half, 2) if n > 1 else "",
@@ -312,6 +315,14 @@ def tuning_context(data: StudyResults) -> list[dict]:
     return rows
 
 
+def looks_of(manifest: dict) -> list[int] | None:
+    """The looks of a study with adaptive seeds (study.json), else None."""
+    from .spec import AdaptiveSeeds
+
+    adaptive = manifest.get("adaptive")
+    return AdaptiveSeeds.model_validate(adaptive).looks if adaptive else None
+
+
 def judge_hypotheses(data: StudyResults, baseline: str | None) -> pd.DataFrame:
     """The verdicts of the study's hypotheses (recorded in study.json), also written to
     ``results/<study>/hypotheses.parquet``; an empty frame when it declares none."""
@@ -323,7 +334,7 @@ def judge_hypotheses(data: StudyResults, baseline: str | None) -> pd.DataFrame:
     if not declared:
         path.unlink(missing_ok=True)
         return pd.DataFrame()
-    frame = evaluate(declared, data.per_run(), data.arms, baseline)
+    frame = evaluate(declared, data.per_run(), data.arms, baseline, looks=looks_of(data.manifest))
     write_frame(path, frame)
     return frame
 
@@ -359,7 +370,19 @@ def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
                 "sentence": sentence(row),
             }
         )
-    return {"rows": rows, "note": ""}
+    adaptive = data.manifest.get("adaptive")
+    sequential = ""
+    if adaptive:
+        seeds = data.finished().groupby("arm")["seed"].nunique()
+        per_arm = ", ".join(f"{arm} {int(seeds.get(arm, 0))}" for arm in data.arms)
+        sequential = (
+            f"Adaptive seeds: every arm ran {adaptive['start']}, then arms with an undecided row got "
+            f"{adaptive['batch']} more at a time, up to {adaptive['max']} (seeds run: {per_arm}). Each row is judged at "
+            "every look it reached with O'Brien-Fleming alpha spending (Lan-DeMets); its p is the sequential "
+            "p-value, min over looks of p × 0.05 / (alpha spent at that look), so stopping early cannot inflate "
+            'false positives (docs/design.md, "Adaptive seeds").'
+        )
+    return {"rows": rows, "note": "", "sequential": sequential}
 
 
 def _p(value: float) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ddpm_engine.files import DISK_FULL, write_error_message
+
 from .lifecycle import Outcome, RunState, execute
 from .plan import RunSpec
 
@@ -115,9 +117,16 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
+def _exit_now(signum, frame) -> None:
+    # SystemExit rather than death by the signal: a checkpoint half written goes with its
+    # temp file (atomic_write's cleanup runs), the previous checkpoint stays whole
+    raise SystemExit(128 + signum)
+
+
 def slot_main(slot: int, device: str, threads: int, tasks: mp.Queue, events: mp.Queue, stop, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides, the slot checkpoints.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_now)  # the parent's "stop at once" (a second Ctrl-C)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     import torch
 
@@ -166,12 +175,19 @@ class LocalScheduler:
         self.on_event = on_event or (lambda kind, spec, payload: None)
         self.ctx = mp.get_context("spawn")
         self.stop = self.ctx.Event()
+        self.stop_at_once = False  # a second Ctrl-C: record the running runs as interrupted, wait for nothing
         self.outcomes: dict[str, RunOutcome] = {}
         self.procs: dict[int, mp.Process] = {}
         self.tasks = self.events = None
 
     def request_stop(self) -> None:
         self.stop.set()
+
+    def request_stop_at_once(self) -> None:
+        """Stop without waiting for checkpoints: ``run`` ends its running runs as interrupted
+        (each resumes from its last periodic checkpoint) at its next look at the queue."""
+        self.stop.set()
+        self.stop_at_once = True
 
     def start(self) -> None:
         """Queue every run and launch the slots; they begin work at once."""
@@ -217,20 +233,64 @@ class LocalScheduler:
         self.start()
         trackers = {spec.key: make_tracker(spec) for spec in self.specs}
         current: dict[int, str] = {}
-        while len(self.outcomes) < len(self.specs):
+        while len(self.outcomes) < len(self.specs) and not self.stop_at_once:
             try:
-                event = self.events.get(timeout=0.5)
+                event = self.events.get(timeout=0.1)  # a second Ctrl-C is seen within this
             except queue.Empty:
                 self._reap_dead(current, trackers)
                 if not any(p.is_alive() for p in self.procs.values()) and self.events.empty():
                     break
                 continue
-            self._handle(event, trackers, current)
+            try:
+                self._handle(event, trackers, current)
+            except OSError as error:  # results/ cannot be written (full, read-only): nothing more can be recorded
+                self._abandon(current, trackers, error)
+                raise
+        if self.stop_at_once:
+            self._end_at_once(current, trackers)
         for proc in self.procs.values():
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
         return [self.outcomes.get(s.key, RunOutcome(s)) for s in self.specs]
+
+    def _end_at_once(self, current: dict[int, str], trackers: dict[str, RunTracker]) -> None:
+        """End the slots now and record the runs they were running as interrupted (each
+        resumes from its last periodic checkpoint). Events already sent are still recorded:
+        a run whose end is among them ends as it says."""
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:  # a slot cannot exit while its queued events are unread
+                self._handle(self.events.get(timeout=0.1), trackers, current)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs.values()):
+                    break
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+        reason = "stopped at once by a second Ctrl-C; resumes from its last checkpoint"
+        for key in current.values():
+            if key not in self.outcomes:
+                self._end(self.by_key[key], trackers[key], Outcome(RunState.INTERRUPTED, reason=reason))
+                self.on_event("ended", self.by_key[key], (self.outcomes[key].outcome,))
+        current.clear()
+
+    def _abandon(self, current: dict[int, str], trackers: dict[str, RunTracker], error: OSError) -> None:
+        """Stop the slots at once after the parent failed to write; each running run is marked
+        failed with the reason where it still can be (MLflow may live on another disk)."""
+        self.stop.set()
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        reason = write_error_message(error)
+        for key in current.values():
+            try:
+                trackers[key].fail(reason)
+            except Exception:  # noqa: BLE001 - the same disk may refuse this record too
+                pass
 
     def _handle(self, event: tuple, trackers: dict[str, RunTracker], current: dict[int, str]) -> None:
         kind, key = event[0], event[1]
@@ -256,6 +316,8 @@ class LocalScheduler:
     def _end(self, spec: RunSpec, tracker: RunTracker, outcome: Outcome) -> None:
         tracker.end(outcome)
         self.outcomes[spec.key] = RunOutcome(spec, outcome)
+        if outcome.state is RunState.FAILED and DISK_FULL in outcome.reason:
+            self.request_stop()  # the other runs would fail on the same disk: they checkpoint and stop
 
     def _reap_dead(self, current, trackers) -> None:
         """A slot that died mid-run (killed, out of memory) fails that run; a fresh slot

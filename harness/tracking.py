@@ -6,7 +6,7 @@ the `runs` Parquet row as this machine's record of the key's state (``harness.le
 
 from __future__ import annotations
 
-import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -18,46 +18,15 @@ import numpy as np
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from PIL import Image
 
 from .lifecycle import Outcome, RunState
 from .plan import RunSpec, flat_config
+from .store import prepare_store, tracking_uri
 from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite store in the working directory.
-
-    Set explicitly because MLflow falls back to a ./mlruns file store when one exists,
-    which recent MLflow refuses; `mlflow ui` started here shows the same runs.
-    """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def prepare_store(uri: str) -> None:
-    """Create a new SQLite store in one piece: the schema is built in a temp file that then
-    replaces ``mlflow.db`` in one rename, under a file lock, so two processes starting at once
-    do not race through MLflow's migrations (which left "duplicate column name" errors) and a
-    kill during creation leaves no half-made store behind (which alembic then refused)."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///") :])
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be creating it: wait for it
-        if path.exists():
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def make_client() -> MlflowClient:
@@ -79,10 +48,21 @@ def artifact_location(study: str) -> str | None:
     return None
 
 
+def chart_view_route(experiment_id: str) -> str:
+    """The part after the MLflow UI's address (e.g. http://127.0.0.1:5000/) that opens an
+    experiment's runs in the chart view, where per_t/* and drift/* overlay one line per run.
+
+    `workflowType=machine_learning` because MLflow 3's UI (3.17 at least) picks GenAI or
+    model-training pages by its own sidebar switch, default GenAI, and not by the experiment's
+    `mlflow.experimentKind` tag: a bare #/experiments/<id> lands on the GenAI overview."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+
+
 def ensure_experiment(client: MlflowClient, study: str, question: str = "") -> str:
     """The study's experiment id, created (or restored from deletion) if needed. Tagged as a
-    model-development experiment (MLflow 3 otherwise opens it in its GenAI view) with the
-    study's question as its description."""
+    model-development experiment (MLflow 3 UIs that route by the tag open it in the runs view
+    rather than the GenAI one; 3.17's does not, see ``chart_view_route``) with the study's
+    question as its description."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         try:
@@ -147,6 +127,32 @@ def curve_metrics(name: str, frame: pd.DataFrame, now: int) -> list[Metric]:
     return out
 
 
+def dataset_input(frame: pd.DataFrame) -> DatasetInput:
+    """The engine's `dataset` row (ddpm_engine.data.describe_split) as an MLflow dataset input
+    of context "training": MLflow shows it on the run and in its Datasets filter, and keeps one
+    dataset per (name, digest) per experiment, so runs on the same split share it."""
+    row = frame.iloc[0]
+    source = str(row["source"])
+    if source.startswith("/"):  # a folder or file: MLflow's local source
+        source_type, source_json = "local", {"uri": Path(source).as_uri()}
+    else:  # a loader in code (sklearn.datasets.load_digits)
+        source_type, source_json = "code", {"tags": {"mlflow.source.name": source}}
+    profile = {
+        "num_rows": int(row["train_images"]),
+        "heldout_images": int(row["heldout_images"]),
+        "shape": [int(row["channels"]), int(row["image_size"]), int(row["image_size"])],
+        "levels": int(row["levels"]),
+    }
+    dataset = Dataset(
+        name=str(row["name"]),
+        digest=str(row["digest"]),
+        source_type=source_type,
+        source=json.dumps(source_json),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
 def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
     """The live (not deleted) MLflow run of a run key, newest first, or None."""
     found = client.search_runs(
@@ -172,9 +178,16 @@ class RunTracker:
         return self.spec.study
 
     def start(self, fresh: bool = False) -> str:
-        """Create the key's MLflow run, or reopen the one a previous attempt left behind.
-        With ``fresh`` (a --rerun), earlier runs of the key are deleted: one run per key."""
+        """Create the key's MLflow run, or reopen the one a previous attempt left behind, and
+        record the key as running. With ``fresh`` (a --rerun), earlier runs of the key are
+        deleted: one run per key."""
         self.started = time.time()
+        self.open_mlflow_run(fresh)
+        self.write_runs_row(RunState.RUNNING)
+        return self.run_id
+
+    def open_mlflow_run(self, fresh: bool = False) -> str:
+        """The MLflow half of ``start``: the key's run created (tags, params) or reopened."""
         existing = find_mlflow_run(self.client, self.experiment_id, self.spec.key)
         if existing is not None and fresh:
             for run in self.client.search_runs([self.experiment_id], f"tags.run_key = '{self.spec.key}'"):
@@ -206,7 +219,6 @@ class RunTracker:
             params = [Param(k, str(v)) for k, v in flat_config(spec.config.to_dict()).items()]
             for i in range(0, len(params), PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
-        self.write_runs_row(RunState.RUNNING)
         return self.run_id
 
     # -- Recorder protocol
@@ -218,6 +230,8 @@ class RunTracker:
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.paths.append(write_table(self.results, self.study, name, self.spec.key, frame))
+        if name == "dataset":
+            self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
         metrics = curve_metrics(name, frame, int(time.time() * 1000))
         for i in range(0, len(metrics), METRIC_BATCH):
             batch = metrics[i : i + METRIC_BATCH]
@@ -249,13 +263,17 @@ class RunTracker:
     def end(self, outcome: Outcome) -> None:
         """Record how the run ended (``harness.lifecycle.execute``'s outcome)."""
         if outcome.state is RunState.FINISHED:
-            self.finish(outcome.summary)
+            self.finish(outcome.summary, note=outcome.reason)
         elif outcome.state is RunState.INTERRUPTED:
             self.interrupted(outcome.reason)
         else:
             self.fail(outcome.reason)
 
-    def finish(self, summary: dict[str, float]) -> None:
+    def finish(self, summary: dict[str, float], note: str = "") -> None:
+        """Log the config and tables as artifacts and mark the key finished; ``note`` (what else
+        happened to the run, e.g. a checkpoint set aside) goes into its tag and `runs` row."""
+        if note:
+            self.client.set_tag(self.run_id, "note", note[:5000])
         config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(self.spec.config.to_dict(), sort_keys=False))
@@ -263,7 +281,7 @@ class RunTracker:
         for path in self.paths:
             self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
         self._terminate("FINISHED")
-        self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"))
+        self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"), note=note)
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "error", reason[:5000])
@@ -274,7 +292,7 @@ class RunTracker:
         self._terminate("KILLED")
         self.write_runs_row(RunState.INTERRUPTED, error=reason)
 
-    def write_runs_row(self, status: RunState, error: str = "", params=None, seconds=None) -> None:
+    def write_runs_row(self, status: RunState, error: str = "", params=None, seconds=None, note: str = "") -> None:
         spec = self.spec
         row = {
             "study": spec.study,
@@ -283,6 +301,7 @@ class RunTracker:
             **{axis: level for axis, level in spec.arm.levels.items()},
             "status": str(status),
             "error": error,
+            "note": note,
             "mlflow_run_id": self.run_id or "",
             "params": float(params) if params is not None else float("nan"),
             "seconds": float(seconds) if seconds is not None else time.time() - self.started,

@@ -29,6 +29,7 @@ from .lifecycle import Outcome, RunState, execute
 from .plan import Arm, RunSpec, run_key
 from .spec import Distribution, Study, Tune, apply_overrides
 from .tables import write_table
+from .tracking import dataset_input
 
 
 def suggest(trial: optuna.Trial, key: str, distribution: Distribution) -> Any:
@@ -59,7 +60,10 @@ class TrialRecorder:
             self.pruned = self.pruned or self.trial.should_prune()
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
-        """Trials keep no tables: they are searched, not reported run by run."""
+        """Trials keep no tables (they are searched, not reported run by run), only their
+        training split as the MLflow run's dataset input."""
+        if name == "dataset":
+            self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
 
     def image(self, name: str, pixels) -> None:
         """Trials keep no sample grids."""

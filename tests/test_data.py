@@ -489,3 +489,28 @@ def test_atomic_write_replaces_whole_files_with_the_umask_permissions(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, broken)
     assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["table.bin"]
+
+
+def test_describe_split_names_the_training_split_by_a_stable_digest(digits, tmp_path):
+    """The digest MLflow groups runs by: fixed for a given split (pinned, so a change to what
+    enters it is a decision, not an accident), different for another split of the same data."""
+    from ddpm_engine.data import data_source, describe_split
+
+    row = describe_split(digits, DataConfig(name="digits"))
+    assert row == {
+        "name": "digits",
+        "digest": "61329adeba2160b4",
+        "source": "sklearn.datasets.load_digits",
+        "train_images": 1617,
+        "heldout_images": 180,
+        "channels": 1,
+        "image_size": 8,
+        "levels": 17,
+    }
+    for other in (DataConfig(split_seed=1), DataConfig(heldout_fraction=0.2), DataConfig(max_images=1000)):
+        assert describe_split(load_data(other), other)["digest"] != row["digest"], other
+    folder = DataConfig(name="image_folder", path=str(tmp_path / "faces" / ".." / "faces"))
+    assert data_source(folder) == str((tmp_path / "faces").resolve())
+    assert data_source(DataConfig(name="torchvision", torchvision_set="MNIST", path=str(tmp_path))) == (
+        f"torchvision.datasets.MNIST:{tmp_path.resolve()}"
+    )

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 from mlflow import MlflowClient
@@ -99,6 +100,12 @@ def test_smoke_study_is_tracked_in_mlflow(smoke):
         assert sorted(m.step for m in drift) == list(range(T + 1))  # x_T, then one per reverse step
         assert tags["mlflow.source.git.commit"] and tags["git_dirty"] in ("true", "false")
         assert "images" in artifacts  # the sample grid through log_image
+        # the training split as the run's dataset input (through the slots' event queue)
+        (training,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert training.dataset.name == "digits" and len(training.dataset.digest) == 16
+        assert {(t.key, t.value) for t in training.tags} == {("mlflow.data.context", "training")}
+    digests = {client.get_run(r.info.run_id).inputs.dataset_inputs[0].dataset.digest for r in runs}
+    assert len(digests) == 1  # every arm and seed trains on the same split
     experiment = client.get_experiment_by_name("smoke")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.tags["mlflow.note.content"] == "Does the harness run end to end?"
@@ -218,6 +225,146 @@ def test_report_judges_the_study_hypotheses(smoke):
     assert "T=10 with unscaled betas leaves more of the image in x_T than T=20" in html
 
 
+def test_each_run_logs_its_training_split_as_an_mlflow_dataset(tmp_path):
+    """Two splits of digits (split seeds 0 and 1) are two MLflow datasets: same name and
+    source, different digests; the same split logged again (a resumed run) stays one input."""
+    import json
+
+    from ddpm_engine import ExperimentConfig
+    from ddpm_engine.data import describe_split, load_data
+    from harness.plan import Arm, RunSpec
+    from harness.tracking import RunTracker, ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = ensure_experiment(client, "splits")
+    logged = {}
+    for split_seed in (0, 1):
+        config = ExperimentConfig.from_dict({"data": {"split_seed": split_seed}})
+        spec = RunSpec("splits", Arm(f"split{split_seed}", {}, {}), 0, config, f"key{split_seed:09d}")
+        tracker = RunTracker(client, experiment, spec, tmp_path / "results", commit="abc")
+        tracker.start()
+        row = pd.DataFrame([describe_split(load_data(config.data), config.data)])
+        tracker.table("dataset", row)
+        tracker.table("dataset", row)  # a resumed run emits it again
+        (logged[split_seed],) = client.get_run(tracker.run_id).inputs.dataset_inputs
+        parquet = pd.read_parquet(tmp_path / "results" / "splits" / "dataset" / f"{spec.key}.parquet")
+        assert parquet["digest"].item() == logged[split_seed].dataset.digest
+    first, second = logged[0].dataset, logged[1].dataset
+    assert first.name == second.name == "digits"
+    assert first.digest != second.digest
+    assert first.source_type == "code"
+    assert json.loads(first.source) == {"tags": {"mlflow.source.name": "sklearn.datasets.load_digits"}}
+    assert json.loads(first.profile) == {"num_rows": 1617, "heldout_images": 180, "shape": [1, 8, 8], "levels": 17}
+
+
+def test_mlflow_ui_chart_view_draws_per_t_loss_one_line_per_run(smoke, tmp_path):
+    """The real `mlflow server` on the smoke study's store, opened in headless Chromium at the
+    chart view (``tracking.chart_view_route``) and narrowed with its chart search: the
+    per_t/loss_mse chart is there with one series and one legend entry per run, each series over
+    its own t = 1..T (T20's 20 points, T10's 10). Fails if per-t metrics stop being logged, or if
+    the route stops leading to the chart view. About 45 s beside the smoke study on 2 cores."""
+    import socket
+    import urllib.request
+
+    from browser import DevTools, require_chromium
+
+    from harness.tracking import chart_view_route
+
+    require_chromium()
+    cwd, _, _ = smoke
+    client, runs = mlflow_runs(cwd, "smoke")
+    expected = {r.info.run_name: int(r.data.tags["arm"][1:]) for r in runs}  # run name -> T
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # no job runners: else the server starts seven huey consumer processes, each importing mlflow
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{cwd / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers die with it (killpg below)
+    )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        experiment_id = client.get_experiment_by_name("smoke").experiment_id
+        with DevTools(tmp_path / "profile") as page:
+            page.navigate(base + chart_view_route(experiment_id))
+            # the chart search, as a user narrows ~60 charts to one: the UI draws only the charts in
+            # view, and drawing them all (each a metric-history request) took minutes on 2 cores
+            search = "document.querySelector('input[placeholder=\"Search metric charts\"]')"
+            assert page.wait_for(f"{search} !== null", timeout=45), page.evaluate("document.body.innerText")[:2000]
+            page.evaluate(f"{search}.focus()")
+            page.send("Input.insertText", text="per_t/loss_mse")
+            chart = page.wait_for(PER_T_LOSS_SERIES, timeout=45)
+            where = page.evaluate("location.hash")
+            if not chart:
+                page.screenshot(tmp_path / "chart-view.png")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+    assert "compareRunsMode=CHART" in where and "workflowType=machine_learning" in where, where
+    assert chart, f"no per_t/loss_mse chart in the chart view (screenshot: {tmp_path / 'chart-view.png'})"
+    assert set(chart["series"]) == set(expected), chart
+    for name, T in expected.items():
+        assert chart["series"][name] == list(range(1, T + 1)), (name, chart["series"][name])
+    assert sorted(chart["legend"]) == sorted(f"{name} (per_t/loss_mse)" for name in expected), chart["legend"]
+
+
+# The per_t/loss_mse chart card of MLflow's chart view, once plotly has drawn every run into it:
+# {series: {run name: sorted t}, legend: [entries]}, else null. MLflow draws each run twice (the
+# raw points and a smoothed line) under the run's name; its legend is its own HTML, one per run.
+PER_T_LOSS_SERIES = """(() => {
+  const title = [...document.querySelectorAll('h4')].find(h => h.textContent.trim() === 'per_t/loss_mse');
+  const card = title && title.closest('.react-resizable');
+  const plot = card && card.querySelector('.js-plotly-plot');
+  if (!plot || !plot.data || !plot.data.length || !card.querySelector('.scatterlayer .trace')) return null;
+  const series = {};
+  for (const trace of plot.data) {
+    const ts = new Set([...(series[trace.name] || []), ...Array.from(trace.x || [], Number)]);
+    series[trace.name] = [...ts].sort((a, b) => a - b);
+  }
+  const legend = [...card.querySelectorAll('*')]
+    .filter(e => e.childElementCount === 0 && / \\(per_t\\/loss_mse\\)$/.test(e.textContent.trim()))
+    .map(e => e.textContent.trim());
+  return {series, legend};
+})()"""
+
+
 def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
     study = write_study(tmp_path, name="killed", steps=200, ckpt=20)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -332,15 +479,23 @@ def test_an_unusable_tracking_store_is_one_clear_error(tmp_path):
     assert not (tmp_path / "results" / "nostore" / "runs").exists()
 
 
-REFERENCE_STUDY = """\
-study: with_reference
-question: Does a parameter-free reference denoiser run as an arm beside a trained one?
+# The smallest base config that runs every phase of a run: for end-to-end studies of the harness.
+TINY_BASE = """\
 base:
   model: {preset: tiny, base_channels: 16, time_embed_dim: 32}
   diffusion: {T: 20}
   train: {steps: 10, batch_size: 32, log_every: 5, warmup_steps: 2}
   sample: {num_samples: 16}
   eval: {probe_every: 10, probe_images: 32, drift_hist_steps: 5}
+"""
+
+REFERENCE_STUDY = (
+    """\
+study: with_reference
+question: Does a parameter-free reference denoiser run as an arm beside a trained one?
+"""
+    + TINY_BASE
+    + """\
 ablations:
   denoiser:
     unet: {model.preset: tiny}
@@ -348,6 +503,7 @@ ablations:
     memoriser: {model.preset: empirical}
 seeds: [0]
 """
+)
 
 
 def test_reference_arms_run_end_to_end_without_training(tmp_path):

@@ -46,6 +46,9 @@ CASES = {
     ),
     "empty_axis": (HEADER + "ablations:\n  a: {}\n", ":4:", "ablations.a", "empty expansion"),
     "no_seeds": (HEADER + "seeds: []\n", ":3:", "seeds", "empty expansion"),
+    "adaptive_seeds_typo": (HEADER + "seeds: {strat: 3, max: 8}\n", ":3:", "seeds.strat", "did you mean 'start'"),
+    "adaptive_seeds_max_below_start": (HEADER + "seeds: {start: 4, max: 3}\n", ":3:", "seeds", "at least start"),
+    "adaptive_seeds_one_to_start": (HEADER + "seeds:\n  start: 1\n  max: 8\n", ":4:", "seeds.start", "greater than"),
     "malformed_yaml": (HEADER + "ablations:\n  a: {x: [1, 2}\n", ":4:", "", "malformed YAML"),
     "missing_data_folder": (
         HEADER + "base:\n  data: {name: image_folder, path: /nonexistent/faces}\n",
@@ -100,6 +103,41 @@ CASES = {
     ),
     "study_name_too_long": ("study: " + "s" * 300 + "\nquestion: q\n", ":1:", "study", "at most 100 characters"),
     "yaml_nested_too_deep": (HEADER + "base: " + "[" * 5000 + "]" * 5000 + "\n", "", "", "nested more than 100"),
+    "missing_data_folder_in_a_level": (
+        HEADER + "ablations:\n  d:\n    folder: {data.name: image_folder, data.path: /nonexistent/x}\n"
+        "    digits: {data.name: digits}\n",
+        ":5:",
+        "ablations.d.folder.data.path",
+        "/nonexistent/x does not exist",
+    ),
+    # found before any training: each would have failed (or done nothing) only after it
+    "levels_beyond_uint8": (HEADER + "base:\n  data: {levels: 300}\n", ":4:", "base.data.levels", "at most 256"),
+    "too_few_images_for_quality": (
+        HEADER + "base:\n  data: {max_images: 2}\n",
+        ":4:",
+        "base.data.max_images",
+        "2 images leave 1 for training",
+    ),
+    "one_sample_for_quality": (
+        HEADER + "base:\n  sample: {num_samples: 1}\n",
+        ":4:",
+        "base.sample.num_samples",
+        "1 sample: the sample-quality metrics need at least 2",
+    ),
+    "more_levels_than_the_image_can_halve": (
+        HEADER + "base:\n  model: {channel_mults: [1, 1, 1, 1, 1]}\n",
+        ":4:",
+        "base.model.channel_mults",
+        "image_size 8 cannot be halved 4 times",
+    ),
+    "attention_at_a_side_never_reached": (
+        HEADER + "ablations:\n  attn:\n    none: {model.attention_resolutions: []}\n"
+        "    three: {model.attention_resolutions: [3]}\n",
+        ":6:",
+        "ablations.attn.three.model.attention_resolutions",
+        "attention at side 3: no feature map of this UNet on 8x8 images has that side, so none would be added; "
+        "its sides are 8, 4, 2",
+    ),
     "billion_laughs": (
         HEADER
         + "a: &a [x, x, x, x, x, x, x, x, x]\n"
@@ -201,3 +239,30 @@ def test_two_axes_setting_one_key_in_an_arm_is_an_error(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(path), "--no-measure"])
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "clash.yaml:7:" in out.replace(" ", "") and "from both a.x and b.y" in out
+
+
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        ("train.steps=0", "greater than or equal to 1"),
+        ("data.max_images=2", "2 images leave 1 for training"),
+        ("model.attention_resolutions=[3]", "its sides are 8, 4, 2"),
+    ],
+)
+def test_a_set_value_that_cannot_work_is_named_at_the_set_option(tmp_path, option, reason):
+    """Not at the study file's base line, which has no part in it."""
+    path = tmp_path / "ok.yaml"
+    path.write_text(HEADER + "base:\n  train: {steps: 5}\n  data: {max_images: 100}\n")
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", option])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"error: --set: {option.split('=')[0]}: " in out and reason in out
+    assert "ok.yaml" not in out
+
+
+def test_a_missing_data_folder_given_with_set_is_named_at_the_set_option(tmp_path):
+    path = tmp_path / "folder.yaml"
+    path.write_text(HEADER + "base:\n  data: {name: image_folder, path: /nonexistent/a}\n")
+    result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", "data.path=/nonexistent/b"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "error: --set: data.path: data.path /nonexistent/b does not exist" in out

@@ -1,0 +1,82 @@
+"""Results reused across studies: a run key finished in another study is copied, not retrained.
+
+A run key hashes (resolved config, seed), so studies that train the same config share it: the
+tiny L_simple + EMA config is timestep_ablation's T1000, objective_ablation's baseline,
+time_embedding_ablation's shared arm and darkening_diagnosis's ema arm. Before training,
+`harness run` looks for each pending key in the other studies under the same results root;
+a key finished there is *adopted*: its tables and sample grid are copied into this study
+(the source study is never modified), this study's `runs` row records it as finished with
+its own arm and levels and ``reused_from`` naming the source, and its MLflow run in this
+study's experiment is rebuilt from those tables, tagged ``reused_from``
+(docs/design.md, "Reuse across studies").
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from ddpm_engine.files import atomic_write
+
+from .ledger import Ledger
+from .lifecycle import RunState
+
+SUFFIX = {"samples": ".png", "configs": ".yaml"}  # every other folder holds a table, .parquet
+
+
+def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[str, str]:
+    """run key -> the study (under ``results``) in which it finished, for the given keys; the
+    first study in name order wins, and ``study`` itself is never a source."""
+    root = Path(results)
+    wanted = set(keys)
+    found: dict[str, str] = {}
+    if not wanted or not root.is_dir():
+        return found
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != study):
+        candidates = [k for k in wanted - set(found) if (folder / "runs" / f"{k}.parquet").exists()]
+        if candidates:
+            ledger = Ledger.load(root, folder.name)
+            found.update({k: folder.name for k in candidates if ledger.is_finished(k)})
+    return found
+
+
+def copy_run_files(results: Path, source: str, study: str, key: str) -> list[Path]:
+    """Copy a finished key's files (tables, sample grid, config) from ``source`` into ``study``,
+    each atomically; returns the copies (the artifacts its MLflow run logs)."""
+    from .tables import TABLES  # here: `harness plan` calls finished_elsewhere and must not load pyarrow
+
+    root = Path(results)
+    copies = []
+    for folder in [t for t in TABLES if t != "runs"] + ["samples", "configs"]:
+        suffix = SUFFIX.get(folder, ".parquet")
+        origin = root / source / folder / f"{key}{suffix}"
+        if not origin.exists():
+            continue
+        target = root / study / folder / f"{key}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copies.append(atomic_write(target, lambda tmp, origin=origin: shutil.copyfile(origin, tmp)))
+    return copies
+
+
+def adopt(client, experiment_id: str, spec, results: Path, source: str, commit: str = "") -> str:
+    """Make ``spec``'s key, finished in study ``source``, a finished run of this study: its
+    files copied, its MLflow run rebuilt from them in this study's experiment and tagged
+    ``reused_from``, and its `runs` row (this study's arm and levels) written last, so a kill
+    midway leaves the key pending and the next run adopts it again. Returns the MLflow run id."""
+    from .reconcile import rebuild_in_mlflow
+    from .tracking import RunTracker
+
+    copy_run_files(results, source, spec.study, spec.key)
+    run_id, _ = rebuild_in_mlflow(client, experiment_id, spec, results, commit=commit)
+    client.set_tag(run_id, "reused_from", source)
+    origin = Ledger.load(results, source).row(spec.key)
+    tracker = RunTracker(client, experiment_id, spec, results, commit or "unknown")
+    tracker.run_id = run_id
+    tracker.write_runs_row(
+        RunState.FINISHED,
+        params=origin.get("params"),
+        seconds=origin.get("seconds"),
+        note=f"reused from study {source} (same run key: same config and seed); not trained again",
+    )
+    return run_id

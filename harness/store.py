@@ -1,0 +1,297 @@
+"""The MLflow store as `harness run` finds it, looked at before any training starts.
+
+Two questions are answered here without importing MLflow (3 s, which the slots' start must
+not wait for), by reading the default store, a SQLite file, directly:
+
+* Is the store whole? MLflow builds its schema through alembic migrations, one statement at
+  a time; a process killed midway (an older harness, `mlflow ui`, a kill during an MLflow
+  upgrade) leaves tables such as ``_alembic_tmp_latest_metrics`` or a schema revision behind
+  the installed MLflow's, and MLflow then refuses the file ("table ... already exists",
+  "duplicate column name"). ``check_store`` finds that, repairs a copy (leftover tables
+  dropped, then MLflow's own migration) or, failing that, moves the file aside as
+  ``mlflow.db.broken-<time>`` for a new store; `harness run` then rebuilds the study's
+  finished runs in it from results/ (harness.reconcile).
+* Which run keys has MLflow finished? A key finished there is never trained again, even
+  when results/ lost its record of it (``finished_keys``).
+
+Any other tracking URI (a server) is asked through MLflow's client.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+# Tables every MLflow tracking store has had since MLflow 1.0: a store without one is half made.
+CORE_TABLES = ("experiments", "runs", "tags", "params", "metrics", "latest_metrics", "experiment_tags")
+LEFTOVER_PREFIX = "_alembic_tmp_"  # alembic's batch migrations copy a SQLite table through one of these
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")  # a rollback journal left beside the old file would corrupt a new one
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store in the working directory.
+
+    Set explicitly because MLflow falls back to a ./mlruns file store when one exists,
+    which recent MLflow refuses; `mlflow ui` started here shows the same runs.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def prepare_store(uri: str) -> None:
+    """Create a new SQLite store in one piece: the schema is built in a temp file that then
+    replaces ``mlflow.db`` in one rename, under a file lock, so two processes starting at once
+    do not race through MLflow's migrations (which left "duplicate column name" errors) and a
+    kill during creation leaves no half-made store behind (which alembic then refused)."""
+    path = sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be creating it: wait for it
+        if not path.exists():
+            _create(path)
+
+
+def _create(path: Path) -> None:
+    """A new store at ``path``, built beside it and renamed into place."""
+    from mlflow import MlflowClient
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=1)
+def mlflow_revisions() -> tuple[str, frozenset[str]]:
+    """(head, every revision) of the installed MLflow's schema migrations, read from its
+    migration scripts as text: alembic's ScriptDirectory imports each of them (seconds)."""
+    package = importlib.util.find_spec("mlflow")
+    folder = Path(package.submodule_search_locations[0]) / "store" / "db_migrations" / "versions"
+    revisions, parents = set(), set()
+    for script in folder.glob("*.py"):
+        text = script.read_text()
+        revisions.update(re.findall(r'^revision\s*=\s*"(\w+)"', text, re.M))
+        parents.update(re.findall(r'^down_revision\s*=\s*"(\w+)"', text, re.M))
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise RuntimeError(f"cannot tell MLflow's schema head from {folder}: heads {sorted(heads)}")
+    return heads.pop(), frozenset(revisions)
+
+
+@dataclass
+class StoreCheck:
+    """What ``check_store`` found and did; ``message`` is empty for a whole store."""
+
+    problems: list[str] = field(default_factory=list)
+    message: str = ""
+    newer: bool = False  # written by a newer MLflow: not ours to repair
+
+
+def inspect_sqlite(path: Path) -> StoreCheck:
+    """The problems of the SQLite store at ``path`` (none when MLflow will open it as it is)."""
+    head, known = mlflow_revisions()
+    try:
+        with closing(sqlite3.connect(path)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = (
+                [v for (v,) in db.execute("SELECT version_num FROM alembic_version")]
+                if "alembic_version" in tables
+                else None
+            )
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):  # another process is writing it: not damage
+            return StoreCheck()
+        return StoreCheck([f"not a readable SQLite database ({error})"])
+    except sqlite3.DatabaseError as error:  # "file is not a database", "disk image is malformed"
+        return StoreCheck([f"not a readable SQLite database ({error})"])
+    if not tables:
+        return StoreCheck(["no tables (its creation stopped before the first)"])
+    problems = []
+    leftovers = sorted(t for t in tables if t.startswith(LEFTOVER_PREFIX))
+    if leftovers:
+        problems.append(f"leftover migration table(s) {', '.join(leftovers)}")
+    missing = [t for t in CORE_TABLES if t not in tables]
+    if missing:
+        problems.append(f"missing table(s) {', '.join(missing)}")
+    if versions is None:
+        problems.append("no schema revision (table alembic_version missing)")
+    elif len(versions) != 1:
+        problems.append(f"{len(versions)} schema revisions recorded, expected 1")
+    elif versions[0] not in known:
+        return StoreCheck([f"schema revision {versions[0]} unknown to this MLflow"], newer=True)
+    elif versions[0] != head:
+        problems.append(f"schema at revision {versions[0]}, this MLflow expects {head}")
+    return StoreCheck(problems)
+
+
+def check_store(uri: str) -> StoreCheck:
+    """Make the SQLite store at ``uri`` usable before anything trains: nothing to do for a
+    whole one (the usual case: one small query), a missing one is left to
+    ``tracking.prepare_store``; a half-made one is repaired or moved aside and replaced.
+    Raises ValueError for a store a newer MLflow wrote (upgrading mlflow is the fix)."""
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return StoreCheck()
+    found = inspect_sqlite(path)
+    if not found.problems:
+        return found
+    if found.newer:
+        raise ValueError(
+            f"the MLflow store {path} has {found.problems[0]} (a newer MLflow wrote it): "
+            "upgrade mlflow in this environment, or set MLFLOW_TRACKING_URI to another store"
+        )
+    with ExitStack() as locks:
+        # ours (tracking.prepare_store creates under it) and MLflow's own, held while MLflow
+        # creates or migrates a store: what looked half made may be one being made right now
+        for lock_path in (path.with_name(path.name + ".lock"), _mlflow_init_lock(uri)):
+            handle = locks.enter_context(open(lock_path, "a+"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        found = inspect_sqlite(path)
+        if not found.problems:
+            return found
+        found.message = _repair_or_replace(path, found.problems)
+    return found
+
+
+def _mlflow_init_lock(uri: str) -> Path:
+    # mlflow.store.db.utils._safe_initialize_tables locks this file, named by the md5 of the
+    # engine URL (the URI as given, for SQLite), while it creates a store's tables
+    return Path(tempfile.gettempdir()) / f"db_init_lock-{hashlib.md5(uri.encode(), usedforsecurity=False).hexdigest()}"
+
+
+def _repair_or_replace(path: Path, problems: list[str]) -> str:
+    """Repair a copy of the store and put it in place (the original kept beside it); if the
+    copy cannot be repaired, move the store aside and create a new one. The message says
+    what was found and done."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    found = "; ".join(problems)
+    copy = path.with_name(f".{path.name}.{os.getpid()}.repair")
+    try:
+        dropped = _repaired_copy(path, copy)
+    except OSError:  # the disk, not the store (full, read-only): nothing is moved
+        copy.unlink(missing_ok=True)
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the migration raised: the store is replaced
+        copy.unlink(missing_ok=True)
+        aside = _move_aside(path, f"broken-{stamp}")
+        _create(path)  # the lock prepare_store would take is held here
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        return (
+            f"the MLflow store {path} was half made ({found}) and could not be repaired "
+            f"({type(error).__name__}: {first_line}): moved aside as {aside.name}{_holding(aside)} and a new "
+            "store created; each study's finished runs are rebuilt in it from results/ when it is next run"
+        )
+    kept = _move_aside(path, f"before-repair-{stamp}")
+    os.replace(copy, path)
+    done = f"dropped {', '.join(dropped)}; " if dropped else ""
+    return (
+        f"the MLflow store {path} was half made ({found}): repaired ({done}schema migrated by MLflow); "
+        f"the original is kept as {kept.name}"
+    )
+
+
+def _repaired_copy(path: Path, copy: Path) -> list[str]:
+    """Copy the store (through SQLite, so that a hot journal is rolled back, not lost), drop
+    the copy's leftover migration tables and let MLflow create the tables it lacks and migrate
+    it to the installed schema, as it does for a store it creates. Returns the dropped tables;
+    raises if the copy is still not whole."""
+    copy.unlink(missing_ok=True)
+    with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        tables = {name for (name,) in target.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        dropped = sorted(t for t in tables if t.startswith(LEFTOVER_PREFIX))
+        for table in dropped:
+            original = table[len(LEFTOVER_PREFIX) :]
+            if original not in tables:  # the migration had dropped the original: this is its only copy
+                raise RuntimeError(f"{table} holds the only copy of table {original}")
+            target.execute(f'DROP TABLE "{table}"')
+        target.commit()
+    from mlflow import MlflowClient
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
+
+    uri = f"sqlite:///{copy}"
+    # MLflow's own creation (initial tables where missing, then every migration from the
+    # recorded revision): it runs it by itself only for a store that lacks tables
+    engine = create_sqlalchemy_engine_with_retry(uri)
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # opens it as a tracking store
+    left = inspect_sqlite(copy).problems
+    if left:
+        raise RuntimeError(f"still {'; '.join(left)} after migrating")
+    return dropped
+
+
+def _move_aside(path: Path, suffix: str) -> Path:
+    """Rename the store and its SQLite side files to ``<name>.<suffix>``."""
+    aside = path.with_name(f"{path.name}.{suffix}")
+    for side in SQLITE_SIDE_FILES:
+        companion = path.with_name(path.name + side)
+        if companion.exists():
+            os.replace(companion, aside.with_name(aside.name + side))
+    os.replace(path, aside)
+    return aside
+
+
+def _holding(path: Path) -> str:
+    """ " (it holds N runs)" when the set-aside file can still say so."""
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            (runs,) = db.execute("SELECT count(*) FROM runs").fetchone()
+        return f" (it holds {runs} run(s))"
+    except sqlite3.Error:
+        return ""
+
+
+def finished_keys(uri: str, study: str) -> set[str]:
+    """Run keys of ``study`` whose MLflow run (not deleted) is FINISHED. For the SQLite store
+    a query of the file; for a server, MLflow's client."""
+    path = sqlite_path(uri)
+    if path is not None:
+        if not path.exists():
+            return set()
+        try:
+            with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+                rows = db.execute(
+                    "SELECT tags.value FROM runs JOIN experiments ON experiments.experiment_id = runs.experiment_id "
+                    "JOIN tags ON tags.run_uuid = runs.run_uuid AND tags.key = 'run_key' "
+                    "WHERE experiments.name = ? AND runs.status = 'FINISHED' AND runs.lifecycle_stage = 'active'",
+                    (study,),
+                ).fetchall()
+            return {key for (key,) in rows}
+        except sqlite3.Error:  # a schema these tables no longer describe: ask MLflow
+            pass
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return set()
+    keys, token = set(), None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token
+        )
+        keys.update(run.data.tags["run_key"] for run in page if "run_key" in run.data.tags)
+        token = page.token
+        if not token:
+            return keys
