@@ -403,8 +403,10 @@ def test_a_run_that_fills_the_disk_ends_with_its_reason_and_exit_2(kept, tmp_pat
 
 def test_ctrl_c_twice_stops_at_once_without_a_traceback_and_the_run_resumes(kept, tmp_path):
     shutil.copy(kept[0] / "mlflow.db", tmp_path / "mlflow.db")
-    # steps of 512 images: the slot is still in its step when the second Ctrl-C comes
-    study = write_study(tmp_path, "twice", steps=4, ckpt=2, batch=512)
+    # steps of 4,096 images (about a second each here; batches are drawn with replacement): the
+    # slot is still in its step when the second Ctrl-C comes, however fast the machine (512 was
+    # not always enough: the run had stopped before the second one arrived)
+    study = write_study(tmp_path, "twice", steps=4, ckpt=2, batch=4096)
     proc = harness_process(["run", str(study), "--no-report"], tmp_path, start_new_session=True)
     checkpoints = tmp_path / "results" / "twice" / "checkpoints"
     deadline = time.time() + 300
