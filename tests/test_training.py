@@ -107,17 +107,13 @@ def test_non_finite_loss_names_the_step_and_the_last_finite_loss():
     assert trainer.last_finite_loss != last  # step 6's loss, not the previous window's
 
 
-HELDOUT_LOSS: dict[str, float] = {}
-
-
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:train.precision=bf16 on a CPU without native bf16")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t(precision):
-    """Also shows bf16 autocast (offered on CPU for speed) converges like fp32."""
+def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t():
+    """fp32 only: bf16 autocast's convergence is tests/test_precision.py's stricter check (within
+    the fp32 seed spread); training this one in bf16 took 93-130 s on CPUs that emulate it."""
     config = ExperimentConfig.from_dict(
         {
-            "train": {"steps": 300, "batch_size": 32, "log_every": 50, "lr": 2e-3, "precision": precision},
+            "train": {"steps": 300, "batch_size": 32, "log_every": 50, "lr": 2e-3, "precision": "fp32"},
             "sample": {"num_samples": 8},
             "eval": {"probe_every": 300, "probe_images": 128, "probe_timesteps": 16, "quality": False},
         }
@@ -136,9 +132,6 @@ def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t(precision):
     assert list(after.index) == grid
     assert (after["loss_mse"] < before["loss_mse"]).all(), (before["loss_mse"], after["loss_mse"])
     assert math.isfinite(result.summary["bpd"])
-    HELDOUT_LOSS[precision] = result.summary["heldout_loss"]
-    if precision == "bf16" and "fp32" in HELDOUT_LOSS:
-        assert HELDOUT_LOSS["bf16"] == pytest.approx(HELDOUT_LOSS["fp32"], rel=0.15)
 
 
 def test_budget_by_images_and_seconds():
