@@ -38,10 +38,9 @@ from .claims import KeyClaims
 from .ledger import PRECEDENCE, Ledger, from_mlflow
 from .lifecycle import RunState
 from .plan import RunSpec
-from .tables import TABLES, write_table
+from .tables import ARTIFACT_FOLDERS, write_table
 from .tracking import CURVE_METRICS, METRIC_BATCH, RunTracker, curve_metrics, dataset_input
 
-ARTIFACT_FOLDERS = [t for t in TABLES if t != "runs"] + ["samples"]  # what a finished run logged
 SUMMARY_SENTINEL = "seconds"  # logged with the summary, the last of a run's metrics, by every engine version
 
 

@@ -44,11 +44,11 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
 def copy_run_files(results: Path, source: str, study: str, key: str) -> list[Path]:
     """Copy a finished key's files (tables, sample grid, config) from ``source`` into ``study``,
     each atomically; returns the copies (the artifacts its MLflow run logs)."""
-    from .tables import TABLES  # here: `harness plan` calls finished_elsewhere and must not load pyarrow
+    from .tables import ARTIFACT_FOLDERS  # here: `harness plan` calls finished_elsewhere and must not load pyarrow
 
     root = Path(results)
     copies = []
-    for folder in [t for t in TABLES if t != "runs"] + ["samples", "configs"]:
+    for folder in [*ARTIFACT_FOLDERS, "configs"]:
         suffix = SUFFIX.get(folder, ".parquet")
         origin = root / source / folder / f"{key}{suffix}"
         if not origin.exists():

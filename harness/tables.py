@@ -49,6 +49,8 @@ def table_columns() -> dict[str, dict[str, str]]:
 
 
 TABLES = ["runs", "dataset", "train", "per_t", "probe", "drift", "drift_hist", "quality"]
+# What a finished run leaves besides its `runs` row: its tables and sample grid (MLflow artifacts).
+ARTIFACT_FOLDERS = [t for t in TABLES if t != "runs"] + ["samples"]
 
 
 def table_path(results: Path, study: str, table: str, run_key: str) -> Path:
