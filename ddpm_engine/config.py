@@ -8,11 +8,13 @@ are the rules there.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .metrics import REFERENCE_NAMES
+from .metrics import MEASURE_VERSION, REFERENCE_NAMES
 
 MAX_SEED = 2**32 - 1  # the range numpy's and torch's generators accept everywhere
 
@@ -236,8 +238,9 @@ class SampleConfig(_Section):
         1234,
         ge=0,
         le=MAX_SEED,
-        description="Seed of x_T and the sampling noise, the same for every arm and training "
-        "seed (common random numbers).",
+        description="Base seed of x_T and the sampling noise. Replicate s (train.seed = s) draws "
+        "from replicate_seed(this, s): the same draw for every arm of a replicate (common random "
+        "numbers), a different one per replicate (so seed-to-seed spread includes it).",
     )
 
 
@@ -246,7 +249,11 @@ class EvalConfig(_Section):
     probe_timesteps: int = Field(40, ge=2, description="Timesteps in the probe grid (all t when T <= 200).")
     probe_images: int = Field(256, ge=1, description="Held-out images in each probe.")
     probe_seed: int = Field(
-        4321, ge=0, le=MAX_SEED, description="Seed of the probe noise, shared by all arms (common random numbers)."
+        4321,
+        ge=0,
+        le=MAX_SEED,
+        description="Base seed of the probe noise, the drift reference's noise and the bound's "
+        "strata; replicate s draws from replicate_seed(this, s), shared by every arm of it.",
     )
     drift_bins: int = Field(64, ge=2, description="Histogram bins of pixel values over [-1.5, 1.5].")
     drift_hist_steps: int = Field(
@@ -268,9 +275,43 @@ class ExperimentConfig(_Section):
         """The fully resolved config as plain JSON types."""
         return self.model_dump(mode="json")
 
+    @property
+    def sample_draw_seed(self) -> int:
+        """Seed of this replicate's x_T and sampling noise (docs/design.md, "Evaluation draws")."""
+        return replicate_seed(self.sample.seed, self.train.seed)
+
+    @property
+    def probe_draw_seed(self) -> int:
+        """Seed of this replicate's probe noise (and, offset, the drift reference and bound strata)."""
+        return replicate_seed(self.eval.probe_seed, self.train.seed)
+
+    def training_dict(self) -> dict:
+        """What determines the trained weights: the config without `sample` and `eval`, which
+        only say how the weights are measured. Arms equal here share one training."""
+        return {k: v for k, v in self.to_dict().items() if k not in MEASUREMENT_SECTIONS}
+
+    def probe_signature(self) -> str:
+        """What the final probe depends on besides the weights: a checkpoint whose final probe
+        was taken under another signature (other probe settings, another replicate's draw, an
+        older MEASURE_VERSION) is probed again before it is measured."""
+        probe = {k: v for k, v in self.eval.model_dump(mode="json").items() if k != "probe_every"}
+        return json.dumps({"version": MEASURE_VERSION, "eval": probe, "draw": self.probe_draw_seed}, sort_keys=True)
+
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
         return cls.model_validate(values)
+
+
+# Config sections that change how a run is measured but not what it trains.
+MEASUREMENT_SECTIONS = ("sample", "eval")
+
+
+def replicate_seed(base: int, replicate: int) -> int:
+    """The evaluation draw of replicate ``replicate`` from a base seed: 32 bits of sha256 over
+    both, so replicates get unrelated streams (not base + s, whose neighbouring streams
+    another base seed would reuse) and every arm of one replicate gets the same one."""
+    digest = hashlib.sha256(f"{int(base)}/{int(replicate)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def field_docs(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> dict[str, str]:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import EvalConfig, ExperimentConfig, TrainConfig
+from .config import ExperimentConfig, TrainConfig
 from .data import ImageData, describe_split, engine_cache_dir, load_data
 from .device import autocast_factory, peak_memory_mb, resolve_device, sample_chunk_size
 from .diagnostics import (
@@ -46,6 +46,10 @@ from .training import Trainer
 
 # What sample_quality returns, from the registry: NaN for each when eval.quality is off, so
 # that every run's summary has the same keys and the quality tables of a study line up.
+# The trainer's history key holding the probe settings of its latest probe (a checkpoint keeps
+# it), so that a finished checkpoint measured under other settings is probed again.
+FINAL_PROBE_WITH = "final_probe_with"
+
 QUALITY_KEYS = [m.name for m in PER_RUN.values() if m.source in ("quality.sample_quality", "quality.memorisation")]
 
 
@@ -172,7 +176,7 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
         model = build_model(config.model, data.channels, data.image_size).to(device)
         autocast = autocast_factory(device, config.train.precision, count_parameters(model))
         trainer = Trainer(config, model, schedule, train_x0, data.levels, device, autocast)
-    probe_x0, probe_noise = probe_inputs(config.eval, data, device)
+    probe_x0, probe_noise = probe_inputs(config, data, device)
     grid = probe_timesteps(schedule.T, config.eval.probe_timesteps)
     floor = reference_losses(
         schedule, train_x0, data.levels, probe_x0, probe_noise, grid, cache_dir=engine_cache_dir(config.data)
@@ -180,11 +184,12 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     return RunParts(config, device, data, schedule, model, trainer, autocast, probe_x0, probe_noise, grid, floor)
 
 
-def probe_inputs(eval_config: EvalConfig, data: ImageData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probe's held-out images and noise. Common random numbers: they depend only on
-    eval settings and the data, so every arm and seed is probed on the same draws."""
-    probe_x0 = data.to_model_space(data.heldout[: eval_config.probe_images]).to(device)
-    generator = torch.Generator().manual_seed(eval_config.probe_seed)
+def probe_inputs(config: ExperimentConfig, data: ImageData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's held-out images and noise. The noise is the replicate's draw
+    (config.probe_draw_seed): every arm of a replicate is probed on the same noise (common
+    random numbers), and each replicate on its own, so the spread over seeds includes it."""
+    probe_x0 = data.to_model_space(data.heldout[: config.eval.probe_images]).to(device)
+    generator = torch.Generator().manual_seed(config.probe_draw_seed)
     return probe_x0, torch.randn(probe_x0.shape, generator=generator).to(device)
 
 
@@ -209,6 +214,7 @@ def probe(parts: RunParts) -> dict[str, float]:
     frame.insert(0, "step", parts.step)
     parts.history["per_t"].extend(frame.to_dict("records"))
     parts.history["bound"].append({"step": parts.step, **bound})
+    parts.history[FINAL_PROBE_WITH] = parts.config.probe_signature()
     return bound
 
 
@@ -268,7 +274,19 @@ def train_with_probes(
             _interrupt(trainer, recorder, checkpoint_dir, window)
     if not trainer.history["per_t"] or trainer.history["per_t"][-1]["step"] != trainer.step:
         probe(parts)  # a run resumed after its last step was trained still needs its final probe
+    elif trainer.history.get(FINAL_PROBE_WITH) != parts.config.probe_signature():
+        # A finished checkpoint measured again under other settings (another replicate's draw,
+        # other probe settings, an older MEASURE_VERSION): its final probe is taken again.
+        # The earlier probes stay those of the training run.
+        drop_final_probe(trainer.history, trainer.step)
+        probe(parts)
     return resumed_from
+
+
+def drop_final_probe(history: dict[str, list], step: int) -> None:
+    """Remove the probe rows of ``step`` from a trainer's history."""
+    history["per_t"] = [row for row in history["per_t"] if row["step"] != step]
+    history["bound"] = [row for row in history["bound"] if row["step"] != step]
 
 
 def _interrupt(
@@ -289,8 +307,8 @@ def sample_with_drift(parts: RunParts) -> Sampled:
     """Sample with config.sample's sampler while a DriftRecorder follows the pixels of x_t
     along the reverse chain against q(x_t) of the held-out images; then run the same sampler,
     from the same x_T and noise, with the data's Gaussian denoiser (no trained weights): what
-    the chain does without the model. Common random numbers: x_T and every z come from
-    sample.seed, the same for every arm and seed."""
+    the chain does without the model. x_T and every z are the replicate's draw
+    (config.sample_draw_seed): the same for every arm of a replicate."""
     drift = drift_recorder(parts)
     started = time.perf_counter()
     x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift)
@@ -301,10 +319,11 @@ def sample_with_drift(parts: RunParts) -> Sampled:
 
 
 def run_sampler(parts: RunParts, denoiser: torch.nn.Module, autocast, callback) -> torch.Tensor:
-    """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from sample.seed."""
+    """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from the
+    replicate's sampling seed."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
-    generator = torch.Generator(device=device).manual_seed(sc.seed)
+    generator = torch.Generator(device=device).manual_seed(config.sample_draw_seed)
     chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
     x_T = gaussian_noise(shape, generator, device, config.objective.noise_clip)
@@ -340,10 +359,10 @@ def oracle_drift(parts: RunParts) -> pd.DataFrame:
 
 def drift_recorder(parts: RunParts) -> DriftRecorder:
     """The sampler's callback that records drift against all held-out images, noised with a
-    stream of its own (probe_seed + 1), independent of the probe's and the sampler's."""
+    stream of its own (the replicate's probe draw + 1), independent of the probe's and the sampler's."""
     ec, data, device = parts.config.eval, parts.data, parts.device
     reference_x0 = data.to_model_space(data.heldout).to(device)
-    generator = torch.Generator().manual_seed(ec.probe_seed + 1)
+    generator = torch.Generator().manual_seed(parts.config.probe_draw_seed + 1)
     reference_noise = torch.randn(reference_x0.shape, generator=generator).to(device)
     return DriftRecorder(
         parts.schedule, reference_x0, reference_noise, bins=ec.drift_bins, hist_steps=ec.drift_hist_steps
@@ -392,8 +411,9 @@ def measure(
 def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
     """bpd of the final weights without interpolating between probed t: every L_{t-1} for
     T <= 201, else the first 100 t exactly and one t per stratum of 100 strata over the rest
-    (an unbiased estimate, its standard error in bpd_se). The same t for every arm: drawn from eval.probe_seed."""
-    generator = torch.Generator().manual_seed(parts.config.eval.probe_seed + 2)
+    (an unbiased estimate, its standard error in bpd_se). The same t for every arm of a
+    replicate: drawn from its probe draw."""
+    generator = torch.Generator().manual_seed(parts.config.probe_draw_seed + 2)
     ts, sizes = stratified_timesteps(parts.schedule.T, BOUND_TIMESTEPS, generator)
     rows = per_t_probe(
         parts.denoiser,

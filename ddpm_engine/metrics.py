@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # pandas and numpy load on use: `harness` validates study fil
 
 Better = Literal["lower", "higher", "zero"]
 
+# The version of how finished runs are measured (the final probe, sampling, drift, quality).
+# Bump it when a measure changes: `harness run` then re-measures finished runs from their final
+# checkpoints instead of training them again (docs/design.md, "Re-measure, don't retrain").
+# 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
+MEASURE_VERSION = 2
+
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
 # The parameter-free reference denoisers of ddpm_engine.references, in report order.

@@ -339,11 +339,13 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     their outcomes; the sampler check is recorded after them."""
     from .scheduler import LocalScheduler, slot_devices
 
-    todo, skipped = ledger_of(results, study).todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
+    ledger = ledger_of(results, study)
+    todo, skipped = ledger.todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
     todo = [s for s in todo if s.key not in ran_here]
     done_in_mlflow = _check_tracking_store(study)
     if not rerun:  # a key MLflow finished is restored from it below, never trained again
         todo = [s for s in todo if s.key not in done_in_mlflow]
+        todo += _outdated(study, ledger.outdated(specs, chosen), results, ran_here)
     claims, todo = _claim(study, results, todo, rerun)  # held while this function runs
     try:
         from .reuse import finished_elsewhere
@@ -351,6 +353,9 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
         reusable = {} if rerun else finished_elsewhere(results, study.study, [s.key for s in todo])
         adopted = [s for s in todo if s.key in reusable]
         todo = [s for s in todo if s.key not in reusable]
+        if not rerun:
+            _copy_trainings(study, todo, results)
+        _say_shared_trainings(todo)
         try:
             slots = slot_devices(device, workers, runs=len(todo))
         except ValueError as error:
@@ -376,6 +381,69 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     finally:
         claims.release()
     return outcomes
+
+
+def _outdated(study: Study, outdated: list[RunSpec], results: Path, ran_here: set[str]) -> list[RunSpec]:
+    """Finished keys measured under an older MEASURE_VERSION whose training is on disk (here or
+    in another study): measured again from it, not trained. Those without one are kept as
+    they are and named: retraining them is --rerun's decision, not a side effect."""
+    from ddpm_engine.metrics import MEASURE_VERSION
+
+    from .checkpoints import has_checkpoint, trained_elsewhere
+
+    outdated = [s for s in outdated if s.key not in ran_here]
+    if not outdated:
+        return []
+    elsewhere = trained_elsewhere(results, study.study, outdated)
+    again = [s for s in outdated if has_checkpoint(results, s) or s.key in elsewhere]
+    kept = [s for s in outdated if s not in again]
+    if again:
+        console.print(
+            f"re-measuring {len(again)} finished run(s) from their final checkpoints (measured under an older "
+            f"version; this code measures as version {MEASURE_VERSION}): no training",
+            highlight=False,
+        )
+    if kept:
+        shown = ", ".join(s.name for s in kept[:8]) + (" ..." if len(kept) > 8 else "")
+        console.print(
+            f"[yellow]{len(kept)} finished run(s) were measured under an older version and have no checkpoint "
+            f"to measure again from; kept as they are (--rerun trains them again):[/] {escape(shown)}",
+            highlight=False,
+        )
+    return again
+
+
+def _copy_trainings(study: Study, todo: list[RunSpec], results: Path) -> None:
+    """Trainings finished in other studies copied in (harness.checkpoints): the runs that use
+    them are measured, not trained again."""
+    from .checkpoints import copy_checkpoint, trained_elsewhere
+
+    found = trained_elsewhere(results, study.study, todo)
+    for spec in todo:
+        if spec.key in found:
+            copy_checkpoint(results, spec, found[spec.key][1])
+    if found:
+        shown = ", ".join(f"{s.name} ({found[s.key][0]})" for s in todo if s.key in found)
+        console.print(
+            f"{len(found)} run(s) start from a training finished in another study (same training config and "
+            f"seed): measured, not trained again: {escape(shown[:600])}",
+            highlight=False,
+        )
+
+
+def _say_shared_trainings(todo: list[RunSpec]) -> None:
+    """Runs of this study that differ only in how they are measured train once."""
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in todo:
+        groups.setdefault(spec.train_key, []).append(spec)
+    shared = [g for g in groups.values() if len(g) > 1]
+    if shared:
+        shown = "; ".join(" = ".join(s.name for s in g) for g in shared[:5])
+        console.print(
+            f"{sum(len(g) - 1 for g in shared)} run(s) differ from another only in sample.* or eval.*: "
+            f"trained once, each measured from that training ({escape(shown)})",
+            highlight=False,
+        )
 
 
 def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client, experiment_id: str) -> None:
@@ -442,10 +510,10 @@ def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
         )
     if not rerun:
         now = ledger_of(results, study)
-        finished = [s for s in mine if now.is_finished(s.key)]
+        finished = [s for s in mine if now.is_current(s.key)]
         for spec in finished:
             claims.release(spec.key)
-        mine = [s for s in mine if not now.is_finished(s.key)]
+        mine = [s for s in mine if not now.is_current(s.key)]
     return claims, mine
 
 

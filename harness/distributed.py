@@ -383,7 +383,7 @@ class Worker:
 
     # -- one trial
     def run_trial(self, trial_id: int) -> None:
-        from .scheduler import checkpoint_dir
+        from .checkpoints import checkpoint_dir
         from .tracking import RunTracker
 
         with Heartbeat(self.storage, trial_id, self.settings.heartbeat_interval, self.log) as heartbeat:

@@ -91,6 +91,30 @@ class Ledger:
     def is_finished(self, key: str) -> bool:
         return self.state(key) is FINISHED
 
+    @staticmethod
+    def row_is_finished(row: dict) -> bool:
+        return RunState.parse(row.get("status")) is FINISHED
+
+    def measure_version(self, key: str) -> int:
+        """The MEASURE_VERSION its tables were made under; rows written before the version
+        was recorded are version 1."""
+        value = _number(self.row(key).get("measure_version"))
+        return int(value) if value == value else 1
+
+    def is_current(self, key: str) -> bool:
+        """Finished, and measured the way this code measures (ddpm_engine.metrics.MEASURE_VERSION)."""
+        from ddpm_engine.metrics import MEASURE_VERSION
+
+        return self.is_finished(key) and self.measure_version(key) >= MEASURE_VERSION
+
+    def outdated(self, specs: list[RunSpec], chosen: set[str] | None = None) -> list[RunSpec]:
+        """Finished keys measured under an older MEASURE_VERSION: to measure again."""
+        return [
+            s
+            for s in specs
+            if self.is_finished(s.key) and not self.is_current(s.key) and (chosen is None or s.arm.label in chosen)
+        ]
+
     def todo(
         self, specs: list[RunSpec], *, rerun: bool = False, retry_failed: bool = False, chosen: set[str] | None = None
     ) -> tuple[list[RunSpec], list[tuple[RunSpec, str]]]:

@@ -40,6 +40,12 @@ class RunSpec:
     def config_json(self) -> str:
         return canonical_json(self.config.to_dict())
 
+    @property
+    def train_key(self) -> str:
+        """The key of what this run trains (``train_key``): runs that share it share one
+        training and one checkpoint, and are measured each their own way."""
+        return train_key(self.config, self.seed)
+
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -48,6 +54,17 @@ def canonical_json(value: Any) -> str:
 def run_key(config: ExperimentConfig, seed: int) -> str:
     """First 12 hex of sha256 over the canonical JSON of (resolved config, seed)."""
     payload = canonical_json({"config": config.to_dict(), "seed": seed})
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def train_key(config: ExperimentConfig | dict, seed: int) -> str:
+    """First 12 hex of sha256 over the canonical JSON of (the config without its measurement
+    sections, seed): what determines the trained weights (ExperimentConfig.training_dict).
+    Two arms that differ only in `sample.*` or `eval.*` have different run keys and one train
+    key (docs/design.md, "Re-measure, don't retrain")."""
+    if isinstance(config, dict):
+        config = ExperimentConfig.model_validate(config)
+    payload = canonical_json({"config": config.training_dict(), "seed": seed, "trained": True})
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

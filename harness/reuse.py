@@ -37,7 +37,9 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
         candidates = [k for k in wanted - set(found) if (folder / "runs" / f"{k}.parquet").exists()]
         if candidates:
             ledger = Ledger.load(root, folder.name)
-            found.update({k: folder.name for k in candidates if ledger.is_finished(k)})
+            # an outdated source (older MEASURE_VERSION) is not copied: its training is, by
+            # harness.checkpoints, and the run measured again
+            found.update({k: folder.name for k in candidates if ledger.is_current(k)})
     return found
 
 
@@ -78,5 +80,6 @@ def adopt(client, experiment_id: str, spec, results: Path, source: str, commit: 
         params=origin.get("params"),
         seconds=origin.get("seconds"),
         note=f"reused from study {source} (same run key: same config and seed); not trained again",
+        measure_version=Ledger(results, source, {spec.key: origin}).measure_version(spec.key),
     )
     return run_id

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ddpm_engine.files import DISK_FULL, write_error_message
 
+from .checkpoints import checkpoint_dir
 from .lifecycle import Outcome, RunState, execute
 from .plan import RunSpec
 
@@ -37,10 +38,6 @@ class RunOutcome:
     @property
     def state(self) -> RunState:
         return self.outcome.state
-
-
-def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
-    return Path(results) / spec.study / "checkpoints" / spec.key
 
 
 def estimated_cost(spec: RunSpec) -> float:
@@ -179,6 +176,11 @@ class LocalScheduler:
         self.outcomes: dict[str, RunOutcome] = {}
         self.procs: dict[int, mp.Process] = {}
         self.tasks = self.events = None
+        # Runs that share a training (plan.train_key) with a run queued before them wait for
+        # it to end, then are measured from its checkpoint instead of training it again.
+        self.waiting: dict[str, list[RunSpec]] = {}
+        self.n_slots = 0
+        self.closed = False  # every run is queued and each slot has its end-of-queue marker
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -194,16 +196,43 @@ class LocalScheduler:
         if self.tasks is not None or not self.specs:
             return
         self.tasks, self.events = self.ctx.Queue(), self.ctx.Queue()
+        first: dict[str, RunSpec] = {}
         for spec in self.specs:
             ckpt = checkpoint_dir(self.results, spec)
             if spec.key in self.fresh_keys and ckpt.exists():
                 shutil.rmtree(ckpt)
-            self.tasks.put((spec.key, spec.config, str(ckpt)))
-        n_slots = min(len(self.slots), len(self.specs))
-        for _ in range(n_slots):
-            self.tasks.put(None)
-        for slot in range(n_slots):
+            if spec.train_key in first:
+                self.waiting.setdefault(spec.train_key, []).append(spec)
+            else:
+                first[spec.train_key] = spec
+                self._queue(spec)
+        self.n_slots = min(len(self.slots), len(first))
+        if not self.waiting:
+            self._close_queue()
+        for slot in range(self.n_slots):
             self._launch(slot)
+
+    def _queue(self, spec: RunSpec) -> None:
+        self.tasks.put((spec.key, spec.config, str(checkpoint_dir(self.results, spec))))
+
+    def _close_queue(self) -> None:
+        """One end-of-queue marker per slot: a slot exits when it takes one."""
+        self.closed = True
+        for _ in range(self.n_slots):
+            self.tasks.put(None)
+
+    def _release(self, spec: RunSpec, state: RunState) -> None:
+        """The runs waiting on ``spec``'s training go into the queue once it has finished; when
+        it did not finish, only the next of them (which trains, or resumes, in its turn)."""
+        waiting = self.waiting.get(spec.train_key, [])
+        released = list(waiting) if state is RunState.FINISHED else waiting[:1]
+        del waiting[: len(released)]
+        if not waiting:
+            self.waiting.pop(spec.train_key, None)
+        for each in released:
+            self._queue(each)
+        if released and not self.waiting:
+            self._close_queue()
 
     def abort(self, timeout: float = 60.0) -> None:
         """Stop before ``run``: the slots checkpoint their runs (which resume next time)."""
@@ -316,6 +345,8 @@ class LocalScheduler:
     def _end(self, spec: RunSpec, tracker: RunTracker, outcome: Outcome) -> None:
         tracker.end(outcome)
         self.outcomes[spec.key] = RunOutcome(spec, outcome)
+        if self.tasks is not None:
+            self._release(spec, outcome.state)
         if outcome.state is RunState.FAILED and DISK_FULL in outcome.reason:
             self.request_stop()  # the other runs would fail on the same disk: they checkpoint and stop
 
@@ -330,5 +361,6 @@ class LocalScheduler:
             self._end(self.by_key[key], trackers[key], Outcome(RunState.FAILED, reason=reason))
             self.on_event("ended", self.by_key[key], (self.outcomes[key].outcome,))
             if len(self.outcomes) < len(self.specs) and not self.stop.is_set():
-                self.tasks.put(None)  # the replacement slot needs its own end-of-queue marker
+                if self.closed:  # else the markers put at closing count it among the slots
+                    self.tasks.put(None)  # the replacement slot needs its own end-of-queue marker
                 self._launch(slot)

@@ -32,6 +32,7 @@ RUNS_COLUMNS: dict[str, str] = {
     "params": "model parameter count",
     "seconds": "wall time of the run",
     "config_json": "the resolved engine config as canonical JSON",
+    "measure_version": "the engine's MEASURE_VERSION that made the run's tables (older ones are re-measured)",
     "host": "machine that ran it",
     "pid": "process that ran it",
     "updated": "UTC time of this row",

@@ -292,7 +292,13 @@ class RunTracker:
         self._terminate("KILLED")
         self.write_runs_row(RunState.INTERRUPTED, error=reason)
 
-    def write_runs_row(self, status: RunState, error: str = "", params=None, seconds=None, note: str = "") -> None:
+    def write_runs_row(
+        self, status: RunState, error: str = "", params=None, seconds=None, note: str = "", measure_version=None
+    ) -> None:
+        """The key's `runs` row. ``measure_version``: the MEASURE_VERSION of its tables when
+        they were not made by this code (adopted from another study), else this code's."""
+        from ddpm_engine.metrics import MEASURE_VERSION
+
         spec = self.spec
         row = {
             "study": spec.study,
@@ -306,6 +312,7 @@ class RunTracker:
             "params": float(params) if params is not None else float("nan"),
             "seconds": float(seconds) if seconds is not None else time.time() - self.started,
             "config_json": spec.config_json,
+            "measure_version": int(MEASURE_VERSION if measure_version is None else measure_version),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
