@@ -41,7 +41,10 @@ def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
 
 
 def has_checkpoint(results: Path, spec: RunSpec) -> bool:
-    return (checkpoint_dir(results, spec) / CHECKPOINT).exists()
+    """Whether ``spec``'s training has a checkpoint in its study (under the train key, or the
+    run key where older code left it); moves nothing, so `harness plan` may ask."""
+    folder = Path(results) / spec.study / "checkpoints"
+    return (folder / spec.train_key / CHECKPOINT).exists() or (folder / spec.key / CHECKPOINT).exists()
 
 
 def finished_trainings(results: Path, study: str) -> dict[str, Path]:

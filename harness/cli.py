@@ -215,7 +215,11 @@ def plan(
             f"{adaptive.max} adaptive seeds: +{adaptive.batch} at a time to arms with undecided hypotheses)"
         )
     done_here = sum(ledger.is_finished(s.key) for s in specs)
-    summary += f"; {len(specs) - done_here - len(reusable)} to train, {done_here} done"
+    measured_only = _measured_only(study, specs, ledger, reusable, results)
+    untrained = sum(not ledger.is_finished(s.key) for s in measured_only)
+    summary += f"; {len(specs) - done_here - len(reusable) - untrained} to train, {done_here} done"
+    if measured_only:
+        summary += f", {len(measured_only)} to measure from finished trainings (no training)"
     if reusable:
         sources = Counter(reusable.values())
         summary += f", {len(reusable)} reused from other studies ({', '.join(f'{k}: {n}' for k, n in sources.items())})"
@@ -381,6 +385,28 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     finally:
         claims.release()
     return outcomes
+
+
+def _measured_only(study: Study, specs: list[RunSpec], ledger, reusable: dict, results: Path) -> list[RunSpec]:
+    """Pending keys whose training is on disk here or in another study, and finished keys of
+    an older MEASURE_VERSION with a checkpoint: what `harness run` measures without training
+    (harness.checkpoints)."""
+    from .checkpoints import has_checkpoint, trained_elsewhere
+
+    pending = [s for s in specs if not ledger.is_finished(s.key) and s.key not in reusable]
+    candidates = pending + ledger.outdated(specs)
+    elsewhere = trained_elsewhere(results, study.study, candidates)
+    found = [s for s in candidates if has_checkpoint(results, s) or s.key in elsewhere]
+    # arms sharing a training with a run to train here are measured from it too
+    training = {s.train_key for s in pending if s not in found}
+    firsts: set[str] = set()
+    for spec in pending:
+        if spec in found or spec.train_key not in training:
+            continue
+        if spec.train_key in firsts:
+            found.append(spec)
+        firsts.add(spec.train_key)
+    return found
 
 
 def _outdated(study: Study, outdated: list[RunSpec], results: Path, ran_here: set[str]) -> list[RunSpec]:

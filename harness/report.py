@@ -213,23 +213,35 @@ def sample_grids(data: StudyResults, out_dir: Path) -> tuple[list[dict], str]:
         if entry["src"] is None:
             entry["note"] = "no sample grid (" + ", ".join(arm_status(data, arm)[0]) + ")"
         grids.append(entry)
-    sample_seeds = set()
+    return grids, evaluation_design(finished)
+
+
+def evaluation_design(finished) -> str:
+    """How the finished runs were measured, in one paragraph: the draws of each replicate
+    (ddpm_engine.config.replicate_seed), and a warning when arms use different base seeds
+    (then the arms of one replicate do not share x_T, and paired effects carry that noise)."""
+    bases: dict[str, set] = {"sample": set(), "probe": set()}
     for text in finished["config_json"]:
         try:
-            sample_seeds.add(json.loads(text)["sample"]["seed"])
+            config = json.loads(text)
+            bases["sample"].add(config["sample"]["seed"])
+            bases["probe"].add(config["eval"]["probe_seed"])
         except (ValueError, KeyError, TypeError):
             pass
-    if len(sample_seeds) == 1:
-        note = f"All arms sample from the same x_T and noise (sample.seed = {sample_seeds.pop()})."
-    elif sample_seeds:
-        note = (
-            "Warning: arms use different sample seeds, so their x_T differ: "
-            + ", ".join(map(str, sorted(sample_seeds)))
-            + "."
+    if not bases["sample"]:
+        return "No finished run records its evaluation draws."
+    text = (
+        "Evaluation draws: replicate s (training seed s) samples from its own x_T and sampling noise, "
+        f"drawn from (sample.seed = {', '.join(map(str, sorted(bases['sample'])))}, s), and is probed on its own "
+        f"noise, drawn from (eval.probe_seed = {', '.join(map(str, sorted(bases['probe'])))}, s). Every arm of a "
+        "replicate shares them (common random numbers: paired effects are not draw noise), and each replicate "
+        "draws anew, so the intervals over seeds include the evaluation draws' noise."
+    )
+    if len(bases["sample"]) > 1 or len(bases["probe"]) > 1:
+        text += (
+            " Warning: arms use different base seeds, so the arms of one replicate do not share x_T or the probe noise."
         )
-    else:
-        note = "All arms sample from the same x_T unless the study overrides sample.seed."
-    return grids, note
+    return text
 
 
 def _safe(text: str) -> str:
@@ -450,7 +462,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
     palette = arm_palette(data.arms)
     with plt.rc_context({"font.size": 9, "axes.titlesize": 10}):
         figures = {spec.name: render_figure(spec, data, palette, out_dir) for spec in FIGURES}
-    grids, samples_note = sample_grids(data, out_dir)
+    grids, evaluation = sample_grids(data, out_dir)
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -472,7 +484,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         figures=figures,
         sampler_checks=sampler_check_rows(data),
         samples=grids,
-        samples_note=samples_note,
+        evaluation=evaluation,
         runs=run_rows(data),
         notes=data.notes,
         built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
