@@ -445,6 +445,7 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
         raise error from None
 
     _check_ablations(study, locate)
+    _check_arm_labels(study)
     if study.tune is not None:
         _check_tune(study)
     _check_hypotheses(study)
@@ -455,6 +456,39 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
 def _within(key: str, section: str) -> bool:
     """Whether dotted ``key`` is ``section`` or lies inside it."""
     return key == section or key.startswith(section + ".")
+
+
+def _check_arm_labels(study: Study) -> None:
+    """Two arms with one label would be merged into one arm (its seeds listed twice, its
+    hypotheses judged on mixed runs): an error naming both definitions. Labels are compared
+    case-blind, as a file system or a reader would confuse them; a one_at_a_time level named
+    like the baseline arm is the same collision."""
+    from .plan import arms_with_chosen_axes, baseline_levels
+
+    seen: dict[str, tuple[str, tuple]] = {}
+    base = baseline_levels(study)
+    for index, (arm, chosen) in enumerate(arms_with_chosen_axes(study)):
+        if study.arms is not None:
+            where = ("arms", arm.label)
+        elif index == 0 and study.design == "one_at_a_time" and arm.levels == base:  # the baseline arm itself
+            where = ("baseline",) if study.baseline else ("ablations",)
+        else:
+            where = ("ablations", chosen[-1], arm.levels[chosen[-1]]) if chosen else ("ablations",)
+        label = arm.label.casefold()
+        if label in seen:
+            first_label, first_where = seen[label]
+
+            def named(path: tuple, text: str) -> str:
+                line = study.line_of(path)
+                return f"{text!r} from {format_path(path)}" + (f" (line {line})" if line else "")
+
+            raise study.error(
+                where,
+                f"two arms get the label {arm.label!r}: {named(first_where, first_label)} and "
+                f"{named(where, arm.label)}; they would be merged into one arm. Rename a level"
+                + (" (a level may not be called 'baseline' unless it is the baseline)" if label == "baseline" else ""),
+            )
+        seen[label] = (arm.label, where)
 
 
 def _check_arm_keys(study: Study, set_keys: list[str]) -> None:

@@ -101,6 +101,27 @@ CASES = {
         "seeds.1",
         "less than or equal to 4294967295",
     ),
+    # arms whose labels collide would be merged silently into one arm
+    "one_at_a_time_level_named_baseline": (
+        HEADER + "design: one_at_a_time\nablations:\n  a:\n    x: {train.steps: 5}\n    baseline: {train.steps: 6}\n",
+        ":7:",
+        "ablations.a.baseline",
+        "two arms get the label 'baseline'",
+    ),
+    "factorial_labels_collide": (
+        HEADER + "design: factorial\nablations:\n  a:\n    x-y: {train.steps: 5}\n    x: {train.steps: 6}\n"
+        "  b:\n    z: {train.lr: 0.001}\n    y-z: {train.lr: 0.002}\n",
+        ":10:",
+        "ablations.b.y-z",
+        "'x-y-z' from ablations.b.z (line 9) and 'x-y-z' from ablations.b.y-z (line 10)",
+    ),
+    "arm_labels_differ_only_in_case": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {train.steps: 6}\n"
+        "arms:\n  Fast: {a: x}\n  fast: {a: y}\n",
+        ":9:",
+        "arms.fast",
+        "two arms get the label 'fast'",
+    ),
     "study_name_too_long": ("study: " + "s" * 300 + "\nquestion: q\n", ":1:", "study", "at most 100 characters"),
     "yaml_nested_too_deep": (HEADER + "base: " + "[" * 5000 + "]" * 5000 + "\n", "", "", "nested more than 100"),
     "missing_data_folder_in_a_level": (
