@@ -24,9 +24,14 @@ Every judgement also carries the p-value of the test that decides it, built so t
 p < 1 - confidence exactly when the interval rule decides. Over all rows of a study the
 p-values are Holm-adjusted, and a verdict stands only when its adjusted p is below alpha.
 A study with adaptive seeds is judged at each of its looks and each row's p-value is the
-sequential one of harness.sequential (alpha spent over the looks); ``look_n`` is the seed
-count of the look that gives a row its p-value (its strongest look; all its seeds in a fixed
-design) and 0 while the row is inconclusive.
+sequential one of harness.sequential (exact group-sequential boundaries, alpha spent over the
+looks); ``look_n`` is the seed count of the look that gives a row its p-value (its strongest
+look; all its seeds in a fixed design) and 0 while the row is inconclusive.
+
+The metric registry (ddpm_engine.metrics) says how a row is judged: an ``exact`` metric with
+no spread over seeds is decided by its value, an estimated one by the sign test
+(``_judge_no_spread``); a ``log``-scale metric is judged on log values (ratios to the
+baseline, geometric means), with the estimate and interval shown back on that scale.
 
 Pure: pandas / numpy / scipy / pydantic, no MLflow, no file IO.
 """

@@ -426,7 +426,7 @@ def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
     for arm in arms:
         for i, seed in enumerate(HAND_SEEDS):
             fd = base[i] + (0 if arm == "base" else diffs[i])
-            write_run(tmp_path, "holm", arm, seed, quality=pd.DataFrame([{"fd": fd}]))
+            write_run(tmp_path, "holm", arm, seed, quality=pd.DataFrame([{"bpd": fd}]))
     effects = section(build_report("holm", tmp_path, tmp_path / "reports").read_text(), "effects")
     assert '<span class="sig"' not in effects and ">better<" not in effects
     assert effects.count("Holm-adjusted p = 0.0683") == 4  # 4 x 0.01708
