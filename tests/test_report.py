@@ -348,13 +348,14 @@ def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade
     fd = 2 + list(METRICS).index("fd")  # after the arm and pairs cells
     sharp = _cells(_row(effects, "sharp"))[fd]
     assert "eff-better" in sharp and ">better<" in sharp and "✱" in sharp
-    assert "−2" in sharp or "-2" in sharp
-    assert "± 0.25" in sharp  # 4.3027 * 0.1 / sqrt(3) = 0.248
-    assert "95% CI -2.25 to -1.75 over 3 pairs; Holm-adjusted p = " in sharp
+    # fd is a log-scale metric: the cell is the ratio sharp / base (geometric mean of 0.8,
+    # 0.825, 0.864) with the t interval of the log ratios taken back to ratios
+    assert "×0.829" in sharp and "(0.75–0.91)" in sharp
+    assert "ratio arm/baseline, 95% CI 0.753 to 0.914 over 3 pairs; Holm-adjusted p = " in sharp
     noisy_row = _row(effects, "noisy")
     noisy = _cells(noisy_row)[fd]
     assert ">no clear effect<" in noisy and "eff-none" in noisy and "✱" not in noisy
-    assert "-0.867" in noisy and "95% CI -5.87 to 4.13" in noisy
+    assert "×0.899" in noisy and "95% CI 0.514 to 1.57" in noisy
     assert "better" not in noisy_row and "eff-better" not in noisy_row
 
 
