@@ -48,6 +48,14 @@ class Metric:
     cost: bool = False  # seconds, throughput, memory: shown, never starred (timing noise is no effect)
     group: str = ""  # report section of a per-run metric ("" = not a report column)
     label: str = ""  # short column label in the report
+    # Exact given the config: the same number for every seed by construction (a closed form of
+    # the schedule and data, a count), so hypotheses judge it by its value. An estimated metric
+    # whose seeds happen to agree (a discrete one) has no variance estimate, and is judged by
+    # the sign test instead (harness.hypotheses).
+    exact: bool = False
+    # "log": positive and right-skewed (losses, distances): hypotheses and effects are judged on
+    # log values, so an effect is a ratio arm / baseline and a mean is a geometric mean.
+    scale: Literal["linear", "log"] = "linear"
 
     @property
     def per_run(self) -> bool:
@@ -139,16 +147,16 @@ DECLARED: list[Metric] = [
     _m("drift_hist", "ref_count", "pixels", None, "q(x_t) pixels in the bin"),
     # ---- quality: the run"s summary, one row per run (the per-run metrics)
     _m("quality", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 of the final weights: every t for T <= 201, else an unbiased stratified estimate over t (no interpolation)", "experiment.final_bound", group=_LOSS, label="bits/dim"),
-    _m("quality", "prior_bits", "bits/dim", "lower", "prior term L_T: KL(q(x_T|x_0) || N(0, I))", "diagnostics.bits_per_dim_bound", group=_LOSS, label="prior L_T (bits/dim)"),
+    _m("quality", "prior_bits", "bits/dim", "lower", "prior term L_T: KL(q(x_T|x_0) || N(0, I))", "diagnostics.bits_per_dim_bound", group=_LOSS, label="prior L_T (bits/dim)", exact=True),
     _m("quality", "bpd_se", "bits/dim", None, "standard error of bpd: 0 when every L_t is evaluated (T <= 201), else of the stratified estimate over t", "experiment.final_bound"),
     _m("quality", "l0_bits", "bits/dim", "lower", "decoder term L_0 at the final probe", "diagnostics.bits_per_dim_bound"),
     _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} of the final weights (as bpd: exact or stratified)", "experiment.final_bound"),
-    _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss"),
-    _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss"),
-    _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary"),
-    _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary"),
+    _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss", scale="log"),
+    _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss", scale="log"),
+    _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
+    _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_small_minus_mid", "MSE", "lower", "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)", "metrics.per_t_summary"),
-    _m("quality", "floor_t_small", "MSE", "lower", "loss_floor at the smallest probed t (final probe)", "metrics.per_t_summary"),
+    _m("quality", "floor_t_small", "MSE", "lower", "loss_floor at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "shortfall_t_small", "MSE", "lower", "max(0, loss_mse - loss_floor) at the smallest probed t: how far the model is demonstrably short of what the data allow there", "metrics.per_t_summary"),
     _m("quality", "frac_t_above_floor", "", "lower", "fraction of probed t where the model's loss_mse is above loss_floor", "metrics.per_t_summary"),
     _m("quality", "eps_bias_max", "", "lower", "largest |err_mean| over probed t (F2: predicted-noise bias)", "metrics.per_t_summary"),
@@ -159,20 +167,20 @@ DECLARED: list[Metric] = [
     _m("quality", "excess_mean_gap", "pixel", "lower", "largest |sampled mean - oracle mean| over t, the oracle being the data's Gaussian denoiser from the same x_T and noise: the model's share of drift", "diagnostics.drift_summary", group=_DRIFT, label="excess mean gap"),
     _m("quality", "max_mean_gap", "pixel", "lower", "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T)", "diagnostics.drift_summary", group=_DRIFT, label="max |mean gap| (incl. start)"),
     _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
-    _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1"),
+    _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1", scale="log"),
     _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
     _m("quality", "sat_frac", "", None, "fraction of sample pixels at the lowest or highest of the data's levels after rounding and clipping (as a viewer sees them)", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
-    _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality"),
+    _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality", exact=True),
     _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),
     _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
-    _m("quality", "fd", "", "lower", "Frechet distance (digit-classifier features; downsampled pixels otherwise)", "quality.sample_quality", group=_QUALITY, label="Fréchet distance"),
+    _m("quality", "fd", "", "lower", "Frechet distance (digit-classifier features; downsampled pixels otherwise)", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
     _m("quality", "coverage", "", "higher", "fraction of digit classes produced by at least 20% of their fair share", "quality.sample_quality", group=_QUALITY, label="class coverage"),
     _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples", "quality.sample_quality"),
     _m("quality", "confidence", "", "higher", "mean maximum softmax probability of the digit classifier", "quality.sample_quality"),
-    _m("quality", "nn_train_dist", "pixel", None, "mean RMS pixel distance of each sample to its nearest training image (0: copies)", "quality.memorisation"),
-    _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set (near 0: memorised)", "quality.memorisation"),
-    _m("quality", "params", "parameters", None, "model parameter count", "model.count_parameters", cost=True, group=_COST, label="parameters"),
-    _m("quality", "bf16_autocast", "", None, "1.0 if the run trained and sampled under bf16 autocast", "experiment"),
+    _m("quality", "nn_train_dist", "pixel", None, "mean RMS pixel distance of each sample to its nearest training image (0: copies)", "quality.memorisation", scale="log"),
+    _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set (near 0: memorised)", "quality.memorisation", scale="log"),
+    _m("quality", "params", "parameters", None, "model parameter count", "model.count_parameters", cost=True, group=_COST, label="parameters", exact=True),
+    _m("quality", "bf16_autocast", "", None, "1.0 if the run trained and sampled under bf16 autocast", "experiment", exact=True),
     _m("quality", "images_per_s", "images/s", "higher", "median training throughput", "experiment", cost=True, group=_COST, label="images/s"),
     _m("quality", "train_seconds", "s", "lower", "wall time until the final probe", "experiment", cost=True),
     _m("quality", "sample_seconds", "s", "lower", "wall time of sampling", "experiment", cost=True),

@@ -41,7 +41,13 @@ def metrics_section() -> str:
     for m in PER_RUN.values():
         better = BETTER[m.better] + (" (cost: never starred)" if m.cost else "")
         lines.append(f"| `{m.name}` | {m.unit or '–'} | {better} | {m.definition} | `{m.source or '–'}` |")
+    exact = ", ".join(f"`{m.name}`" for m in PER_RUN.values() if m.exact)
+    logged = ", ".join(f"`{m.name}`" for m in PER_RUN.values() if m.scale == "log")
     lines += [
+        "",
+        f"Exact given the config (the same in every seed; hypotheses judge them by their value): {exact}.",
+        "",
+        f"Log scale (positive and skewed; hypotheses and effects judge log values, ratios to the baseline): {logged}.",
         "",
         "Per-t and per-step columns (tables other than `quality`):",
         "",

@@ -24,9 +24,14 @@ Every judgement also carries the p-value of the test that decides it, built so t
 p < 1 - confidence exactly when the interval rule decides. Over all rows of a study the
 p-values are Holm-adjusted, and a verdict stands only when its adjusted p is below alpha.
 A study with adaptive seeds is judged at each of its looks and each row's p-value is the
-sequential one of harness.sequential (alpha spent over the looks); ``look_n`` is the seed
-count of the look that gives a row its p-value (its strongest look; all its seeds in a fixed
-design) and 0 while the row is inconclusive.
+sequential one of harness.sequential (exact group-sequential boundaries, alpha spent over the
+looks); ``look_n`` is the seed count of the look that gives a row its p-value (its strongest
+look; all its seeds in a fixed design) and 0 while the row is inconclusive.
+
+The metric registry (ddpm_engine.metrics) says how a row is judged: an ``exact`` metric with
+no spread over seeds is decided by its value, an estimated one by the sign test
+(``_judge_no_spread``); a ``log``-scale metric is judged on log values (ratios to the
+baseline, geometric means), with the estimate and interval shown back on that scale.
 
 Pure: pandas / numpy / scipy / pydantic, no MLflow, no file IO.
 """
@@ -41,9 +46,11 @@ import numpy as np
 import pandas as pd
 from scipy import special as _scipy_special
 
-from .sequential import look_levels
-from .spec import Hypothesis
-from .stats import mean_ci, paired_differences
+from ddpm_engine.metrics import PER_RUN
+
+from .sequential import crossing_level, look_levels
+from .spec import Hypothesis, scale_problem
+from .stats import log_ratios, log_values, mean_ci, paired_differences, sign_test_p
 
 SUPPORTED = "supported"
 REFUTED = "refuted"
@@ -68,9 +75,11 @@ COLUMNS = [
     "says",
     "sentence",
     "look_n",
+    "scale",
 ]
 
 NO_RUN = "no finished run with this metric"
+LINEAR, LOG = "linear", "log"
 ZERO_SPREAD = 1e-12  # a std below this (relative to max(1, |mean|)) is floating-point noise
 
 
@@ -154,14 +163,18 @@ def _check_expect(expect: str, value: float) -> None:
         raise ValueError("within needs a margin value > 0")
 
 
-def judge(values: Sequence[float], expect: str, value: float, confidence: float = 0.95) -> Judgement:
+def judge(
+    values: Sequence[float], expect: str, value: float, confidence: float = 0.95, exact: bool = False
+) -> Judgement:
     """Judge per-seed ``values`` (already paired differences when versus the baseline).
 
     The verdict follows the two-sided Student-t interval of the mean (df = n - 1); the p-value
     is that of the test deciding it (see the module docstring and ``within_p_values``).
     NaN / inf values are dropped first. n = 1: estimate only, inconclusive. n = 0: all NaN.
-    All values equal (std within floating-point noise): a zero-width interval, decided by
-    where the value lies (p = 0), or inconclusive with p = 1 when it sits on the threshold.
+    All values equal (std within floating-point noise): for an ``exact`` metric (the same in
+    every seed by construction) a zero-width interval, decided by where the value lies (p = 0),
+    or inconclusive with p = 1 when it sits on the threshold; for an estimated metric the seeds'
+    agreement is evidence only as far as the exact sign test says (``_judge_no_spread``).
     """
     _check_expect(expect, value)
     value = float(value)
@@ -175,7 +188,9 @@ def judge(values: Sequence[float], expect: str, value: float, confidence: float 
 
     std = float(x.std(ddof=1))
     if std < ZERO_SPREAD * max(1.0, abs(estimate)):
-        return _judge_zero_width(n, estimate, expect, value)
+        if exact:
+            return _judge_zero_width(n, estimate, expect, value)
+        return _judge_no_spread(x, estimate, expect, value, confidence)
 
     se = std / math.sqrt(n)
     low, high = estimate - half, estimate + half
@@ -200,20 +215,84 @@ def _judge_zero_width(n: int, estimate: float, expect: str, value: float) -> Jud
     return Judgement(n, estimate, estimate, estimate, 0.0, verdict)
 
 
-def _sequential(values: list[float], expect: str, value: float, levels, alpha: float) -> tuple[float, str, int]:
-    """(sequential p, verdict at the deciding look, n there) over the looks ``levels`` =
-    [(n, spend), ...] that these values reach (harness.sequential): the look minimising
-    p_k * alpha / spend_k. Fewer values than the first look: judged once at its level."""
-    reached = [(n, spend) for n, spend in levels if n <= len(values)] or [(len(values), levels[0][1])]
-    best = (math.nan, INCONCLUSIVE, 0)
-    for n, spend in reached:
-        # at confidence 1 - spend the interval rule decides exactly when p < spend
-        j = judge(values[:n], expect, value, confidence=1.0 - spend)
-        if math.isfinite(j.p_value):
-            p = min(1.0, j.p_value * alpha / spend)
-            if not p >= best[0]:  # also replaces the NaN start
-                best = (p, j.verdict, j.n)
-    return best
+def _judge_no_spread(x: np.ndarray, estimate: float, expect: str, value: float, confidence: float) -> Judgement:
+    """Every seed of an estimated metric gave the same number: a discrete metric, or paired
+    differences of a two-valued one. There is no variance to build a t interval from, and a
+    zero-width one would claim p = 0 from two seeds that agree by chance half the time. The
+    exact sign test needs no variance: n values all on one side of the threshold (or margin
+    edge) give p = 2 * 0.5^n, so 6 seeds at least for p < 0.05. No interval is shown."""
+
+    def on(edge: float) -> bool:
+        return abs(estimate - edge) <= ZERO_SPREAD * max(1.0, abs(estimate), abs(edge))
+
+    n = int(x.size)
+    if on(value) or (expect == "within" and on(-value)):
+        return Judgement(n, estimate, math.nan, math.nan, 1.0, INCONCLUSIVE)
+    # for within, the edge nearest the values: all n beyond it or all n inside it
+    edge = value if expect != "within" or estimate > 0 else -value
+    p_value = sign_test_p(x, edge)
+    verdict = _side_verdict(estimate, estimate, expect, value) if p_value < 1.0 - confidence else INCONCLUSIVE
+    return Judgement(n, estimate, math.nan, math.nan, p_value, verdict)
+
+
+def _t_at(x: np.ndarray, mu: float, exact: bool) -> float:
+    """The t statistic of H0: mean = mu; with no spread +-inf off mu (0 on it) for an exact
+    metric, NaN for an estimated one (no variance: no t test)."""
+    n, mean, sd = x.size, float(x.mean()), float(x.std(ddof=1))
+    if sd < ZERO_SPREAD * max(1.0, abs(mean)):
+        if not exact:
+            return math.nan
+        if abs(mean - mu) <= ZERO_SPREAD * max(1.0, abs(mean), abs(mu)):
+            return 0.0
+        return math.copysign(math.inf, mean - mu)
+    return (mean - mu) / (sd / math.sqrt(n))
+
+
+def _sequential(
+    values: Sequence[float], expect: str, value: float, looks: Sequence[int], alpha: float, exact: bool = False
+) -> tuple[float, str, int]:
+    """(sequential p, verdict, n of the look that gives p) of one row whose values (in seed
+    order) reach some of ``looks`` (harness.sequential: a look crosses when its t statistic
+    passes that look's exact group-sequential boundary; p is the smallest alpha' with a crossing).
+
+    One look: the fixed design. Fewer values than the first look (a run failed): one t test,
+    its p scaled by alpha / Delta_1 (the union bound on that look alone). No spread in any
+    reached look of an estimated metric: the sign test on all the values, which needs no
+    multiplicity correction here: its rejection at n seeds (all on one side) implies the same
+    at every earlier look, so the chance that any reached look has it is that of the first.
+    """
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    reached = [n for n in looks if n <= x.size]
+    if len(looks) == 1 or not reached:
+        spend = look_levels(looks, alpha)[0][1]
+        j = judge(x[: looks[0]], expect, value, confidence=1.0 - spend, exact=exact)
+        p = j.p_value * alpha / spend if math.isfinite(j.p_value) else math.nan
+        return min(1.0, p) if math.isfinite(p) else p, j.verdict, j.n
+    if not exact and x.std(ddof=1) < ZERO_SPREAD * max(1.0, abs(float(x.mean()))):
+        j = judge(x, expect, value, confidence=1.0 - alpha, exact=False)
+        return j.p_value, j.verdict, j.n
+    if expect != "within":
+        t = [_t_at(x[:n], value, exact) for n in reached]
+        p, k = crossing_level(looks, [abs(v) for v in t])
+        if k < 0:
+            return p, INCONCLUSIVE, reached[-1]
+        went_up = t[k] > 0
+        return p, SUPPORTED if went_up == (expect == "above") else REFUTED, reached[k]
+    # TOST: each one-sided statistic against the two-sided boundaries (p doubles as in judge)
+    low = [_t_at(x[:n], -value, exact) for n in reached]  # large: mean > -m
+    high = [_t_at(x[:n], value, exact) for n in reached]  # small: mean < +m
+    p_above_low, k1 = crossing_level(looks, low)
+    p_below_high, k2 = crossing_level(looks, [-v for v in high])
+    p_in = max(p_above_low, p_below_high)
+    p_top, k3 = crossing_level(looks, high)
+    p_bottom, k4 = crossing_level(looks, [-v for v in low])
+    p_out, k_out = (p_top, k3) if p_top <= p_bottom else (p_bottom, k4)
+    if p_in <= p_out and min(k1, k2) >= 0:
+        return p_in, SUPPORTED, reached[max(k1, k2)]
+    if k_out >= 0:
+        return p_out, REFUTED, reached[k_out]
+    return 1.0, INCONCLUSIVE, reached[-1]
 
 
 class _SeedValues:
@@ -237,19 +316,42 @@ class _SeedValues:
         return self.cache[arm, metric]
 
 
-def _values(hypothesis: Hypothesis, arm: str, by_seed: _SeedValues, baseline: str | None) -> list[float]:
+def _values(hypothesis: Hypothesis, arm: str, by_seed: _SeedValues, baseline: str | None, scale: str) -> list[float]:
     """The per-seed numbers a (hypothesis, arm) row is judged on, in seed order (looks take
-    prefixes); empty when there are none."""
+    prefixes); empty when there are none. On a log scale: log values, or per-seed log ratios
+    arm / baseline; a non-positive value has no log and is left out like a missing one."""
     if not {"arm", "seed", hypothesis.metric} <= by_seed.columns:
         return []
     arm_values = by_seed(arm, hypothesis.metric)
     if hypothesis.versus == "none":
-        return [arm_values[s] for s in sorted(arm_values)]
+        ordered = [arm_values[s] for s in sorted(arm_values)]
+        return [v for v in log_values(ordered) if math.isfinite(v)] if scale == LOG else ordered
     if baseline is None:
         return []
     base_values = by_seed(baseline, hypothesis.metric)
     common = sorted(set(arm_values) & set(base_values))
-    return paired_differences({s: arm_values[s] for s in common}, {s: base_values[s] for s in common})
+    pair = paired_differences if scale == LINEAR else log_ratios
+    return pair({s: arm_values[s] for s in common}, {s: base_values[s] for s in common})
+
+
+def metric_scale(metric: str) -> tuple[str, bool]:
+    """(scale, exact) of a metric from the registry (ddpm_engine.metrics); a name it does not
+    declare is judged as an estimated metric on the linear scale."""
+    declared = PER_RUN.get(metric)
+    return (declared.scale, declared.exact) if declared is not None else (LINEAR, False)
+
+
+def _threshold(hypothesis: Hypothesis, scale: str) -> float:
+    """The threshold or margin on the scale the values are judged on: log v for a log metric's
+    own value, log(1 + m) for a ratio's margin, 0 (a ratio of 1) for above / below the baseline."""
+    if scale == LINEAR:
+        return float(hypothesis.value)
+    problem = scale_problem(hypothesis, LOG)
+    if problem:
+        raise ValueError(f"hypothesis on {hypothesis.metric}: {problem}")
+    if hypothesis.versus == "none":
+        return math.log(hypothesis.value)
+    return math.log1p(hypothesis.value) if hypothesis.expect == "within" else 0.0
 
 
 def _arms_of(hypothesis: Hypothesis, arms: Sequence[str], baseline: str | None) -> list[str]:
@@ -281,16 +383,19 @@ def evaluate(
     only when the Holm-adjusted p is below ``alpha``, else inconclusive. A missing metric
     column, or no baseline for a versus-baseline hypothesis, gives an n = 0 inconclusive row.
     """
-    levels = look_levels(looks, alpha) if looks else None
     by_seed = _SeedValues(per_run)
     rows = []
     for name, hypothesis in hypotheses.items():
+        scale, exact = metric_scale(hypothesis.metric)
+        threshold = _threshold(hypothesis, scale)
         for arm in _arms_of(hypothesis, arms, baseline):
-            values = _values(hypothesis, arm, by_seed, baseline)
-            j = judge(values, hypothesis.expect, hypothesis.value, confidence)
+            values = _values(hypothesis, arm, by_seed, baseline, scale)
+            j = judge(values, hypothesis.expect, threshold, confidence, exact=exact)
             p_value, verdict, look_n = j.p_value, j.verdict, j.n
-            if levels is not None and values:
-                p_value, verdict, look_n = _sequential(values, hypothesis.expect, hypothesis.value, levels, alpha)
+            if looks and values:
+                p_value, verdict, look_n = _sequential(values, hypothesis.expect, threshold, looks, alpha, exact)
+            if scale == LOG:  # shown as a ratio arm / baseline or a geometric mean
+                j = Judgement(j.n, *(math.exp(v) for v in (j.estimate, j.ci_low, j.ci_high)), j.p_value, j.verdict)
             rows.append(
                 {
                     "name": name,
@@ -307,6 +412,7 @@ def evaluate(
                     "verdict": verdict,
                     "says": hypothesis.says,
                     "look_n": look_n,
+                    "scale": scale,
                 }
             )
     adjusted = holm([r["p_value"] for r in rows])
@@ -344,32 +450,53 @@ def _is_finite(x: Any) -> bool:
         return False
 
 
+def quantity(row: Mapping[str, Any]) -> str:
+    """What a row's estimate is: the metric, its difference from the baseline, or on a log
+    scale the ratio arm / baseline (geometric mean of the per-seed ratios) or its geometric mean."""
+    log = row.get("scale", LINEAR) == LOG
+    if row["versus"] == "baseline":
+        return f"{row['metric']} ratio arm/baseline" if log else f"{row['metric']} − baseline"
+    return f"{row['metric']} geometric mean" if log else f"{row['metric']}"
+
+
+def expectation(row: Mapping[str, Any]) -> str:
+    """The claim on the scale of ``quantity``: "above 0", "within ±0.01", "ratio below 1",
+    "ratio within 0.909 to 1.1"."""
+    value = float(row["value"])
+    if row.get("scale", LINEAR) == LOG and row["versus"] == "baseline":
+        if row["expect"] == "within":
+            return f"ratio within {_num(1.0 / (1.0 + value))} to {_num(1.0 + value)}"
+        return f"ratio {row['expect']} 1"
+    return f"within ±{_num(value)}" if row["expect"] == "within" else f"{row['expect']} {_num(value)}"
+
+
 def sentence(row: Mapping[str, Any], confidence: float = 0.95) -> str:
     """One plain sentence for a row of ``evaluate``, e.g.
 
     ``T200-fixed: prior_bits − baseline = +0.544 (95% CI 0.544 to 0.544, n=2), expected above 0:
     supported (Holm-adjusted p = 0.0).``, prefixed with the hypothesis's ``says`` when given.
+    A log-scale metric reads ``heldout_loss ratio arm/baseline = 0.93 (95% CI 0.9 to 0.97, n=3),
+    expected ratio below 1``.
     """
-    versus_baseline = row["versus"] == "baseline"
-    quantity = f"{row['metric']} − baseline" if versus_baseline else f"{row['metric']}"
+    signed = row["versus"] == "baseline" and row.get("scale", LINEAR) != LOG
     n = int(row["n"])
     if n == 0 or not _is_finite(row["estimate"]):
-        measured = f"{quantity}: {NO_RUN}"
+        measured = f"{quantity(row)}: {NO_RUN}"
     else:
-        estimate = _num(row["estimate"], signed=versus_baseline)
-        if n == 1 or not (_is_finite(row["ci_low"]) and _is_finite(row["ci_high"])):
+        estimate = _num(row["estimate"], signed=signed)
+        if n == 1:
             interval = f"(n={n}, no interval)"
+        elif not (_is_finite(row["ci_low"]) and _is_finite(row["ci_high"])):
+            interval = f"(n={n}, every seed equal: no t interval, judged by the sign test)"
         else:
             level = f"{confidence * 100:g}%"
             interval = f"({level} CI {_num(row['ci_low'])} to {_num(row['ci_high'])}, n={n})"
-        measured = f"{quantity} = {estimate} {interval}"
-    value = float(row["value"])
-    expected = f"within ±{_num(value)}" if row["expect"] == "within" else f"{row['expect']} {_num(value)}"
+        measured = f"{quantity(row)} = {estimate} {interval}"
     judged = str(row["verdict"])
     p_adj = row.get("p_adjusted", math.nan)
     if _is_finite(p_adj):
         judged += f" (Holm-adjusted p = {_p(p_adj)})"
-    text = f"{row['arm']}: {measured}, expected {expected}: {judged}."
+    text = f"{row['arm']}: {measured}, expected {expectation(row)}: {judged}."
     says = row.get("says", "")
     if isinstance(says, str) and says.strip():
         text = f"{says.strip()} — {text}"

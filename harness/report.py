@@ -125,7 +125,13 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
     """(a row per arm of paired effects against the baseline, the minimum-detectable-effect
     cells). Every arm x metric cell that is not a cost is one test; their p-values are
     Holm-adjusted together and a cell is starred (and called better / worse) only if it
-    survives. Costs are shown and said "higher" / "lower", never starred or tested."""
+    survives. Costs are shown and said "higher" / "lower", never starred or tested.
+
+    A log-scale metric (ddpm_engine.metrics) is compared by the per-seed log ratio arm /
+    baseline and shown as the ratio (geometric mean of the per-seed ratios) with its CI; an
+    estimated metric with no spread is tested by the sign test (stats.p_value). The minimum
+    detectable effect is computed at the level Holm's first step needs, alpha / the number of
+    tested cells: smaller effects cannot survive the correction with 80% power."""
     if baseline is None:
         return [], []
     from .hypotheses import holm
@@ -134,12 +140,14 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
     values = {m.name: metric_values(data, m) for m in columns}
     arms = [a for a in data.arms if a != baseline]
     diffs = {
-        (a, m.name): stats.paired_differences(values[m.name][a], values[m.name][baseline])
+        (a, m.name): (stats.log_ratios if m.scale == "log" else stats.paired_differences)(
+            values[m.name][a], values[m.name][baseline]
+        )
         for a in arms
         for m in columns
     }
     tested = [key for key in diffs if star_direction(PER_RUN[key[1]]) is not None]
-    adjusted = dict(zip(tested, holm([stats.p_value(diffs[key]) for key in tested])))
+    adjusted = dict(zip(tested, holm([stats.p_value(diffs[key], exact=PER_RUN[key[1]].exact) for key in tested])))
     rows = []
     for arm in arms:
         cells = [_effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name))) for m in columns]
@@ -148,12 +156,22 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
             cell["n_note"] = f"n={cell['n']}" if 0 < cell["n"] < pairs else ""
         rows.append({"arm": arm, "pairs": pairs, "cells": cells})
     n_seeds = len(data.seeds) or max((len(d) for d in diffs.values()), default=0)
+    level = 0.05 / max(1, len(tested))
     mde = []
     for m in columns:
         spreads = [float(np.std(diffs[a, m.name], ddof=1)) for a in arms if len(diffs[a, m.name]) > 1]
         sd = float(np.sqrt(np.mean(np.square(spreads)))) if spreads else math.nan
-        mde.append({"text": fmt(stats.minimum_detectable_effect(sd, n_seeds)), "cost": star_direction(m) is None})
+        smallest = stats.minimum_detectable_effect(sd, n_seeds, alpha=level)
+        text = f"×{fmt(math.exp(smallest))}" if m.scale == "log" and math.isfinite(smallest) else fmt(smallest)
+        mde.append({"text": text, "cost": star_direction(m) is None})
     return rows, mde
+
+
+def mde_level(tested_cells: int) -> str:
+    """The level the minimum detectable effect is computed at, in words for the report."""
+    if tested_cells <= 1:
+        return "level 0.05"
+    return f"level 0.05/{tested_cells} (Holm's first step)"
 
 
 def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -> dict:
@@ -164,16 +182,29 @@ def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -
     if direction is not None and word in ("better", "worse") and not survives:
         word = stats.NO_CLEAR_EFFECT  # the interval alone excludes 0, but not after Holm
     starred = direction is not None and survives and word in ("better", "worse")
+    log = metric.scale == "log"
     title = ""
     if n > 1:
-        title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
+        if log:  # the log ratio's interval, back on the ratio scale: asymmetric, so no ± shown
+            title = f"ratio arm/baseline, 95% CI {fmt(math.exp(diff - half))} to {fmt(math.exp(diff + half))} over {n} pairs"
+        else:
+            title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
         if p_adjusted is not None:
             title += f"; Holm-adjusted p = {fmt(p_adjusted)}"
         else:  # what the registry says of the metric: a cost, or a description with no better side
             title += "; a cost: not tested" if metric.cost else "; no better direction: not tested"
+    if log:
+        text = f"×{fmt(math.exp(diff))}" if n else ""
+        shown_half = (
+            f"{fmt(math.exp(diff - half), 2)}–{fmt(math.exp(diff + half), 2)}" if n > 1 and math.isfinite(half) else ""
+        )
+    else:
+        text = fmt_signed(diff) if n else ""
+        shown_half = fmt(half, 2) if n > 1 else ""
     return {
-        "text": fmt_signed(diff) if n else "",
-        "half": fmt(half, 2) if n > 1 else "",
+        "text": text,
+        "half": shown_half,
+        "log": log,
         "n": n,
         "verdict": word,
         "excludes_zero": starred,
@@ -390,8 +421,9 @@ def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
         sequential = (
             f"Adaptive seeds: every arm ran {adaptive['start']}, then arms with an undecided row got "
             f"{adaptive['batch']} more at a time, up to {adaptive['max']} (seeds run: {per_arm}). Each row is judged at "
-            "every look it reached with O'Brien-Fleming alpha spending (Lan-DeMets); its p is the sequential "
-            "p-value, min over looks of p × 0.05 / (alpha spent at that look), so stopping early cannot inflate "
+            "every look it reached against exact group-sequential boundaries (O'Brien-Fleming alpha spending, "
+            "Lan-DeMets, from the joint law of the looks' t statistics); its p is the sequential p-value, the "
+            "smallest level at which some reached look crosses its boundary, so stopping early cannot inflate "
             'false positives (docs/design.md, "Adaptive seeds").'
         )
     return {"rows": rows, "note": "", "sequential": sequential}
@@ -459,6 +491,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
     baseline, baseline_how = data.baseline()
     judged = judge_hypotheses(data, baseline)
     effect_rows, effect_mde = effects_table(data, baseline)
+    tested_cells = sum(1 for row in effect_rows for m in report_columns() if star_direction(m) is not None)
     palette = arm_palette(data.arms)
     with plt.rc_context({"font.size": 9, "axes.titlesize": 10}):
         figures = {spec.name: render_figure(spec, data, palette, out_dir) for spec in FIGURES}
@@ -478,6 +511,7 @@ def build_report(study: str, results_root: Path, reports_root: Path) -> Path:
         metric_rows=metrics_table(data),
         effect_rows=effect_rows,
         effect_mde=effect_mde,
+        effect_mde_level=mde_level(tested_cells),
         hypotheses=hypotheses_context(data, judged),
         tuning=tuning_context(data),
         budget=budget_statement(data),

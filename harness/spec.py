@@ -119,6 +119,36 @@ class Hypothesis(BaseModel):
         return self
 
 
+def scale_problem(hypothesis: Hypothesis, scale: str | None = None) -> str | None:
+    """Why a hypothesis cannot be stated on its metric's log scale, or None.
+
+    A log-scale metric (ddpm_engine.metrics: positive and skewed) is judged on log values: its
+    own value against a positive threshold, or the ratio arm / baseline, which is above or
+    below 1 (value 0) or within a factor 1 + m of it (``within m``)."""
+    if scale is None:
+        declared = metrics.PER_RUN.get(hypothesis.metric)
+        scale = declared.scale if declared is not None else "linear"
+    if scale != "log":
+        return None
+    name = hypothesis.metric
+    if hypothesis.versus == "none":
+        if hypothesis.expect == "within":
+            return (
+                f"{name} is positive and judged on a log scale: `within` a margin around 0 says nothing "
+                "of it; state `below` (or `above`) a value > 0"
+            )
+        if not hypothesis.value > 0:
+            return f"{name} is positive and judged on a log scale: the threshold must be > 0, got {hypothesis.value:g}"
+        return None
+    if hypothesis.expect != "within" and hypothesis.value != 0:
+        return (
+            f"{name} is compared with the baseline as a ratio arm/baseline (log scale): `{hypothesis.expect}` "
+            f"takes value 0 (a ratio of 1), got {hypothesis.value:g}; to bound the ratio's size use "
+            "`within m` (ratio between 1/(1+m) and 1+m)"
+        )
+    return None
+
+
 class AdaptiveSeeds(BaseModel):
     """``seeds: {start: 3, max: 8}``: every arm runs ``start`` seeds, then arms whose hypotheses
     are still undecided get ``batch`` more at a time, up to ``max`` (harness.sequential)."""
@@ -545,6 +575,9 @@ def _check_hypotheses(study: Study) -> None:
                 ("hypotheses", name, "metric"),
                 f"{hypothesis.metric!r} is not a declared per-run metric{_suggest(hypothesis.metric, metrics.PER_RUN)}",
             )
+        problem = scale_problem(hypothesis)
+        if problem:
+            raise study.error(("hypotheses", name, "expect" if hypothesis.expect == "within" else "value"), problem)
         if hypothesis.arm is not None and hypothesis.arm not in labels:
             raise study.error(
                 ("hypotheses", name, "arm"),

@@ -348,13 +348,14 @@ def test_page_marks_clear_effects_and_never_calls_an_unclear_one_better(handmade
     fd = 2 + list(METRICS).index("fd")  # after the arm and pairs cells
     sharp = _cells(_row(effects, "sharp"))[fd]
     assert "eff-better" in sharp and ">better<" in sharp and "✱" in sharp
-    assert "−2" in sharp or "-2" in sharp
-    assert "± 0.25" in sharp  # 4.3027 * 0.1 / sqrt(3) = 0.248
-    assert "95% CI -2.25 to -1.75 over 3 pairs; Holm-adjusted p = " in sharp
+    # fd is a log-scale metric: the cell is the ratio sharp / base (geometric mean of 0.8,
+    # 0.825, 0.864) with the t interval of the log ratios taken back to ratios
+    assert "×0.829" in sharp and "(0.75–0.91)" in sharp
+    assert "ratio arm/baseline, 95% CI 0.753 to 0.914 over 3 pairs; Holm-adjusted p = " in sharp
     noisy_row = _row(effects, "noisy")
     noisy = _cells(noisy_row)[fd]
     assert ">no clear effect<" in noisy and "eff-none" in noisy and "✱" not in noisy
-    assert "-0.867" in noisy and "95% CI -5.87 to 4.13" in noisy
+    assert "×0.899" in noisy and "95% CI 0.514 to 1.57" in noisy
     assert "better" not in noisy_row and "eff-better" not in noisy_row
 
 
@@ -426,7 +427,7 @@ def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
     for arm in arms:
         for i, seed in enumerate(HAND_SEEDS):
             fd = base[i] + (0 if arm == "base" else diffs[i])
-            write_run(tmp_path, "holm", arm, seed, quality=pd.DataFrame([{"fd": fd}]))
+            write_run(tmp_path, "holm", arm, seed, quality=pd.DataFrame([{"bpd": fd}]))
     effects = section(build_report("holm", tmp_path, tmp_path / "reports").read_text(), "effects")
     assert '<span class="sig"' not in effects and ">better<" not in effects
     assert effects.count("Holm-adjusted p = 0.0683") == 4  # 4 x 0.01708

@@ -109,3 +109,41 @@ def test_the_plan_warnings_t_table_matches_scipy():
 
     for n, value in T_975.items():
         assert value == pytest.approx(scipy_stats.t.ppf(0.975, n - 1), abs=5e-4)
+
+
+def test_minimum_detectable_effect_is_the_exact_noncentral_t_solution():
+    from harness.stats import minimum_detectable_effect
+
+    assert minimum_detectable_effect(1.0, 2) == pytest.approx(11.55, abs=0.005)
+    assert minimum_detectable_effect(2.0, 2) == pytest.approx(2 * 11.5499, rel=1e-4)  # in units of the sd
+    # the normal shortcut (t_{1-a/2} + t_power) / sqrt(n) it replaces: 9.96 at n = 2, and 298
+    # at Holm's first step over 33 cells, where the exact answer is 381
+    shortcut = (scipy_stats.t.ppf(1 - 0.05 / 66, 1) + scipy_stats.t.ppf(0.8, 1)) / math.sqrt(2)
+    assert shortcut == pytest.approx(298, abs=0.5)
+    assert minimum_detectable_effect(1.0, 2, alpha=0.05 / 33) == pytest.approx(380.75, abs=0.05)
+    assert math.isnan(minimum_detectable_effect(1.0, 1)) and math.isnan(minimum_detectable_effect(float("nan"), 5))
+
+
+def test_minimum_detectable_effect_has_its_power_in_simulation():
+    import numpy as np
+
+    from harness.stats import minimum_detectable_effect
+
+    rng = np.random.default_rng(1)
+    for n, alpha in ((3, 0.05), (5, 0.01)):
+        d = minimum_detectable_effect(1.0, n, alpha=alpha)
+        x = rng.normal(d, 1.0, size=(40_000, n))
+        t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / math.sqrt(n))
+        power = float(np.mean(np.abs(t) > scipy_stats.t.ppf(1 - alpha / 2, n - 1)))
+        assert power == pytest.approx(0.8, abs=0.01), (n, power)
+
+
+def test_p_value_of_no_spread_is_the_sign_test_unless_exact():
+    from harness.stats import p_value, sign_test_p
+
+    assert p_value([0.1, 0.1], exact=True) == 0.0
+    assert p_value([0.1, 0.1]) == 0.5 == sign_test_p([0.1, 0.1])
+    assert p_value([0.1] * 6) == pytest.approx(2 * 0.5**6)
+    assert p_value([0.0, 0.0]) == 1.0
+    assert sign_test_p([1.0, 2.0, -1.0, 0.0]) == pytest.approx(1.0)  # 2 above, 1 below, a tie dropped
+    assert sign_test_p([1.0] * 9 + [-1.0]) == pytest.approx(2 * scipy_stats.binom.cdf(1, 10, 0.5))

@@ -89,6 +89,25 @@ CASES = {
         "hypotheses.h1",
         "margin value > 0",
     ),
+    "hypothesis_log_metric_nonpositive_threshold": (
+        HEADER + "hypotheses:\n  h1:\n    metric: fd\n    expect: below\n    value: 0\n",
+        ":7:",
+        "hypotheses.h1.value",
+        "fd is positive and judged on a log scale: the threshold must be > 0, got 0",
+    ),
+    "hypothesis_log_metric_within_own_value": (
+        HEADER + "hypotheses:\n  h1:\n    metric: heldout_loss\n    expect: within\n    value: 0.1\n",
+        ":6:",
+        "hypotheses.h1.expect",
+        "state `below` (or `above`) a value > 0",
+    ),
+    "hypothesis_log_metric_ratio_threshold": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {train.steps: 6}\nhypotheses:\n"
+        "  h1:\n    metric: heldout_loss\n    versus: baseline\n    expect: below\n    value: -0.1\n",
+        ":12:",
+        "hypotheses.h1.value",
+        "ratio arm/baseline (log scale): `below` takes value 0 (a ratio of 1), got -0.1",
+    ),
     "hypothesis_unknown_key": (
         HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: above\n    versu: baseline\n",
         ":7:",
