@@ -78,7 +78,7 @@ def trained_elsewhere(results: Path, study: str, specs: list[RunSpec]) -> dict[s
     found: dict[str, tuple[str, Path]] = {}
     if not wanted or not root.is_dir():
         return found
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != study):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != study and not p.name.startswith(".")):
         for trained, path in finished_trainings(root, folder.name).items():
             for spec in specs:
                 if spec.train_key == trained and spec.key not in found and spec.train_key in wanted:

@@ -319,8 +319,14 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     write_manifest(results, study_manifest(study, specs))
     while True:
         planned = specs if wanted is None else [s for s in specs if s.seed in wanted.get(s.arm.label, ())]
-        outcomes = _run_round(study, planned, chosen, results, device, workers, rerun, retry_failed, ran_here)
+        outcomes, waiting = _run_round(study, planned, chosen, results, device, workers, rerun, retry_failed, ran_here)
         stopped = any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes)
+        if waiting and not stopped:
+            # trainings another study is running: wait for them, then adopt or measure them
+            # (the next round finds them finished) instead of training them a second time
+            stopped = not _wait_for(results, waiting)
+            if not stopped:
+                continue
         if wanted is None or stopped:
             break
         following = _next_seeds(study, specs, results, wanted)
@@ -338,9 +344,10 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
         raise typer.Exit(1)
 
 
-def _run_round(study, specs, chosen, results, device, workers, rerun, retry_failed, ran_here: set[str]) -> list:
-    """Run the keys of ``specs`` not yet finished (all of them once with --rerun) and return
-    their outcomes; the sampler check is recorded after them."""
+def _run_round(study, specs, chosen, results, device, workers, rerun, retry_failed, ran_here: set[str]):
+    """Run the keys of ``specs`` not yet finished (all of them once with --rerun); return their
+    outcomes and the specs whose training another study's process holds (to wait for). The
+    sampler check is recorded after them."""
     from .scheduler import LocalScheduler, slot_devices
 
     ledger = ledger_of(results, study)
@@ -350,7 +357,8 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     if not rerun:  # a key MLflow finished is restored from it below, never trained again
         todo = [s for s in todo if s.key not in done_in_mlflow]
         todo += _outdated(study, ledger.outdated(specs, chosen), results, ran_here)
-    claims, todo = _claim(study, results, todo, rerun)  # held while this function runs
+    claims, todo, held = _claim(study, results, todo, rerun)  # held while this function runs
+    waiting = [spec for spec, who in held if who.study and who.study != study.study]
     try:
         from .reuse import finished_elsewhere
 
@@ -367,9 +375,11 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
         scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
         scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
         make_tracker, client, experiment_id = _open_tracking(study, results, scheduler)
+        held_text = f", {len(held)} held by another process" if held else ""
         console.print(
-            f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run, {len(specs) - len(todo)} already done, "
-            f"failed or not chosen; {len(slots)} slot(s) on {slots[0][0]}; MLflow {client.tracking_uri}"
+            f"[bold]{study.study}[/]: {len(specs)} runs, {len(todo)} to run{held_text}, "
+            f"{len(specs) - len(todo) - len(held)} already done, failed or not chosen; {len(slots)} slot(s) on "
+            f"{slots[0][0]}; MLflow {client.tracking_uri}"
         )
         _reconcile(client, experiment_id, specs, results, claims, todo + adopted, scheduler)
         if adopted:
@@ -384,7 +394,7 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
         _record_sampler_checks(study, specs, results)
     finally:
         claims.release()
-    return outcomes
+    return outcomes, waiting
 
 
 def _measured_only(study: Study, specs: list[RunSpec], ledger, reusable: dict, results: Path) -> list[RunSpec]:
@@ -522,15 +532,16 @@ def _next_seeds(study: Study, specs: list[RunSpec], results: Path, wanted: dict[
 
 
 def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
-    """Claim the keys this process will run (harness.claims); keys another process holds are
-    left to it and named. A key finished by another process since the ledger was read is
-    dropped."""
+    """Claim the trainings this process will run (harness.claims); those another process holds
+    are left to it, named, and returned with their holders (a holder of another study is
+    waited for, then adopted from). A key finished by another process since the ledger was
+    read is dropped."""
     from .claims import KeyClaims
 
     claims = KeyClaims(results, study.study)
     mine, held = claims.acquire(todo)
     if held:
-        shown = ", ".join(f"{spec.name} ({who})" for spec, who in held[:5]) + (" ..." if len(held) > 5 else "")
+        shown = ", ".join(f"{spec.name} ({who.text})" for spec, who in held[:5]) + (" ..." if len(held) > 5 else "")
         console.print(
             f"[yellow]{len(held)} run(s) are being run by another harness process and are left to it:[/] {escape(shown)}"
         )
@@ -540,7 +551,17 @@ def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
         for spec in finished:
             claims.release(spec.key)
         mine = [s for s in mine if not now.is_current(s.key)]
-    return claims, mine
+    return claims, mine, held
+
+
+def _wait_for(results: Path, specs: list[RunSpec]) -> bool:
+    """Wait for other processes' claims on ``specs`` to go; False on Ctrl-C."""
+    from .claims import wait_until_free
+
+    try:
+        return wait_until_free(results, specs, lambda text: console.print(escape(text), highlight=False))
+    except KeyboardInterrupt:
+        return False
 
 
 def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) -> None:

@@ -33,7 +33,7 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
     found: dict[str, str] = {}
     if not wanted or not root.is_dir():
         return found
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != study):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != study and not p.name.startswith(".")):
         candidates = [k for k in wanted - set(found) if (folder / "runs" / f"{k}.parquet").exists()]
         if candidates:
             ledger = Ledger.load(root, folder.name)
