@@ -54,6 +54,25 @@ def timed_sampling(config: ExperimentConfig, with_drift: bool) -> float:
     return time.perf_counter() - start
 
 
+def timed_split(config: ExperimentConfig) -> tuple[float, float, float]:
+    """Seconds of the three chains of sample_with_drift on an untrained model (the cost does
+    not depend on the weights): the sampled chain, the model's chain from q(x_T | x_0) of the
+    held-out images (the drift split's extra chain) and the Gaussian-denoiser reference chain."""
+    from ddpm_engine.experiment import build, chain_drift, gauss_chain_drift, heldout_start, run_sampler
+
+    parts = build(config, torch.device("cpu"))
+    seconds = []
+    for run in (
+        lambda: run_sampler(parts, parts.denoiser, parts.autocast, None),
+        lambda: chain_drift(parts, parts.denoiser, parts.autocast, "qstart", start_x0=heldout_start(parts)),
+        lambda: gauss_chain_drift(parts),
+    ):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1], seconds[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -86,6 +105,12 @@ def main() -> None:
         f"{statistics.median(drift):.2f} s) = {extra / seconds:.1%} of the run"
     )
     print(f"probes + drift recording: {(probe + extra) / seconds:.1%} of the run's wall time (target <= 10%)")
+    plain_s, qstart_s, gauss_s = timed_split(config)
+    print(
+        f"drift split: sampled chain {plain_s:.2f} s, + chain from q(x_T) {qstart_s:.2f} s "
+        f"(+{qstart_s / plain_s:.0%} of sampling, {qstart_s / seconds:.1%} of the run), "
+        f"+ Gaussian reference chain {gauss_s:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def synthetic_study(root: Path, arms: int, seeds: int) -> None:
         )
         per_t = pd.DataFrame(
             [
-                {c: rng.random() for c in TABLES["per_t"]} | {"step": step, "t": t, "floor_denoiser": "pixelwise"}
+                {c: rng.random() for c in TABLES["per_t"]} | {"step": step, "t": t, "best_ref_denoiser": "pixelwise"}
                 for step in (500, 1000, 1500, 2000)
                 for t in ts
             ]

@@ -221,6 +221,16 @@ class DriftRecorder:
         t_vec = torch.full((self.reference_x0.shape[0],), t, dtype=torch.long, device=self.reference_x0.device)
         return q_sample(tables, self.reference_x0, t_vec, self.reference_noise)
 
+    def q_mean(self, ts: list[int]) -> np.ndarray:
+        """The mean pixel of q(x_t) of the held-out images itself, sqrt(abar_t) x their mean
+        (DDPM eq. 4, E[eps] = 0), without the draw noise of ``reference``'s eps (its SE is
+        1 / sqrt(pixels drawn), 0.009 for 180 digits). The held-out mean is pixel_statistics'
+        own, so at t = 0 this is ref_mean to the last bit, which the drift split's identity
+        (final_mean_gap = start's share + own share) needs."""
+        held_out_mean = float(pixel_statistics(self.reference_x0, 2)[0][0])
+        alphabar = np.concatenate([[1.0], self.schedule.alphabar.double().cpu().numpy()])  # alphabar_0 = 1
+        return np.sqrt(alphabar[np.asarray(ts, dtype=int)]) * held_out_mean
+
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The ``drift`` and ``drift_hist`` tables (t from T down to 0)."""
         sampled = torch.stack(self.stats).cpu().numpy()
@@ -235,6 +245,7 @@ class DriftRecorder:
         drift.insert(0, "t", self.ts)
         for j, name in enumerate(STAT_NAMES):
             drift[f"ref_{name}"] = ref[:, j]
+        drift["q_mean"] = self.q_mean(self.ts)
         edges = np.linspace(*HIST_RANGE, self.bins + 1)
         hist_rows = []
         for t, hist in self.hists.items():
@@ -247,22 +258,39 @@ class DriftRecorder:
 
 
 def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor) -> dict[str, float]:
-    """Summary figures of drift: final and largest mean gap, W1 of final pixel values, and the
-    split of the gap into the setup's share (at t = T, before any model step) and the model's
-    (the largest departure from the oracle chain of the data's Gaussian denoiser)."""
-    gap = drift["mean"] - drift["ref_mean"]
+    """Summary figures of drift: the final and largest mean gap, W1 of final pixel values, and
+    the split of the mean gap by intervention (docs/design.md, "Drift, split"), from the
+    chain started at q(x_T | x_0) of the held-out images with the sampled chain's eps and z
+    (``qstart_mean``): the start's share is the sampled chain minus that chain, the model's own
+    share is that chain minus q(x_t), so that final_mean_gap = start_final_mean_gap +
+    own_final_mean_gap (both subtract the same held-out mean: q_mean at t = 0 is ref_mean)."""
+    nan = float("nan")
+    # float64 before any difference: the chains' statistics are float32, and the split's
+    # identity should hold to float64 round-off, not float32's
+    drift = drift.astype({c: "float64" for c in drift.columns if c != "t" and drift[c].dtype.kind == "f"})
     final = drift.loc[drift["t"] == 0]
     start = drift.loc[drift["t"] == drift["t"].max()]
-    excess = (drift["mean"] - drift["oracle_mean"]).abs() if "oracle_mean" in drift else None
-    return {
-        "prior_mean_gap": float((start["mean"] - start["ref_mean"]).iloc[0]) if len(start) else float("nan"),
-        "excess_mean_gap": float(excess.max()) if excess is not None else float("nan"),
-        "final_mean_gap": float((final["mean"] - final["ref_mean"]).iloc[0]) if len(final) else float("nan"),
-        "max_mean_gap": float(gap.abs().max()),
-        "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else float("nan"),
+    out = {
+        "final_mean_gap": float((final["mean"] - final["ref_mean"]).iloc[0]) if len(final) else nan,
+        "start_prior_mean_gap": nan,
+        "start_final_mean_gap": nan,
+        "own_final_mean_gap": nan,
+        "own_max_mean_gap": nan,
+        "max_mean_gap": float((drift["mean"] - drift["ref_mean"]).abs().max()),
+        "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else nan,
         "hist_w1": wasserstein1(samples.flatten(), data.flatten()),
         "sample_frac_out": float((samples.abs() > 1).float().mean()),
     }
+    if {"qstart_mean", "q_mean"} <= set(drift) and len(final) and len(start):
+        # after the model's first step: at t = T the chain is its start, the eps draw's noise
+        own = drift.loc[drift["t"] < drift["t"].max()]
+        out.update(
+            start_prior_mean_gap=float((start["mean"] - start["qstart_mean"]).iloc[0]),
+            start_final_mean_gap=float((final["mean"] - final["qstart_mean"]).iloc[0]),
+            own_final_mean_gap=float((final["qstart_mean"] - final["q_mean"]).iloc[0]),
+            own_max_mean_gap=float((own["qstart_mean"] - own["q_mean"]).abs().max()) if len(own) else nan,
+        )
+    return out
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -276,7 +304,7 @@ def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(support)))
 
 
-REFERENCE_CACHE_VERSION = "1"
+REFERENCE_CACHE_VERSION = "2"  # 2: loss_floor / floor_denoiser renamed loss_best_ref / best_ref_denoiser
 _REFERENCE_MEMO: dict[str, pd.DataFrame] = {}
 
 
@@ -291,9 +319,9 @@ def reference_losses(
     cache_dir: Path | None = None,
 ) -> pd.DataFrame:
     """Per probed t, each parameter-free reference denoiser's loss on the SAME probe images,
-    noise and t as the model (``ref_loss_<name>``), the lowest of them (``loss_floor``: an
+    noise and t as the model (``ref_loss_<name>``), the lowest of them (``loss_best_ref``: an
     upper bound on the irreducible loss at t, since the Bayes-optimal denoiser can only do
-    better) and which reference sets it (``floor_denoiser``).
+    better) and which reference sets it (``best_ref_denoiser``).
 
     References do not change during training: the frame depends only on the training split,
     the schedule, the probe draw and the grid, so it is computed once per such combination
@@ -319,8 +347,8 @@ def reference_losses(
         rows = per_t_probe(reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels)
         frame[f"ref_loss_{name}"] = rows["loss_mse"].to_numpy()
     losses = frame[[f"ref_loss_{n}" for n in REFERENCE_NAMES]]
-    frame["loss_floor"] = losses.min(axis=1)
-    frame["floor_denoiser"] = [REFERENCE_NAMES[i] for i in np.argmin(losses.to_numpy(), axis=1)]
+    frame["loss_best_ref"] = losses.min(axis=1)
+    frame["best_ref_denoiser"] = [REFERENCE_NAMES[i] for i in np.argmin(losses.to_numpy(), axis=1)]
     _REFERENCE_MEMO[key] = frame
     if path is not None:
         _write_parquet_atomic(path, frame)

@@ -83,7 +83,7 @@ class RunParts:
     probe_x0: torch.Tensor  # held-out images, model space
     probe_noise: torch.Tensor  # same shape as probe_x0
     probe_grid: list[int]  # probed t
-    floor: pd.DataFrame  # per probed t: each reference's loss and the lowest (references.py)
+    best_ref: pd.DataFrame  # per probed t: each reference's loss and the lowest (references.py)
     reference_history: dict[str, list] = field(default_factory=lambda: {"train": [], "per_t": [], "bound": []})
 
     @property
@@ -178,10 +178,10 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
         trainer = Trainer(config, model, schedule, train_x0, data.levels, device, autocast)
     probe_x0, probe_noise = probe_inputs(config, data, device)
     grid = probe_timesteps(schedule.T, config.eval.probe_timesteps)
-    floor = reference_losses(
+    best_ref = reference_losses(
         schedule, train_x0, data.levels, probe_x0, probe_noise, grid, cache_dir=engine_cache_dir(config.data)
     )
-    return RunParts(config, device, data, schedule, model, trainer, autocast, probe_x0, probe_noise, grid, floor)
+    return RunParts(config, device, data, schedule, model, trainer, autocast, probe_x0, probe_noise, grid, best_ref)
 
 
 def probe_inputs(config: ExperimentConfig, data: ImageData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +210,7 @@ def probe(parts: RunParts) -> dict[str, float]:
     )
     bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
     bound["heldout_loss"] = heldout_loss(schedule, frame)
-    frame = frame.merge(parts.floor, on="t", how="left")
+    frame = frame.merge(parts.best_ref, on="t", how="left")
     frame.insert(0, "step", parts.step)
     parts.history["per_t"].extend(frame.to_dict("records"))
     parts.history["bound"].append({"step": parts.step, **bound})
@@ -304,29 +304,60 @@ def _interrupt(
 
 
 def sample_with_drift(parts: RunParts) -> Sampled:
-    """Sample with config.sample's sampler while a DriftRecorder follows the pixels of x_t
-    along the reverse chain against q(x_t) of the held-out images; then run the same sampler,
-    from the same x_T and noise, with the data's Gaussian denoiser (no trained weights): what
-    the chain does without the model. x_T and every z are the replicate's draw
-    (config.sample_draw_seed): the same for every arm of a replicate."""
+    """Sample with config.sample's sampler from x_T ~ N(0, I) while a DriftRecorder follows the
+    pixels of x_t along the reverse chain against q(x_t) of the held-out images; then split the
+    drift by intervention (docs/design.md, "Drift, split"):
+
+    - the model's own chain again, from x_T ~ q(x_T | x_0) of the held-out images built from the
+      SAME eps as the first chain's x_T and with the same z at every step (``qstart_*``). The
+      difference between the two chains is the start's share of the drift, free of draw noise
+      (common random numbers); this chain against q(x_t) is the model's own share.
+    - the data's Gaussian (Wiener) denoiser through the same sampler from the same x_T and
+      noise (``gauss_chain_*``): a reference curve, not a share of anything.
+
+    Cost: the second chain is a second full sampling run of the model (as many forward passes
+    as the first, measured by benchmarks/diagnostics_overhead.py: docs/design.md, "Drift,
+    split"); the Gaussian chain is a linear map per step. ``seconds`` times the first chain
+    only, so sample_seconds stays the cost of sampling. x_T and every z are the replicate's draw
+    (config.sample_draw_seed): the same for every arm of a replicate, new for each replicate."""
     drift = drift_recorder(parts)
     started = time.perf_counter()
     x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift)
     seconds = time.perf_counter() - started
     drift_table, drift_hist = drift.tables()
-    drift_table = drift_table.merge(oracle_drift(parts), on="t", how="left")
+    qstart = chain_drift(parts, parts.denoiser, parts.autocast, "qstart", start_x0=heldout_start(parts))
+    drift_table = drift_table.merge(qstart, on="t", how="left").merge(gauss_chain_drift(parts), on="t", how="left")
     return Sampled(x0, parts.data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
 
 
-def run_sampler(parts: RunParts, denoiser: torch.nn.Module, autocast, callback) -> torch.Tensor:
+def heldout_start(parts: RunParts) -> torch.Tensor:
+    """The x_0 of the chain started from q(x_T | x_0): the held-out images in order, cycled to
+    sample.num_samples (sample i starts from held-out image i mod their count)."""
+    heldout = parts.data.to_model_space(parts.data.heldout).to(parts.device)
+    return heldout[torch.arange(parts.config.sample.num_samples, device=heldout.device) % len(heldout)]
+
+
+def run_sampler(
+    parts: RunParts, denoiser: torch.nn.Module, autocast, callback, start_x0: torch.Tensor | None = None
+) -> torch.Tensor:
     """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from the
-    replicate's sampling seed."""
+    replicate's sampling seed (config.sample_draw_seed).
+
+    x_T ~ N(0, I) by default; with ``start_x0`` (num_samples images in model space) x_T ~
+    q(x_T | x_0) = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps (DDPM eq. 4), eps being the very
+    draw that is x_T without it, and the generator then gives the same z: the two chains differ
+    only in where they start."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
     generator = torch.Generator(device=device).manual_seed(config.sample_draw_seed)
     chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
     x_T = gaussian_noise(shape, generator, device, config.objective.noise_clip)
+    if start_x0 is not None:
+        if tuple(start_x0.shape) != shape:
+            raise ValueError(f"start_x0 must have shape {shape}, got {tuple(start_x0.shape)}")
+        abar_T = float(parts.schedule.alphabar[-1])
+        x_T = math.sqrt(abar_T) * start_x0.to(device, x_T.dtype) + math.sqrt(1.0 - abar_T) * x_T
     return SAMPLERS[sc.sampler](
         chunked_eps(denoiser, chunk_size, autocast),
         x_T,
@@ -341,20 +372,31 @@ def run_sampler(parts: RunParts, denoiser: torch.nn.Module, autocast, callback) 
     )
 
 
-def oracle_drift(parts: RunParts) -> pd.DataFrame:
-    """oracle_mean, oracle_std, oracle_frac_out of x_t per reverse step when the arm's sampler
-    runs the data's Gaussian (Wiener) denoiser from the same x_T and noise. Where the sampled
-    chain departs from this one is what the model adds; where both depart from q(x_t) (e.g. at
-    t = T when q(x_T) is not N(0, I)) the setup forces it. Cheap: a linear map per step."""
+CHAIN_STATS = ("mean", "std", "frac_out")  # what the drift table keeps of the extra chains
+
+
+def chain_drift(
+    parts: RunParts, denoiser: torch.nn.Module, autocast, prefix: str, start_x0: torch.Tensor | None = None
+) -> pd.DataFrame:
+    """``<prefix>_mean``, ``_std`` and ``_frac_out`` of x_t per reverse step of ``run_sampler``
+    with ``denoiser`` (from ``start_x0``'s q(x_T | x_0) when given), t from T down to 0."""
+    rows: list[tuple[int, torch.Tensor]] = []
+    run_sampler(parts, denoiser, autocast, lambda t, x: rows.append((t, pixel_statistics(x, 2)[0])), start_x0)
+    stats = torch.stack([r[1] for r in rows]).cpu().numpy()
+    columns = {f"{prefix}_{name}": stats[:, STAT_NAMES.index(name)] for name in CHAIN_STATS}
+    return pd.DataFrame({"t": [r[0] for r in rows], **columns})
+
+
+def gauss_chain_drift(parts: RunParts) -> pd.DataFrame:
+    """gauss_chain_mean, _std, _frac_out: the arm's sampler with the data's Gaussian (Wiener)
+    denoiser from the same x_T ~ N(0, I) and noise. A reference curve (what a chain that knows
+    only the data's mean and covariance does), not the model's share: the training set's exact
+    optimum departs from it more than trained UNets do. Cheap: a linear map per step."""
     device = reference_device(parts.device)
-    oracle = build_reference(
+    gaussian = build_reference(
         "gaussian", parts.schedule, parts.data.to_model_space(parts.data.train).to(device), parts.data.levels
     )
-    rows: list[tuple[int, torch.Tensor]] = []
-    run_sampler(parts, oracle.to(device), None, lambda t, x: rows.append((t, pixel_statistics(x, 2)[0])))
-    stats = torch.stack([r[1] for r in rows]).cpu().numpy()
-    columns = {name: stats[:, STAT_NAMES.index(name)] for name in ("mean", "std", "frac_out")}
-    return pd.DataFrame({"t": [r[0] for r in rows], **{f"oracle_{k}": v for k, v in columns.items()}})
+    return chain_drift(parts, gaussian.to(device), None, "gauss_chain")
 
 
 def drift_recorder(parts: RunParts) -> DriftRecorder:

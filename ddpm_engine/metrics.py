@@ -29,7 +29,9 @@ Better = Literal["lower", "higher", "zero"]
 # Bump it when a measure changes: `harness run` then re-measures finished runs from their final
 # checkpoints instead of training them again (docs/design.md, "Re-measure, don't retrain").
 # 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
-MEASURE_VERSION = 2
+# 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
+# the best reference (loss_best_ref) in place of "loss_floor".
+MEASURE_VERSION = 3
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
@@ -97,7 +99,7 @@ DECLARED: list[Metric] = [
     _m("train", "lr", "", None, "learning rate"),
     _m("train", "grad_norm", "", None, "mean gradient norm before clipping"),
     _m("train", "images_per_s", "images/s", "higher", "training throughput since the last row", cost=True),
-    # ---- per_t: one row per probe x t (diagnostics.per_t_probe; the reference floor from diagnostics.reference_losses)
+    # ---- per_t: one row per probe x t (diagnostics.per_t_probe; the reference losses from diagnostics.reference_losses)
     _m("per_t", "step", "step", None, "training step of the probe"),
     _m("per_t", "t", "", None, "timestep (1..T)"),
     _m("per_t", "alphabar", "", None, "alphabar_t"),
@@ -113,8 +115,8 @@ DECLARED: list[Metric] = [
     _m("per_t", "ref_loss_gaussian", "MSE", "lower", "loss_mse of the parameter-free gaussian reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
     _m("per_t", "ref_loss_empirical", "MSE", "lower", "loss_mse of the parameter-free empirical reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
     _m("per_t", "ref_loss_median", "MSE", "lower", "loss_mse of the parameter-free median reference denoiser on the same probe images, noise and t", "diagnostics.reference_losses"),
-    _m("per_t", "loss_floor", "MSE", "lower", "the lowest reference loss at t: an upper bound on the irreducible loss", "diagnostics.reference_losses"),
-    _m("per_t", "floor_denoiser", "", None, "the reference denoiser that sets loss_floor", "diagnostics.reference_losses"),
+    _m("per_t", "loss_best_ref", "MSE", "lower", "the lowest reference loss at t (the best reference): an upper bound on the irreducible loss, which the Bayes-optimal denoiser can only undercut", "diagnostics.reference_losses"),
+    _m("per_t", "best_ref_denoiser", "", None, "the reference denoiser that sets loss_best_ref", "diagnostics.reference_losses"),
     # ---- probe: one row per probe (diagnostics.bits_per_dim_bound, heldout_loss)
     _m("probe", "step", "step", None, "training step of the probe"),
     _m("probe", "bpd", "bits/dim", "lower", "bits/dim bound L_T + sum L_t + L_0 at this probe (L_t interpolated between probed t; the final bpd in quality is not)"),
@@ -136,9 +138,13 @@ DECLARED: list[Metric] = [
     _m("drift", "ref_p50", "pixel", None, "the same statistic (p50) of q(x_t) from held-out data"),
     _m("drift", "ref_p99", "pixel", None, "the same statistic (p99) of q(x_t) from held-out data"),
     _m("drift", "ref_frac_out", "pixel", None, "the same statistic (frac_out) of q(x_t) from held-out data"),
-    _m("drift", "oracle_mean", "pixel", None, "mean pixel of x_t when the same sampler runs the data's Gaussian denoiser from the same x_T and noise (no trained weights)", "experiment.oracle_drift"),
-    _m("drift", "oracle_std", "pixel", None, "pixel std of that oracle chain", "experiment.oracle_drift"),
-    _m("drift", "oracle_frac_out", "", None, "fraction of the oracle chain's pixels outside [-1, 1]", "experiment.oracle_drift"),
+    _m("drift", "q_mean", "pixel", None, "sqrt(alphabar_t) x the held-out images' mean pixel (DDPM eq. 4): the mean of q(x_t) itself, without ref_mean's draw noise; at t = 0 it is ref_mean", "diagnostics.DriftRecorder"),
+    _m("drift", "qstart_mean", "pixel", None, "mean pixel of x_t along the model's own chain started from x_T ~ q(x_T | x_0) of the held-out images (cycled to sample.num_samples), x_T = sqrt(alphabar_T) x_0 + sqrt(1 - alphabar_T) eps with the sampled chain's own eps and the same z at every step: the model's chain without the start's mismatch", "experiment.sample_with_drift"),
+    _m("drift", "qstart_std", "pixel", None, "pixel std of that chain from q(x_T | x_0)", "experiment.sample_with_drift"),
+    _m("drift", "qstart_frac_out", "", None, "fraction of the pixels of that chain from q(x_T | x_0) outside [-1, 1]", "experiment.sample_with_drift"),
+    _m("drift", "gauss_chain_mean", "pixel", None, "mean pixel of x_t when the data's Gaussian (Wiener) denoiser runs through the same sampler from the same x_T and noise: a reference curve, not the model's share", "experiment.gauss_chain_drift"),
+    _m("drift", "gauss_chain_std", "pixel", None, "pixel std of that Gaussian-denoiser chain (a reference curve)", "experiment.gauss_chain_drift"),
+    _m("drift", "gauss_chain_frac_out", "", None, "fraction of the Gaussian-denoiser chain's pixels outside [-1, 1] (a reference curve)", "experiment.gauss_chain_drift"),
     # ---- drift_hist: one row per reverse step x bin
     _m("drift_hist", "t", "", None, "reverse step"),
     _m("drift_hist", "bin_lo", "pixel", None, "bin lower edge"),
@@ -156,16 +162,18 @@ DECLARED: list[Metric] = [
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_small_minus_mid", "MSE", "lower", "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)", "metrics.per_t_summary"),
-    _m("quality", "floor_t_small", "MSE", "lower", "loss_floor at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
-    _m("quality", "shortfall_t_small", "MSE", "lower", "max(0, loss_mse - loss_floor) at the smallest probed t: how far the model is demonstrably short of what the data allow there", "metrics.per_t_summary"),
-    _m("quality", "frac_t_above_floor", "", "lower", "fraction of probed t where the model's loss_mse is above loss_floor", "metrics.per_t_summary"),
+    _m("quality", "best_ref_t_small", "MSE", "lower", "loss_best_ref at the smallest probed t (final probe): an upper bound on the irreducible loss there", "metrics.per_t_summary", scale="log"),
+    _m("quality", "shortfall_t_small", "MSE", "lower", "loss_mse - loss_best_ref at the smallest probed t, signed: above 0 the model is short of what a parameter-free reference already gets; below 0 it beats the best reference (an upper bound on the irreducible loss, not the loss itself)", "metrics.per_t_summary"),
+    _m("quality", "frac_t_above_best_ref", "", "lower", "fraction of probed t where the model's loss_mse is above loss_best_ref (an upper bound on the irreducible loss)", "metrics.per_t_summary"),
     _m("quality", "eps_bias_max", "", "lower", "largest |err_mean| over probed t (F2: predicted-noise bias)", "metrics.per_t_summary"),
     _m("quality", "eps_std_gap_small", "", "zero", "eps_pred_std - 1 at the smallest probed t (F2)", "metrics.per_t_summary"),
     _m("quality", "eps_std_gap_mean", "", "lower", "mean over every t of |eps_pred_std - 1|, linear between probed t (F2)", "metrics.per_t_summary"),
-    _m("quality", "final_mean_gap", "pixel", "zero", "mean pixel of the final samples - mean pixel of the held-out data", "diagnostics.drift_summary", group=_DRIFT, label="final mean gap"),
-    _m("quality", "prior_mean_gap", "pixel", "zero", "sampled mean - q(x_T) mean at t = T, before the model's first step: the setup's share of drift", "diagnostics.drift_summary", group=_DRIFT, label="prior mean gap"),
-    _m("quality", "excess_mean_gap", "pixel", "lower", "largest |sampled mean - oracle mean| over t, the oracle being the data's Gaussian denoiser from the same x_T and noise: the model's share of drift", "diagnostics.drift_summary", group=_DRIFT, label="excess mean gap"),
-    _m("quality", "max_mean_gap", "pixel", "lower", "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T)", "diagnostics.drift_summary", group=_DRIFT, label="max |mean gap| (incl. start)"),
+    _m("quality", "final_mean_gap", "pixel", "zero", "mean pixel of the final samples - mean pixel of the held-out data; = start_final_mean_gap + own_final_mean_gap", "diagnostics.drift_summary", group=_DRIFT, label="final mean gap"),
+    _m("quality", "start_prior_mean_gap", "pixel", "zero", "mean of x_T ~ N(0, I) - mean of x_T ~ q(x_T | x_0) of the held-out images drawn with the same eps: the start's mismatch at t = T (about -sqrt(alphabar_T) x the held-out mean), without the x_T draw's noise", "diagnostics.drift_summary", group=_DRIFT, label="start gap at t = T"),
+    _m("quality", "start_final_mean_gap", "pixel", "zero", "final mean of the sampled chain (from N(0, I)) - final mean of the model's chain from q(x_T | x_0) of the held-out images with the same eps and z: the start's share of final_mean_gap", "diagnostics.drift_summary", group=_DRIFT, label="start's share (final)"),
+    _m("quality", "own_final_mean_gap", "pixel", "zero", "final mean of the model's chain from q(x_T | x_0) of the held-out images - the held-out mean: the model's own share of final_mean_gap", "diagnostics.drift_summary", group=_DRIFT, label="own share (final)"),
+    _m("quality", "own_max_mean_gap", "pixel", "lower", "largest |mean of the model's chain from q(x_T | x_0) of the held-out images - q_mean| over t < T: the model's own drift along the chain (a mean over sample.num_samples images: its floor is their sampling noise)", "diagnostics.drift_summary", group=_DRIFT, label="own max |mean gap|"),
+    _m("quality", "max_mean_gap", "pixel", "lower", "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T and both chains' draw noise)", "diagnostics.drift_summary"),
     _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
     _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1", scale="log"),
     _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
@@ -177,8 +185,9 @@ DECLARED: list[Metric] = [
     _m("quality", "coverage", "", "higher", "fraction of digit classes produced by at least 20% of their fair share", "quality.sample_quality", group=_QUALITY, label="class coverage"),
     _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples", "quality.sample_quality"),
     _m("quality", "confidence", "", "higher", "mean maximum softmax probability of the digit classifier", "quality.sample_quality"),
+    _m("quality", "memorised_frac", "", "lower", "fraction of samples whose nearest training image is closer than 1/3 of the second nearest (RMS pixel distance; the ratio test after Carlini et al. 2023): copies of training images, not blends or shifted copies", "quality.memorisation", group=_QUALITY, label="memorised fraction"),
     _m("quality", "nn_train_dist", "pixel", None, "mean RMS pixel distance of each sample to its nearest training image (0: copies)", "quality.memorisation", scale="log"),
-    _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set (near 0: memorised)", "quality.memorisation", scale="log"),
+    _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set: near 0 the samples sit on training images; near 1 or above they are only as far from it as unseen data (so are shifted or blended training images), which is no evidence of generalising", "quality.memorisation", scale="log"),
     _m("quality", "params", "parameters", None, "model parameter count", "model.count_parameters", cost=True, group=_COST, label="parameters", exact=True),
     _m("quality", "bf16_autocast", "", None, "1.0 if the run trained and sampled under bf16 autocast", "experiment", exact=True),
     _m("quality", "images_per_s", "images/s", "higher", "median training throughput", "experiment", cost=True, group=_COST, label="images/s"),
@@ -240,12 +249,15 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     """Per-run numbers from the per-t rows of ONE probe (the final one): the seed's
     observations as metrics. F1: loss at the smallest t against mid t. F2: the largest
     predicted-noise bias over t, and the std's departure from 1 at small t and over all t.
-    With the reference floor in the rows: the model's shortfall at the smallest t and the
-    fraction of t where it is above the floor."""
+    With the best reference's loss in the rows (an upper bound on the irreducible loss): the
+    model's signed shortfall at the smallest t and the fraction of t where it is above it."""
     names = (
         "loss_t_small",
         "loss_t_mid",
         "loss_small_minus_mid",
+        "best_ref_t_small",
+        "shortfall_t_small",
+        "frac_t_above_best_ref",
         "eps_bias_max",
         "eps_std_gap_small",
         "eps_std_gap_mean",
@@ -263,12 +275,15 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
             loss_t_mid=float(loss[t_mid]),
             loss_small_minus_mid=float(loss[t_small] - loss[t_mid]),
         )
-    if loss is not None and not loss.empty and "loss_floor" in frame and frame["loss_floor"].notna().any():
-        floor = frame["loss_floor"].reindex(loss.index)
+    if loss is not None and not loss.empty and "loss_best_ref" in frame and frame["loss_best_ref"].notna().any():
+        best = frame["loss_best_ref"].reindex(loss.index)
         t_small = int(loss.index[0])
-        out["floor_t_small"] = float(floor[t_small])
-        out["shortfall_t_small"] = max(0.0, float(loss[t_small] - floor[t_small]))
-        out["frac_t_above_floor"] = float((loss > floor).mean())
+        out["best_ref_t_small"] = float(best[t_small])
+        # Signed, never clipped: the best reference only bounds the irreducible loss from above,
+        # so a model may beat it, and a hypothesis "shortfall above 0" needs the negative values
+        # to be a fair test (clipping at 0 would bias every mean, and every CI, upwards).
+        out["shortfall_t_small"] = float(loss[t_small] - best[t_small])
+        out["frac_t_above_best_ref"] = float((loss > best).mean())
     if "err_mean" in frame and frame["err_mean"].notna().any():
         out["eps_bias_max"] = float(frame["err_mean"].abs().max())
     if "eps_pred_std" in frame:

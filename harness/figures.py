@@ -121,18 +121,20 @@ def fig_per_t_loss(data: StudyResults, palette: dict):
     arms = _arms_with(frame, data.arms, "loss_mse")
     if not arms:
         return None
-    floor_arms = _arms_with(frame, arms, "loss_floor")
-    fig, axes = plt.subplots(1, 2 if floor_arms else 1, figsize=(FIG_WIDTH, 4.0), squeeze=False)
+    ref_arms = _arms_with(frame, arms, "loss_best_ref")
+    fig, axes = plt.subplots(1, 2 if ref_arms else 1, figsize=(FIG_WIDTH, 4.0), squeeze=False)
     ax = axes[0][0]
     _band(ax, frame, "t", "loss_mse", arms, palette, positive=True)
-    for arm in floor_arms:  # the floor depends on the schedule and data only: one line per arm
-        rows = frame[frame["arm"] == arm].groupby("t")["loss_floor"].mean().sort_index()
+    for arm in ref_arms:  # the best reference depends on the schedule and data only: one line per arm
+        rows = frame[frame["arm"] == arm].groupby("t")["loss_best_ref"].mean().sort_index()
         rows = rows[rows > 0]
         ax.plot(rows.index, rows.to_numpy(), color=palette[arm], ls="--", lw=1.1)
-    if floor_arms:
-        ax.plot([], [], color="0.3", ls="--", lw=1.1, label="loss floor (best reference, dashed)")
-        # The floor reaches ~1e-11 where the noise is far below a grey level; the models'
-        # curves, not that, should fill the axis (the floor leaves it at the bottom edge).
+    if ref_arms:
+        ax.plot(
+            [], [], color="0.3", ls="--", lw=1.1, label="best reference: upper bound on the irreducible loss (dashed)"
+        )
+        # The best reference reaches ~1e-11 where the noise is far below a grey level; the
+        # models' curves, not that, should fill the axis (it leaves it at the bottom edge).
         low = frame.loc[frame["loss_mse"] > 0, "loss_mse"].min()
         if np.isfinite(low):
             ax.set_ylim(bottom=low / 20)
@@ -144,17 +146,19 @@ def fig_per_t_loss(data: StudyResults, palette: dict):
         title="Held-out noise-prediction loss per t (final probe)",
     )
     ax.legend(fontsize=8, ncol=2)
-    if floor_arms:
+    if ref_arms:
         right = axes[0][1]
-        for arm in floor_arms:  # mean over seeds; the line breaks where the model is at or below the floor
-            rows = frame[frame["arm"] == arm].groupby("t")[["loss_mse", "loss_floor"]].mean().sort_index()
-            gap = rows["loss_mse"] - rows["loss_floor"]
+        for arm in ref_arms:  # mean over seeds
+            rows = frame[frame["arm"] == arm].groupby("t")[["loss_mse", "loss_best_ref"]].mean().sort_index()
+            gap = rows["loss_mse"] - rows["loss_best_ref"]
+            # Clipped here only, for the log axis: the shortfall itself is signed (a model can
+            # beat the best reference); the line breaks where it does.
             right.plot(rows.index, gap.where(gap > 0), color=palette[arm], lw=1.6, marker=".", ms=4, label=arm)
         right.set(
             xscale="log",
             yscale="log",
             xlabel="t (log scale)",
-            ylabel="loss − floor (where positive)",
+            ylabel="loss − best reference (where positive)",
             title="Shortfall: where the model is short of what the data allow",
         )
     fig.tight_layout()
@@ -242,9 +246,10 @@ def fig_drift_curves(data: StudyResults, palette: dict):
                 ax.plot(rows["t"], rows[col], color=palette[arm], lw=1.6, label=f"{arm} (seed {seed})")
             if ref in rows:
                 ax.plot(rows["t"], rows[ref], color=palette[arm], lw=1.2, ls="--")
-            oracle = f"oracle_{col}"
-            if oracle in rows and rows[oracle].notna().any():
-                ax.plot(rows["t"], rows[oracle], color=palette[arm], lw=1.0, ls=":")
+            for prefix, style in (("qstart", "-."), ("gauss_chain", ":")):
+                other = f"{prefix}_{col}"
+                if other in rows and rows[other].notna().any():
+                    ax.plot(rows["t"], rows[other], color=palette[arm], lw=1.0, ls=style)
         ax.set_xscale("symlog", linthresh=1)
         ax.set(xlabel="t (symlog; sampling runs left to right)", ylabel=ylabel)
         ax.invert_xaxis()
@@ -254,9 +259,12 @@ def fig_drift_curves(data: StudyResults, palette: dict):
     handles, labels = axes[0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="0.3", ls="--"))
     labels.append("reference q(x_t) (dashed)")
-    if any(c.startswith("oracle_") for c in drift.columns):
+    if any(c.startswith("qstart_") for c in drift.columns):
+        handles.append(plt.Line2D([], [], color="0.3", ls="-."))
+        labels.append("the model's chain from q(x_T) of held-out images, same noise (dash-dot)")
+    if any(c.startswith("gauss_chain_") for c in drift.columns):
         handles.append(plt.Line2D([], [], color="0.3", ls=":"))
-        labels.append("oracle: data's Gaussian denoiser, same x_T and noise (dotted)")
+        labels.append("reference curve: data's Gaussian denoiser, same x_T and noise (dotted)")
     axes[0].legend(handles, labels, fontsize=7)
     fig.tight_layout()
     return fig
@@ -353,10 +361,11 @@ FIGURES: list[FigureSpec] = [
         fig_per_t_loss,
         "per-t loss per arm",
         "Line: mean over seeds; band: min to max over seeds. Final probe of each run; t and loss on log scales. "
-        "Dashed: the loss floor, the lowest loss of four parameter-free reference denoisers fitted on the training split "
-        "(per-pixel Bayes, Gaussian/Wiener, the training set's exact optimum, a 3x3 median filter) on the same images, "
-        "noise and t: an upper bound on the irreducible loss. Right: the model's shortfall above that floor, where it "
-        "is demonstrably short of what the data allow (no line where it is at or below the floor).",
+        "Dashed: the best reference, the lowest loss of four parameter-free reference denoisers fitted on the training "
+        "split (per-pixel Bayes, Gaussian/Wiener, the training set's exact optimum, a 3x3 median filter) on the same "
+        "images, noise and t: an upper bound on the irreducible loss (the Bayes-optimal denoiser can only do better). "
+        "Right: the model's shortfall above the best reference, where it is demonstrably short of what the data allow "
+        "(no line where the model beats it: the log axis cannot draw a negative shortfall).",
         "No per-t probe data: no arm has a finished run with a per_t table.",
     ),
     FigureSpec(
@@ -380,9 +389,11 @@ FIGURES: list[FigureSpec] = [
         "drift_curves",
         fig_drift_curves,
         "sample drift along the reverse chain per arm",
-        "Statistics of x_t while sampling (solid) against q(x_t) from held-out data (dashed, same colour) and against "
-        "the oracle chain (dotted): the same sampler, x_T and noise with the data's Gaussian denoiser and no trained weights. "
-        "Solid departing from dotted is drift the model adds; dotted departing from dashed is drift the setup forces. "
+        "Statistics of x_t while sampling from N(0, I) (solid) against q(x_t) from held-out data (dashed, same colour). "
+        "Dash-dot: the model's own chain again, started from q(x_T | x_0) of the held-out images with the same noise: "
+        "solid departing from dash-dot is the start's share of the drift, dash-dot departing from dashed the model's own. "
+        "Dotted: a reference curve, the data's Gaussian (Wiener) denoiser through the same sampler from the same x_T and "
+        "noise (not the model's share: the training set's exact optimum departs from it more than trained UNets do). "
         "First seed of each arm (the first with a finished run; seed in the legend). t on a symmetric-log axis (linear below 1, so the final sample t=0 shows), "
         "reversed so that sampling runs left to right. The gap between solid and dashed is the drift.",
         "No drift data: no arm has a finished run with a drift table.",

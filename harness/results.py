@@ -26,6 +26,20 @@ from .lifecycle import RunState
 log = logging.getLogger(__name__)
 
 FINISHED = str(RunState.FINISHED)
+
+# Columns that older code wrote under another name, per table: old -> current. The meaning is
+# unchanged (only the name said the opposite: the best reference's loss is an upper bound on
+# the irreducible loss, not a floor; the "oracle" chain is a reference curve, the Gaussian
+# denoiser's chain), so old tables read under the current names.
+RENAMED_COLUMNS: dict[str, dict[str, str]] = {
+    "per_t": {"loss_floor": "loss_best_ref", "floor_denoiser": "best_ref_denoiser"},
+    "quality": {"floor_t_small": "best_ref_t_small", "frac_t_above_floor": "frac_t_above_best_ref"},
+    "drift": {f"oracle_{s}": f"gauss_chain_{s}" for s in ("mean", "std", "frac_out")},
+}
+# Per-run metrics whose definition changed, not just their name: a row written by older code
+# (it has the old name of ``marker``) has its value dropped, so ``StudyResults.per_run``
+# derives it again from the run's final probe. shortfall_t_small was clipped at 0 then.
+REDEFINED_COLUMNS: dict[str, dict[str, str]] = {"quality": {"shortfall_t_small": "floor_t_small"}}
 NOT_STARTED = "not started"  # a (arm, seed) of the design with no run key yet (no study.json runs)
 
 
@@ -167,12 +181,14 @@ class StudyResults:
             fallback = frame.pop(f"{name}_runs") if f"{name}_runs" in frame else None
             if fallback is not None:
                 frame[name] = frame[name].fillna(fallback) if name in frame else fallback
-        derived = [n for n in per_t_summary(pd.DataFrame()) if n not in frame or frame[n].isna().all()]
+        # per row, not per column: one study may hold runs of older code next to new ones
+        derived = [n for n in per_t_summary(pd.DataFrame()) if n not in frame or frame[n].isna().any()]
         if derived:
             probe = self.final_probe()
             by_key = {key: per_t_summary(rows) for key, rows in probe.groupby("run_key")} if not probe.empty else {}
             for name in derived:
-                frame[name] = [by_key.get(k, {}).get(name, math.nan) for k in frame["run_key"]]
+                again = pd.Series([by_key.get(k, {}).get(name, math.nan) for k in frame["run_key"]], index=frame.index)
+                frame[name] = frame[name].fillna(again) if name in frame else again
         for name in PER_RUN:
             if name not in frame:
                 frame[name] = math.nan
@@ -218,7 +234,7 @@ def read_table_tolerant(root: Path, study: str, table: str, notes: list[str]) ->
         quarantined: list[Path] = []
         frame = read_table(root, study, table, quarantined)
         notes += [f"Unreadable file set aside as {p.name}.corrupt: {table}/{p.name}." for p in quarantined]
-        return frame
+        return current_names(table, frame)
     except Exception as exc:  # noqa: BLE001
         log.warning("reading table %s as a dataset failed: %s", table, exc)
     import pyarrow.parquet as pq
@@ -229,4 +245,19 @@ def read_table_tolerant(root: Path, study: str, table: str, notes: list[str]) ->
             frames.append(pq.read_table(path).to_pandas())
         except Exception as exc:  # noqa: BLE001
             notes.append(f"Unreadable file skipped: {table}/{path.name} ({type(exc).__name__}).")
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return current_names(table, pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+
+
+def current_names(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with old column names mapped to current ones (RENAMED_COLUMNS) and redefined
+    values of old rows dropped (REDEFINED_COLUMNS). A table that holds old and new runs has
+    both names (the union schema): each row keeps the one it was written with."""
+    for column, marker in REDEFINED_COLUMNS.get(table, {}).items():
+        if column in frame and marker in frame:
+            frame = frame.assign(**{column: frame[column].where(frame[marker].isna())})
+    for old, new in RENAMED_COLUMNS.get(table, {}).items():
+        if old not in frame:
+            continue
+        old_values = frame.pop(old)
+        frame[new] = frame[new].combine_first(old_values) if new in frame else old_values
+    return frame

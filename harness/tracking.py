@@ -103,8 +103,8 @@ def git_commit() -> str:
 # Per-t curves of the final probe (step = t) and drift curves (step = reverse-chain index, 0 at
 # x_T) as MLflow metrics, so that MLflow's chart view overlays them across runs.
 CURVE_METRICS = {
-    "per_t": ("per_t", ["loss_mse", "eps_pred_mean", "eps_pred_std", "vlb_bits", "loss_floor"]),
-    "drift": ("drift", ["mean", "std", "frac_out", "ref_mean", "oracle_mean"]),
+    "per_t": ("per_t", ["loss_mse", "eps_pred_mean", "eps_pred_std", "vlb_bits", "loss_best_ref"]),
+    "drift": ("drift", ["mean", "std", "frac_out", "ref_mean", "q_mean", "qstart_mean", "gauss_chain_mean"]),
 }
 METRIC_BATCH = 1000  # MLflow's limit per log_batch call
 

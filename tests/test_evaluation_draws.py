@@ -15,6 +15,7 @@ import pytest
 from test_harness_run import harness
 
 from ddpm_engine.config import ExperimentConfig, replicate_seed
+from ddpm_engine.metrics import MEASURE_VERSION
 from harness.plan import run_key, train_key
 
 
@@ -79,7 +80,7 @@ def test_harness_run_gives_each_replicate_its_own_x_T(tmp_path):
     per_t = ds.dataset(str(results / "per_t"), format="parquet").to_table().to_pandas()
     loss = per_t.merge(runs[["run_key", "arm", "seed"]], on="run_key").query("arm == 'wiener' and t == 10")
     assert loss["loss_mse"].nunique() == 2  # the probe noise differs between the two replicates
-    assert set(runs["measure_version"]) == {2}
+    assert set(runs["measure_version"]) == {MEASURE_VERSION}
 
 
 SAMPLER_STUDY = """\
@@ -139,7 +140,7 @@ def test_a_run_measured_under_an_older_version_is_measured_again_not_retrained(s
     again = harness(["run", "samplers.yaml", "--no-report"], cwd)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "re-measuring 1 finished run(s)" in again.stdout
-    assert int(pd.read_parquet(target)["measure_version"].iloc[0]) == 2
+    assert int(pd.read_parquet(target)["measure_version"].iloc[0]) == MEASURE_VERSION
     quality = pd.read_parquet(results / "quality" / f"{key}.parquet")
     assert float(quality["resumed_from_step"].iloc[0]) == 12.0  # restored at its last step: nothing trained
     pd.testing.assert_frame_equal(pd.read_parquet(results / "train" / f"{key}.parquet"), train_before)

@@ -95,7 +95,7 @@ def test_smoke_study_is_tracked_in_mlflow(smoke):
         T = int(tags["arm"][1:])
         per_t = client.get_metric_history(run.info.run_id, "per_t/loss_mse")
         assert sorted(m.step for m in per_t) == list(range(1, T + 1))
-        assert len(client.get_metric_history(run.info.run_id, "per_t/loss_floor")) == T
+        assert len(client.get_metric_history(run.info.run_id, "per_t/loss_best_ref")) == T
         drift = client.get_metric_history(run.info.run_id, "drift/mean")
         assert sorted(m.step for m in drift) == list(range(T + 1))  # x_T, then one per reverse step
         assert tags["mlflow.source.git.commit"] and tags["git_dirty"] in ("true", "false")
@@ -522,19 +522,19 @@ def test_reference_arms_run_end_to_end_without_training(tmp_path):
     assert wiener["params"] == 0 and wiener["train_steps"] == 0
     assert memoriser["nn_train_dist"] < 1e-3 < quality.loc[runs.loc["unet", "run_key"], "nn_train_dist"]
     per_t = table(tmp_path, "with_reference", "per_t").to_pandas()
-    assert per_t["loss_floor"].notna().all() and set(per_t["floor_denoiser"]) <= {
+    assert per_t["loss_best_ref"].notna().all() and set(per_t["best_ref_denoiser"]) <= {
         "pixelwise",
         "gaussian",
         "empirical",
         "median",
     }
-    # a reference arm is probed once (step 0); its own loss is never below the floor it is part of
+    # a reference arm is probed once (step 0); its own loss is never below the best reference it is part of
     wiener_rows = per_t[per_t["run_key"] == runs.loc["wiener", "run_key"]]
     assert set(wiener_rows["step"]) == {0}
-    assert (wiener_rows["loss_mse"] >= wiener_rows["loss_floor"] - 1e-6).all()
+    assert (wiener_rows["loss_mse"] >= wiener_rows["loss_best_ref"] - 1e-6).all()
     assert (wiener_rows["loss_mse"] - wiener_rows["ref_loss_gaussian"]).abs().max() < 1e-4
     html = (tmp_path / "reports" / "with_reference" / "index.html").read_text()
-    assert "loss floor" in html and "prior mean gap" in html
+    assert "best reference" in html and "start gap at t = T" in html
     # one sampler-check row: every arm shares the schedule and sampler
     checks = ds.dataset(str(tmp_path / "results" / "with_reference" / "sampler_check.parquet")).to_table().to_pandas()
     assert len(checks) == 1 and checks["arms"].iloc[0] == "unet, wiener, memoriser"

@@ -228,3 +228,54 @@ def test_saturation_is_counted_on_the_data_levels():
     assert to_levels(x, 17).tolist() == [16, 15, 16, 0, 0, 8, 1, 12]
     assert float(saturated_fraction(x, 17)) == pytest.approx(4 / 8)
     assert float(saturated_fraction(x, 256)) == pytest.approx(2 / 8)  # finer levels: only the clipped ones
+
+
+# ---------------------------------------------------------------------------------------
+# Memorisation
+# ---------------------------------------------------------------------------------------
+
+
+def _shifted_right(x: torch.Tensor) -> torch.Tensor:
+    """Each image moved one pixel right, the vacated column the background (-1)."""
+    out = torch.roll(x, 1, dims=3)
+    out[..., 0] = -1.0
+    return out
+
+
+def test_memorised_frac_flags_copies_and_only_copies(digits):
+    """The ratio test says: memorised when the nearest training image is closer than 1/3 of the
+    second nearest. Copies (exact or with mild noise) are; unseen digits, digits shifted by a
+    pixel and even blends of two training digits are not, although the last two score far from
+    the unseen digits on nn_heldout_ratio (which is why that ratio is no memorisation test)."""
+    train, test = digits["train"], digits["test"]
+    gen = torch.Generator().manual_seed(0)
+    copies = train[:200]
+    noisy = copies + 0.05 * torch.randn(copies.shape, generator=gen)
+    shifted = _shifted_right(train[:200])
+    partner = torch.randint(len(train), (200,), generator=gen)
+    blends = 0.5 * train[:200] + 0.5 * train[partner]
+    frac = {
+        name: quality.memorisation(x, train, test)
+        for name, x in [("copies", copies), ("noisy", noisy), ("test", test), ("shifted", shifted), ("blends", blends)]
+    }
+    assert frac["copies"]["memorised_frac"] == 1.0 and frac["copies"]["nn_train_dist"] == 0.0
+    assert frac["noisy"]["memorised_frac"] > 0.9
+    assert frac["test"]["memorised_frac"] < 0.02
+    assert frac["shifted"]["memorised_frac"] < 0.02
+    assert frac["blends"]["memorised_frac"] < 0.02
+    assert frac["shifted"]["nn_heldout_ratio"] > 1.5 and frac["blends"]["nn_heldout_ratio"] > 1.2
+
+
+def test_an_even_blend_of_a_digit_and_its_nearest_neighbour_has_ratio_one(digits):
+    """Halfway between two training images (its two nearest) d1 = d2: never memorised, whatever
+    the threshold below 1, and the ratio test sees exactly that."""
+    train = digits["train"]
+    flat = train.flatten(1).double()
+    distances = torch.cdist(flat[:50], flat)
+    distances[torch.arange(50), torch.arange(50)] = math.inf
+    blends = 0.5 * train[:50] + 0.5 * train[distances.argmin(1)]
+    nearest = quality.nearest_distances(blends, train, k=2)
+    torch.testing.assert_close(nearest[:, 0], nearest[:, 1], rtol=1e-6, atol=1e-9)
+    assert quality.memorisation(blends, train, digits["test"])["memorised_frac"] == 0.0
+    # and k = 1 is the first column of k = 2
+    torch.testing.assert_close(quality.nearest_distances(blends, train), nearest[:, 0])

@@ -294,8 +294,8 @@ def test_build_reference_rejects_an_unknown_name(schedule):
         build_reference("gausian", schedule, _small_data(), levels=17)
 
 
-def test_reference_losses_floor_is_the_lowest_and_is_cached(tmp_path, monkeypatch):
-    """The per-t floor is the minimum over the references, computed once per (split, schedule,
+def test_reference_losses_best_ref_is_the_lowest_and_is_cached(tmp_path, monkeypatch):
+    """The per-t best reference is the minimum over the references, computed once per (split, schedule,
     probe draw, grid) and then read back from the cache without fitting anything."""
     from ddpm_engine import diagnostics
     from ddpm_engine.metrics import REFERENCE_NAMES
@@ -309,9 +309,9 @@ def test_reference_losses_floor_is_the_lowest_and_is_cached(tmp_path, monkeypatc
     first = diagnostics.reference_losses(schedule, train, 5, probe, noise, grid, cache_dir=tmp_path)
     losses = first[[f"ref_loss_{n}" for n in REFERENCE_NAMES]].to_numpy()
     assert list(first["t"]) == grid
-    np.testing.assert_allclose(first["loss_floor"], losses.min(axis=1))
-    assert list(first["floor_denoiser"]) == [REFERENCE_NAMES[i] for i in losses.argmin(axis=1)]
-    assert first.loc[0, "floor_denoiser"] == "pixelwise" and first.loc[0, "loss_floor"] < 1e-6  # 5 levels, t = 1
+    np.testing.assert_allclose(first["loss_best_ref"], losses.min(axis=1))
+    assert list(first["best_ref_denoiser"]) == [REFERENCE_NAMES[i] for i in losses.argmin(axis=1)]
+    assert first.loc[0, "best_ref_denoiser"] == "pixelwise" and first.loc[0, "loss_best_ref"] < 1e-6  # 5 levels, t = 1
     assert len(list(tmp_path.glob("reference_losses-*.parquet"))) == 1
 
     diagnostics._REFERENCE_MEMO.clear()
@@ -323,10 +323,10 @@ def test_reference_losses_floor_is_the_lowest_and_is_cached(tmp_path, monkeypatc
         diagnostics.reference_losses(schedule, train, 5, probe, other, grid, cache_dir=tmp_path)
 
 
-def test_drift_splits_into_the_setups_share_and_the_models():
-    """The oracle chain is the data's Gaussian denoiser from the arm's own x_T and noise: a
-    `gaussian` reference arm IS that chain, so it adds exactly no drift of its own; an untrained
-    UNet does. The prior gap is the same for both (t = T comes before any model step)."""
+def test_a_gaussian_arm_is_its_own_gauss_chain_and_shares_the_start_with_a_unet():
+    """The gauss_chain reference curve is the data's Gaussian denoiser from the arm's own x_T
+    and noise: a `gaussian` reference arm IS that chain. x_T and its q(x_T | x_0) twin do not
+    depend on the model, so the start gap at t = T is the same for every arm."""
     from ddpm_engine import ExperimentConfig, MemoryRecorder, run_experiment
 
     def run(preset: str):
@@ -343,11 +343,14 @@ def test_drift_splits_into_the_setups_share_and_the_models():
         return run_experiment(config, recorder, device="cpu").summary, recorder.tables["drift"]
 
     wiener, wiener_drift = run("gaussian")
-    np.testing.assert_allclose(wiener_drift["mean"], wiener_drift["oracle_mean"], atol=1e-6)
-    np.testing.assert_allclose(wiener_drift["std"], wiener_drift["oracle_std"], atol=1e-6)
-    assert wiener["excess_mean_gap"] < 1e-6
+    np.testing.assert_allclose(wiener_drift["mean"], wiener_drift["gauss_chain_mean"], atol=1e-6)
+    np.testing.assert_allclose(wiener_drift["std"], wiener_drift["gauss_chain_std"], atol=1e-6)
     unet, unet_drift = run("tiny")
-    assert unet["excess_mean_gap"] > 1e-3
-    assert unet["prior_mean_gap"] == pytest.approx(wiener["prior_mean_gap"], abs=1e-7)
+    assert np.abs(unet_drift["mean"] - unet_drift["gauss_chain_mean"]).max() > 1e-3
+    assert unet["start_prior_mean_gap"] == pytest.approx(wiener["start_prior_mean_gap"], abs=1e-7)
     start = unet_drift[unet_drift["t"] == 20].iloc[0]
-    assert unet["prior_mean_gap"] == pytest.approx(start["mean"] - start["ref_mean"])
+    assert unet["start_prior_mean_gap"] == pytest.approx(start["mean"] - start["qstart_mean"])
+    for summary in (unet, wiener):
+        assert summary["final_mean_gap"] == pytest.approx(
+            summary["start_final_mean_gap"] + summary["own_final_mean_gap"], abs=1e-12
+        )

@@ -186,3 +186,43 @@ def test_a_truncated_runs_file_is_set_aside_and_its_key_runs_again(tmp_path):
     assert ledger.quarantined == [path] and not path.exists() and path.with_name(path.name + ".corrupt").exists()
     assert ledger.state(good) is RunState.FINISHED and ledger.state(bad) is RunState.PENDING
     assert Ledger.load(tmp_path, "cut").state(good) is RunState.FINISHED  # nothing left to trip on
+
+
+def test_tables_written_under_old_column_names_read_under_the_new_ones(tmp_path):
+    """loss_floor, floor_denoiser, floor_t_small, frac_t_above_floor and oracle_* were renamed;
+    a study holding runs of the old code next to new ones reads both under the new names, and an
+    old row's shortfall_t_small (clipped at 0 then) is derived again, signed, from its probe."""
+    write_study(tmp_path, STUDY, ["old", "new"], [0], "old")
+    probe = per_t_frame("base", 0)
+    probe = probe[probe["step"] == 10].assign(loss_mse=0.3)  # below the best reference at t = 1 below
+    old_key = write_run(
+        tmp_path,
+        STUDY,
+        "old",
+        0,
+        per_t=probe.assign(loss_floor=0.4, floor_denoiser="pixelwise"),
+        quality=pd.DataFrame([{"floor_t_small": 0.4, "shortfall_t_small": 0.0, "frac_t_above_floor": 0.0}]),
+        drift=pd.DataFrame({"t": [1, 0], "mean": [0.1, 0.2], "oracle_mean": [0.3, 0.4]}),
+    )
+    new_key = write_run(
+        tmp_path,
+        STUDY,
+        "new",
+        0,
+        per_t=probe.assign(loss_best_ref=0.2, best_ref_denoiser="gaussian"),
+        quality=pd.DataFrame([{"best_ref_t_small": 0.2, "shortfall_t_small": 0.1, "frac_t_above_best_ref": 1.0}]),
+        drift=pd.DataFrame({"t": [1, 0], "mean": [0.1, 0.2], "gauss_chain_mean": [0.5, 0.6]}),
+    )
+    data = StudyResults.load(tmp_path, STUDY)
+    per_t = data.table("per_t").set_index("run_key")
+    assert "loss_floor" not in per_t and "floor_denoiser" not in per_t
+    assert set(per_t.loc[old_key, "loss_best_ref"]) == {0.4} and set(per_t.loc[new_key, "loss_best_ref"]) == {0.2}
+    assert set(per_t.loc[old_key, "best_ref_denoiser"]) == {"pixelwise"}
+    drift = data.table("drift").set_index(["run_key", "t"])
+    assert "oracle_mean" not in drift and drift.loc[(old_key, 0), "gauss_chain_mean"] == 0.4
+    assert drift.loc[(new_key, 0), "gauss_chain_mean"] == 0.6
+    per_run = data.per_run().set_index("run_key")
+    assert per_run.loc[old_key, "best_ref_t_small"] == 0.4 and per_run.loc[new_key, "best_ref_t_small"] == 0.2
+    assert per_run.loc[old_key, "frac_t_above_best_ref"] == 0.0
+    assert per_run.loc[old_key, "shortfall_t_small"] == pytest.approx(0.3 - 0.4)  # re-derived, signed
+    assert per_run.loc[new_key, "shortfall_t_small"] == 0.1  # a new run's own value stands
