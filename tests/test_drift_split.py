@@ -101,7 +101,7 @@ def test_gaussian_data_with_its_wiener_denoiser_splits_into_the_closed_form_star
     )
 
     # the start gap at t = T is the two x_T's difference with the same eps: no draw noise left
-    eps = torch.randn(sampled.x0.shape, generator=torch.Generator().manual_seed(parts.config.sample.seed))
+    eps = torch.randn(sampled.x0.shape, generator=torch.Generator().manual_seed(parts.config.sample_draw_seed))
     start_x0 = heldout_start(parts)
     want = float(((1 - math.sqrt(1 - abar_T)) * eps - math.sqrt(abar_T) * start_x0).double().mean())
     assert summary["start_prior_mean_gap"] == pytest.approx(want, abs=1e-6)

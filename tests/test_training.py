@@ -123,7 +123,7 @@ def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t():
     torch.manual_seed(config.train.seed)
     untrained = build_model(config.model, data.channels, data.image_size)
     x0 = data.to_model_space(data.heldout[:128])
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.eval.probe_seed))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.probe_draw_seed))
     grid = probe_timesteps(schedule.T, 16)
     before = per_t_probe(untrained, schedule, x0, noise, grid, sigma="beta", levels=data.levels)
     result = run_experiment(config, MemoryRecorder(), device="cpu", data=data)
