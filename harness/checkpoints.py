@@ -40,6 +40,14 @@ def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
     return mine
 
 
+def untrained(spec: RunSpec) -> bool:
+    """A reference arm (model.preset names a parameter-free denoiser): it has no training to
+    keep, so measuring it again is all it ever costs."""
+    from ddpm_engine.metrics import REFERENCE_NAMES
+
+    return spec.config.model.preset in REFERENCE_NAMES
+
+
 def has_checkpoint(results: Path, spec: RunSpec) -> bool:
     """Whether ``spec``'s training has a checkpoint in its study (under the train key, or the
     run key where older code left it); moves nothing, so `harness plan` may ask."""

@@ -401,12 +401,15 @@ def _measured_only(study: Study, specs: list[RunSpec], ledger, reusable: dict, r
     """Pending keys whose training is on disk here or in another study, and finished keys of
     an older MEASURE_VERSION with a checkpoint: what `harness run` measures without training
     (harness.checkpoints)."""
-    from .checkpoints import has_checkpoint, trained_elsewhere
+    from .checkpoints import has_checkpoint, trained_elsewhere, untrained
 
     pending = [s for s in specs if not ledger.is_finished(s.key) and s.key not in reusable]
-    candidates = pending + ledger.outdated(specs)
+    outdated = ledger.outdated(specs)
+    candidates = pending + outdated
     elsewhere = trained_elsewhere(results, study.study, candidates)
-    found = [s for s in candidates if has_checkpoint(results, s) or s.key in elsewhere]
+    found = [
+        s for s in candidates if (s in outdated and untrained(s)) or has_checkpoint(results, s) or s.key in elsewhere
+    ]
     # arms sharing a training with a run to train here are measured from it too
     training = {s.train_key for s in pending if s not in found}
     firsts: set[str] = set()
@@ -425,13 +428,13 @@ def _outdated(study: Study, outdated: list[RunSpec], results: Path, ran_here: se
     they are and named: retraining them is --rerun's decision, not a side effect."""
     from ddpm_engine.metrics import MEASURE_VERSION
 
-    from .checkpoints import has_checkpoint, trained_elsewhere
+    from .checkpoints import has_checkpoint, trained_elsewhere, untrained
 
     outdated = [s for s in outdated if s.key not in ran_here]
     if not outdated:
         return []
     elsewhere = trained_elsewhere(results, study.study, outdated)
-    again = [s for s in outdated if has_checkpoint(results, s) or s.key in elsewhere]
+    again = [s for s in outdated if untrained(s) or has_checkpoint(results, s) or s.key in elsewhere]
     kept = [s for s in outdated if s not in again]
     if again:
         console.print(

@@ -81,6 +81,15 @@ def test_harness_run_gives_each_replicate_its_own_x_T(tmp_path):
     loss = per_t.merge(runs[["run_key", "arm", "seed"]], on="run_key").query("arm == 'wiener' and t == 10")
     assert loss["loss_mse"].nunique() == 2  # the probe noise differs between the two replicates
     assert set(runs["measure_version"]) == {MEASURE_VERSION}
+    # a reference arm has no checkpoint and needs none: an outdated one is simply measured again
+    target = next((results / "runs").iterdir())
+    row = pd.read_parquet(target)
+    row["measure_version"] = 1
+    row.to_parquet(target)
+    again = harness(["run", "draws.yaml", "--no-report"], tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "re-measuring 1 finished run(s)" in " ".join(again.stdout.split())
+    assert int(pd.read_parquet(target)["measure_version"].iloc[0]) == MEASURE_VERSION
 
 
 SAMPLER_STUDY = """\
