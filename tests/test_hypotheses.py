@@ -676,3 +676,32 @@ def test_log_metric_rows_show_ratios_and_geometric_means():
     assert "heldout_loss geometric mean = 2 (95% CI" in own.sentence
     with pytest.raises(ValueError, match="threshold must be > 0"):
         evaluate({"bad": Hypothesis(metric="fd", expect="below", value=0.0)}, per_run, ["base", "A"], "base")
+
+
+def _shortfall_verdicts(clip: bool, seeds: int = 8, studies: int = 400) -> float:
+    """The fraction of null studies in which "shortfall_t_small above 0" is called supported
+    when the model is exactly as good as the best reference at the smallest t: both losses
+    are estimates on a probe draw, so their per-seed difference is noise around 0. The
+    difference goes through the engine's own per_t_summary, clipped at 0 as it was before
+    2026-12-07 when ``clip``."""
+    from ddpm_engine.metrics import per_t_summary
+
+    rng = np.random.default_rng(11)
+    supported = 0
+    for _ in range(studies):
+        values = []
+        for _ in range(seeds):
+            model, reference = 0.40 + rng.normal(0, 0.01), 0.40 + rng.normal(0, 0.01)
+            rows = pd.DataFrame({"t": [1, 10], "loss_mse": [model, 0.1], "loss_best_ref": [reference, 0.1]})
+            shortfall = per_t_summary(rows)["shortfall_t_small"]
+            values.append(max(0.0, shortfall) if clip else shortfall)
+        supported += judge(values, "above", 0.0).verdict == "supported"
+    return supported / studies
+
+
+def test_signed_shortfall_keeps_a_model_at_the_reference_from_being_called_short():
+    """Clipped at 0, every seed's shortfall is >= 0, so the mean sits above 0 and a model at the
+    reference was called short of it in about a quarter of null studies at 8 seeds; signed, the
+    t test holds its level (one side of a two-sided 5% test)."""
+    assert _shortfall_verdicts(clip=True) > 0.15  # the simulation can fail a biased metric
+    assert _shortfall_verdicts(clip=False) <= 0.04
