@@ -162,9 +162,22 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
         spreads = [float(np.std(diffs[a, m.name], ddof=1)) for a in arms if len(diffs[a, m.name]) > 1]
         sd = float(np.sqrt(np.mean(np.square(spreads)))) if spreads else math.nan
         smallest = stats.minimum_detectable_effect(sd, n_seeds, alpha=level)
-        text = f"×{fmt(math.exp(smallest))}" if m.scale == "log" and math.isfinite(smallest) else fmt(smallest)
-        mde.append({"text": text, "cost": star_direction(m) is None})
+        mde.append({"text": _mde_text(smallest, m.scale == "log"), "cost": star_direction(m) is None})
     return rows, mde
+
+
+# A ratio beyond this is no effect anyone would look for: the seeds are too few to say more.
+MDE_RATIO_SHOWN = 1000.0
+
+
+def _mde_text(smallest: float, log: bool) -> str:
+    """The minimum detectable effect in the metric's own terms: a difference, or for a log
+    metric a ratio (× or ÷ it), shown as "> ×1,000" past MDE_RATIO_SHOWN."""
+    if not log or not math.isfinite(smallest):
+        return fmt(smallest)
+    if smallest > math.log(MDE_RATIO_SHOWN):
+        return f"> ×{fmt(MDE_RATIO_SHOWN)}"
+    return f"×{fmt(math.exp(smallest))}"
 
 
 def mde_level(tested_cells: int) -> str:

@@ -432,3 +432,11 @@ def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
     assert '<span class="sig"' not in effects and ">better<" not in effects
     assert effects.count("Holm-adjusted p = 0.0683") == 4  # 4 x 0.01708
     assert "minimum detectable effect" in effects
+
+
+def test_minimum_detectable_ratio_is_shown_as_a_ratio_and_capped():
+    from harness.report import _mde_text
+
+    assert _mde_text(1.0, log=True) == "×2.72"
+    assert _mde_text(380.0, log=True) == "> ×1,000"  # not a 165-digit number
+    assert _mde_text(0.25, log=False) == "0.25"
