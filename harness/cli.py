@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import signal
 import sys
@@ -591,16 +592,29 @@ def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) ->
 def _check_tracking_store(study: Study) -> set[str]:
     """Before any training: a half-made SQLite store repaired or replaced (harness.store),
     said in one message; then the run keys of the study the store has finished."""
-    from .store import check_store, finished_keys, tracking_uri
+    from .store import check_store, finished_keys, probe_store, tracking_uri
 
     uri = tracking_uri()
     try:
+        probe_store(uri)
         found = check_store(uri)
     except ValueError as error:
         fail_input(error)
     if found.message:
         console.print(f"[yellow]{escape(found.message)}[/]")
-    return finished_keys(uri, study.study)
+    # the first contact through MLflow's client: its default is minutes of retries per request
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update({name: value for name, value in quick.items() if saved[name] is None})
+    try:
+        return finished_keys(uri, study.study)
+    except Exception as error:  # noqa: BLE001 - an unknown scheme, a refused database URL
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        fail_input(ValueError(f"cannot use the MLflow tracking store {uri}: {type(error).__name__}: {first_line}"))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -> None:

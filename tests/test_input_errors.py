@@ -191,3 +191,83 @@ def test_report_into_a_read_only_reports_folder_is_one_line(judged_study):
     finally:
         (cwd / "reports").chmod(0o755)
     one_line_error(proc, "cannot write reports/s", "Permission denied")
+
+
+# ---------------------------------------------------------------- the MLflow store
+
+SMALL = HEADER + "base:\n  train: {steps: 2}\n"
+
+
+def test_a_tracking_uri_without_a_scheme_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    proc = harness(["run", str(path)], tmp_path, env={"MLFLOW_TRACKING_URI": "garbage"})
+    one_line_error(proc, "MLFLOW_TRACKING_URI='garbage' is not a tracking URI")
+    assert not (tmp_path / "results" / "s" / "runs").exists()
+
+
+def test_a_server_that_does_not_answer_is_one_line_within_seconds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    started = time.monotonic()
+    proc = harness(["run", str(path)], tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=120)
+    one_line_error(proc, "the MLflow tracking server http://127.0.0.1:9 did not answer")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "results" / "s" / "runs").exists()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A SQLite file where the harness looks for its store (a whole MLflow store is not
+    needed: every failure here comes before MLflow opens it)."""
+    import sqlite3
+    from contextlib import closing
+
+    path = tmp_path / "mlflow.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE t (x)")
+    return path
+
+
+def test_a_store_in_a_read_only_folder_is_one_line(tmp_path, store):
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    store.rename(folder / "mlflow.db")
+    folder.chmod(0o555)
+    try:
+        proc = harness(
+            ["run", str(path)], tmp_path, drop_root=True, env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
+        )
+    finally:
+        folder.chmod(0o755)
+    one_line_error(proc, f"the MLflow store {folder}/mlflow.db is in a folder this process cannot write")
+    assert not (tmp_path / "results" / "s" / "runs").exists()
+
+
+def test_a_store_locked_by_another_process_names_it(tmp_path, store):
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"db = sqlite3.connect({str(store)!r}, isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        proc = harness(["run", str(path)], tmp_path, env={"DDPM_ABLATE_STORE_WAIT": "2"}, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    one_line_error(proc, f"the MLflow store {store} is locked by process {holder.pid}", "waited 2 s")
+    assert elapsed < 60
+    assert not (tmp_path / "results" / "s" / "runs").exists()
