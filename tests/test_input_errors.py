@@ -271,3 +271,29 @@ def test_a_store_locked_by_another_process_names_it(tmp_path, store):
     one_line_error(proc, f"the MLflow store {store} is locked by process {holder.pid}", "waited 2 s")
     assert elapsed < 60
     assert not (tmp_path / "results" / "s" / "runs").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C while slots start
+
+
+def test_a_slot_ignores_ctrl_c_from_its_start(tmp_path):
+    """A Ctrl-C reaches the whole process group while the slots still import: they must
+    ignore it (the parent decides), not die with a KeyboardInterrupt traceback."""
+    import signal
+
+    from harness.plan import expand
+    from harness.scheduler import LocalScheduler
+    from harness.spec import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    specs = expand(load_study(path))
+    scheduler = LocalScheduler(specs, tmp_path / "results", [("cpu", 1)])
+    scheduler.start()
+    try:
+        for proc in scheduler.procs.values():
+            os.kill(proc.pid, signal.SIGINT)  # the slot is still importing
+        time.sleep(0.5)
+    finally:
+        scheduler.abort()
+    assert [proc.exitcode for proc in scheduler.procs.values()] == [0]
