@@ -10,17 +10,43 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .metrics import MEASURE_VERSION, REFERENCE_NAMES
 
 MAX_SEED = 2**32 - 1  # the range numpy's and torch's generators accept everywhere
 
 
+def _mentions(annotation, kinds: tuple) -> bool:
+    """Whether a field's type is, or holds, one of ``kinds`` (``int | None``, ``list[int]``)."""
+    if annotation in kinds:
+        return True
+    return any(
+        _mentions(arg, kinds) for arg in typing.get_args(annotation) if isinstance(arg, type) or typing.get_args(arg)
+    )
+
+
+def _has_bool(value) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_bool(v) for v in value)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info: ValidationInfo):
+        # pydantic's lax mode reads True as 1 and False as 0: `steps: true` or `--set
+        # train.steps=true` would silently train one step instead of saying it is wrong
+        annotation = cls.model_fields[info.field_name].annotation
+        if _has_bool(value) and _mentions(annotation, (int, float)) and not _mentions(annotation, (bool, Any)):
+            raise ValueError("a boolean is not a number here")
+        return value
 
 
 class DataConfig(_Section):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import signal
 import sys
 from collections import Counter
@@ -50,6 +52,15 @@ def fail_input(error: Exception) -> None:
     # escaped: a key such as train.[lr] in the message must print as written, not as markup
     err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def check_device(device: str) -> None:
+    """Exit 2 for a device torch would not be asked for: an unknown one was silently run on
+    the CPU (`auto`'s choice) by the slots, which only look for "cuda"."""
+    # torch builds MPS only on macOS; asking for it elsewhere fails in every slot after the start
+    known = "auto, cpu, cuda, cuda:N" + (", mps" if sys.platform == "darwin" else "")
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?" + ("|mps" if sys.platform == "darwin" else ""), device) is None:
+        fail_input(ValueError(f"--device {device!r}: not a device; use one of {known}"))
 
 
 def load(study_path: Path, set_options: list[str] | None) -> tuple[Study, list[RunSpec]]:
@@ -140,6 +151,7 @@ def plan(
 
     Example: `harness plan studies/timestep_ablation.yaml --set train.steps=500`
     """
+    check_device(device)
     study, specs = load(study_path, set_options)
     # the digits need loading only to time steps; other data are always checked here
     data = preflight_data(study, specs, embedded=measure)
@@ -182,10 +194,10 @@ def plan(
         changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         finished = sum(ledger.is_finished(s.key) for s in arm_specs)
         reused = sum(s.key in reusable for s in arm_specs)
-        table.add_row(
-            arm,
+        table.add_row(  # arm names and values are the study's text, never rich markup
+            escape(arm),
             ",".join(str(s.seed) for s in arm_specs),
-            changed,
+            escape(changed),
             params,
             seconds,
             f"{finished} / {reused} / {len(arm_specs) - finished - reused}",
@@ -194,7 +206,7 @@ def plan(
     if len(by_arm) > PLAN_ARMS_SHOWN and not all_arms:
         console.print(f"... and {len(by_arm) - PLAN_ARMS_SHOWN:,} more arms (`--all` lists them)")
     references = [
-        f"{arm} ({s[0].config.model.preset})"
+        f"{escape(arm)} ({s[0].config.model.preset})"
         for arm, s in by_arm.items()
         if s[0].config.model.preset in REFERENCE_NAMES
     ]
@@ -276,6 +288,9 @@ def run(
     * `harness run studies/darkening_diagnosis.yaml --arm baseline --arm ema` (a subset of the arms)
     * `harness run studies/timestep_ablation.yaml --storage postgresql://me@db/optuna --no-work` (then start workers)
     """
+    check_device(device)
+    if no_work and not storage:
+        fail_input(ValueError("--no-work needs --storage: it enqueues the runs there for `harness worker`"))
     study, specs = load(study_path, set_options)
     chosen = _chosen_arms(study_path, specs, arm)
     if chosen is not None and storage:
@@ -577,16 +592,29 @@ def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) ->
 def _check_tracking_store(study: Study) -> set[str]:
     """Before any training: a half-made SQLite store repaired or replaced (harness.store),
     said in one message; then the run keys of the study the store has finished."""
-    from .store import check_store, finished_keys, tracking_uri
+    from .store import check_store, finished_keys, probe_store, tracking_uri
 
     uri = tracking_uri()
     try:
+        probe_store(uri)
         found = check_store(uri)
     except ValueError as error:
         fail_input(error)
     if found.message:
         console.print(f"[yellow]{escape(found.message)}[/]")
-    return finished_keys(uri, study.study)
+    # the first contact through MLflow's client: its default is minutes of retries per request
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update({name: value for name, value in quick.items() if saved[name] is None})
+    try:
+        return finished_keys(uri, study.study)
+    except Exception as error:  # noqa: BLE001 - an unknown scheme, a refused database URL
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        fail_input(ValueError(f"cannot use the MLflow tracking store {uri}: {type(error).__name__}: {first_line}"))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -> None:
@@ -710,7 +738,7 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
     def on_trial(arm: str, number: int, values: dict, value, state: str) -> None:
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         result = f"{study.tune.metric}={value:.4g}" if value is not None else state
-        console.print(f"tune {arm} trial {number}: {shown} -> {result}")
+        console.print(f"tune {arm} trial {number}: {shown} -> {result}", markup=False)
 
     console.print(
         f"[bold]{study.study}[/]: tuning {', '.join(study.tune.space)} per arm "
@@ -814,6 +842,7 @@ def worker(
         work_on_storage,
     )
 
+    check_device(device)
     try:
         name = resolve_study_name(study_path)
         settings = QueueSettings.from_env(heartbeat_interval, grace_period, max_retry)
@@ -852,7 +881,7 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
         def on_event(kind: str, spec: RunSpec, payload: tuple) -> None:
             if kind == "started":
                 run_tasks[spec.key] = progress.add_task(
-                    f"  {spec.name}", total=spec.config.train.planned_steps(), info="starting"
+                    f"  {escape(spec.name)}", total=spec.config.train.planned_steps(), info="starting"
                 )
             elif kind == "scalars" and spec.key in run_tasks:
                 step, values = payload
@@ -871,9 +900,13 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
                     progress.advance(study_task)
                     outcome = payload[0]
                     if outcome.state is RunState.FAILED:
-                        progress.console.print(f"[red]failed[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
+                        progress.console.print(
+                            f"[red]failed[/] {escape(spec.name)} ({spec.key}): {escape(outcome.reason)}"
+                        )
                     elif outcome.state is RunState.FINISHED and outcome.reason:
-                        progress.console.print(f"[yellow]note[/] {spec.name} ({spec.key}): {escape(outcome.reason)}")
+                        progress.console.print(
+                            f"[yellow]note[/] {escape(spec.name)} ({spec.key}): {escape(outcome.reason)}"
+                        )
 
         scheduler.on_event = on_event
         return _run_until_done(scheduler, make_tracker, progress.console)
@@ -914,7 +947,7 @@ def _print_summary(specs: list[RunSpec], ledger: Ledger) -> None:
         color = {RunState.FINISHED: "green", RunState.FAILED: "red"}.get(state, "yellow")
         seconds = row.get("seconds")
         table.add_row(
-            spec.arm.label,
+            escape(spec.arm.label),
             str(spec.seed),
             spec.key,
             f"[{color}]{state}[/]",
@@ -930,12 +963,18 @@ def _text(value) -> str:
 
 
 def _build_report(study: str, results: Path, reports: Path) -> None:
-    from .report import build_report
+    from .report import ReportError, build_report
 
     try:
         path = build_report(study, results, reports)
     except FileNotFoundError:
         fail_input(ValueError(f"no results for study {study!r} under {results}: run it first (`harness run STUDY`)"))
+    except ReportError as error:
+        fail_input(error)
+    except OSError as error:  # reports/ read-only, a full disk
+        from ddpm_engine.files import write_error_message
+
+        fail_input(ValueError(write_error_message(error)))
     console.print(f"report: {path}")
 
 

@@ -611,7 +611,7 @@ def print_status(console, storage, study: optuna.Study, manifest: dict) -> list[
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
-            r.arm,
+            escape(r.arm),
             str(r.seed),
             r.run_key,
             f"[{colors.get(r.state, 'dim')}]{r.state}[/]",
@@ -628,7 +628,7 @@ def print_status(console, storage, study: optuna.Study, manifest: dict) -> list[
         mine = [r for r in rows if r.arm == arm]
         running = [r for r in mine if r.state is RunState.RUNNING]
         arms.add_row(
-            arm,
+            escape(arm),
             str(sum(r.state is RunState.FINISHED for r in mine)),
             f"{len(running)}" + (f" ({', '.join(r.host.split(' ')[0] for r in running)})" if running else ""),
             str(sum(r.state is RunState.PENDING for r in mine)),

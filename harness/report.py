@@ -15,6 +15,7 @@ metrics-table star goes only to an arm that is clearly best (``stats.clear_best_
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -387,11 +388,23 @@ def judge_hypotheses(data: StudyResults, baseline: str | None) -> pd.DataFrame:
 
     declared = {name: Hypothesis.model_validate(h) for name, h in (data.manifest.get("hypotheses") or {}).items()}
     path = data.root / data.study / "hypotheses.parquet"
-    if not declared:
-        path.unlink(missing_ok=True)
-        return pd.DataFrame()
-    frame = evaluate(declared, data.per_run(), data.arms, baseline, looks=looks_of(data.manifest))
-    write_frame(path, frame)
+    if path.is_dir():  # os.replace onto a folder says only "Is a directory", naming the temp file
+        raise ReportError(f"{path} is a folder, where the hypotheses' verdicts are written: move it away")
+    frame = pd.DataFrame()
+    if declared:
+        frame = evaluate(declared, data.per_run(), data.arms, baseline, looks=looks_of(data.manifest))
+    try:
+        if declared:
+            write_frame(path, frame)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        # the verdicts are derived from the tables and whole on the page: a read-only results/
+        # (an archived study) must not keep its report from being built
+        if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+            raise
+        if declared:
+            data.notes.append(f"{path} was not written ({error.strerror}): the verdicts are only on this page.")
     return frame
 
 
@@ -487,6 +500,10 @@ def budget_statement(data: StudyResults) -> str:
         }[kind]
         return f"arms are compared at {held} ({parts})"
     return f"arms mix budget kinds ({parts}); compare with care"
+
+
+class ReportError(ValueError):
+    """Something in results/ the report cannot be built around, said in one line."""
 
 
 def build_report(study: str, results_root: Path, reports_root: Path) -> Path:

@@ -211,7 +211,10 @@ def _read_manifest(path: Path, notes: list[str]) -> dict:
         notes.append(f"{path.name} is missing: the design below is inferred from the runs table.")
         return {}
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError(f"it holds a JSON {type(manifest).__name__}, not an object")
+        return manifest
     except (OSError, ValueError) as exc:
         notes.append(f"{path.name} could not be read ({exc}); the design is inferred from the runs table.")
         return {}

@@ -252,7 +252,16 @@ class LocalScheduler:
         proc = self.ctx.Process(
             target=slot_main, args=(slot, device, threads, self.tasks, self.events, self.stop, os.getpid()), daemon=True
         )
-        proc.start()
+        # A spawned slot imports the CLI and torch before slot_main runs: a Ctrl-C then raised
+        # KeyboardInterrupt there, a traceback per slot. An ignored SIGINT is inherited through
+        # exec and Python keeps it ignored, so the slot ignores it from its first instruction.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            proc.start()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
         self.procs[slot] = proc
 
     def run(self, make_tracker: Callable[[RunSpec], RunTracker]) -> list[RunOutcome]:

@@ -7,22 +7,25 @@ reports it as one line: ``studies/x.yaml:12: ablations.timesteps.T200.diffusion.
 
 from __future__ import annotations
 
-import builtins
 import copy
 import difflib
 import math
+import os
+import stat
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, model_validator
 
 from ddpm_engine import metrics
 from ddpm_engine.config import MAX_SEED, ExperimentConfig, field_docs
 
 ENGINE_KEYS = sorted(field_docs())  # every dotted leaf key of the engine config
+# pydantic's lax int reads `true` as 1: `seeds: [true]` would silently run seed 1
+Int = Annotated[int, Strict()]
 
 
 class StudyError(Exception):
@@ -41,7 +44,7 @@ class Distribution(BaseModel):
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    integer: tuple[builtins.int, builtins.int] | None = Field(None, alias="int")
+    integer: tuple[Int, Int] | None = Field(None, alias="int")
     choice: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -78,13 +81,13 @@ class Tune(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     space: dict[str, Distribution] = Field(min_length=1, description="dotted engine key -> distribution")
-    trials: int = Field(8, ge=1, le=1000, description="Trials per arm.")
+    trials: Int = Field(8, ge=1, le=1000, description="Trials per arm.")
     metric: str = Field("heldout_loss", description="Summary metric of a trial to optimise.")
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: the metric's declared direction (a gap: minimise its absolute value)."
     )
-    steps: int | None = Field(None, ge=1, description="Shortened train.steps of each trial.")
-    seed: int = Field(0, ge=0, description="Training seed of the trials and of the TPE sampler.")
+    steps: Int | None = Field(None, ge=1, description="Shortened train.steps of each trial.")
+    seed: Int = Field(0, ge=0, description="Training seed of the trials and of the TPE sampler.")
 
     @property
     def resolved_direction(self) -> str:
@@ -155,10 +158,10 @@ class AdaptiveSeeds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: int = Field(ge=2, le=64, description="Seeds every arm runs first (2 at least: one seed has no interval).")
-    max: int = Field(ge=2, le=64, description="Most seeds an arm may get.")
-    batch: int = Field(1, ge=1, le=64, description="Seeds added to an undecided arm at each look.")
-    first: int = Field(0, ge=0, le=MAX_SEED - 64, description="The seeds are first, first + 1, ..., first + max - 1.")
+    start: Int = Field(ge=2, le=64, description="Seeds every arm runs first (2 at least: one seed has no interval).")
+    max: Int = Field(ge=2, le=64, description="Most seeds an arm may get.")
+    batch: Int = Field(1, ge=1, le=64, description="Seeds added to an undecided arm at each look.")
+    first: Int = Field(0, ge=0, le=MAX_SEED - 64, description="The seeds are first, first + 1, ..., first + max - 1.")
 
     @model_validator(mode="after")
     def _order(self) -> AdaptiveSeeds:
@@ -179,7 +182,7 @@ class AdaptiveSeeds(BaseModel):
 # A list, or a mapping for adaptive seeds; the tags keep pydantic's error paths readable
 # (located_error drops them).
 SeedsField = Annotated[
-    Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Tag("tag-list")]
+    Annotated[list[Annotated[Int, Field(ge=0, le=MAX_SEED)]], Tag("tag-list")]
     | Annotated[AdaptiveSeeds, Tag("tag-adaptive")],
     Discriminator(lambda value: "tag-adaptive" if isinstance(value, (dict, AdaptiveSeeds)) else "tag-list"),
 ]
@@ -421,6 +424,40 @@ def parse_set_options(options: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 
+MAX_STUDY_BYTES = 1 << 20  # the shipped studies are a few KB; YAML parsing takes seconds per MB
+
+
+def _read_study_bytes(path: Path, source: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_STUDY_BYTES: a FIFO would block
+    the read until a writer came, /dev/zero would fill memory, and a file of tens of MB takes
+    minutes to parse before any error could be said."""
+    try:
+        with open(path, "rb", buffering=0, opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = (
+                    "a FIFO"
+                    if stat.S_ISFIFO(mode)
+                    else "a device"
+                    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket"
+                    if stat.S_ISSOCK(mode)
+                    else "not a file"
+                )
+                raise StudyError(source, None, "", f"is {kind}, not a regular file: a study must be a YAML file")
+            raw = handle.read(MAX_STUDY_BYTES + 1)
+    except OSError as error:
+        raise StudyError(source, None, "", f"cannot read it: {error.strerror or error}") from None
+    if len(raw) > MAX_STUDY_BYTES:
+        raise StudyError(
+            source,
+            None,
+            "",
+            f"larger than {MAX_STUDY_BYTES // (1 << 20)} MB: a study file is a few KB; not read further",
+        )
+    return raw
+
+
 def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     """Read, parse and fully validate a study file (including every arm's engine config).
 
@@ -432,7 +469,7 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
         raise StudyError(source, None, "", "no such study file")
     if path.is_dir():
         raise StudyError(source, None, "", "is a directory, expected a YAML study file")
-    raw = path.read_bytes()
+    raw = _read_study_bytes(path, source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

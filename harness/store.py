@@ -295,3 +295,100 @@ def finished_keys(uri: str, study: str) -> set[str]:
         token = page.token
         if not token:
             return keys
+
+
+LOCK_WAIT_SECONDS = 30.0  # another process's write (MLflow's own, `mlflow ui`) ends within seconds
+SERVER_TIMEOUT_SECONDS = 5.0
+
+
+def probe_store(uri: str) -> None:
+    """Raise ValueError, in one line naming the store, when it cannot be written: a server
+    that does not answer (MLflow's client would retry for minutes), a SQLite store in a
+    read-only place, or one another process keeps locked past ``LOCK_WAIT_SECONDS``
+    (``DDPM_ABLATE_STORE_WAIT``). Asked before any slot starts, so nothing trains for a
+    store that would refuse its records."""
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+        return
+    if "://" not in uri and not uri.startswith("file:"):
+        # MLflow would take it as a file store folder, which it no longer writes
+        raise ValueError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not a tracking URI: use sqlite:///path/mlflow.db, "
+            "http(s)://host:port of an `mlflow server`, or a database URL"
+        )
+    path = sqlite_path(uri)
+    if path is None:
+        return  # another backend (a database URL): MLflow's client says what is wrong with it
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):  # SQLite writes its journal beside the store
+        raise ValueError(
+            f"the MLflow store {path} is in a folder this process cannot write ({folder}): make it writable, "
+            "or set MLFLOW_TRACKING_URI to a store elsewhere"
+        )
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK):
+        raise ValueError(
+            f"the MLflow store {path} is read-only: make it writable, or set MLFLOW_TRACKING_URI to another store"
+        )
+    wait = float(os.environ.get("DDPM_ABLATE_STORE_WAIT", LOCK_WAIT_SECONDS))
+    try:
+        with closing(sqlite3.connect(path, timeout=wait)) as db:
+            db.execute("BEGIN IMMEDIATE")  # waits up to ``wait`` for another writer to finish
+            db.rollback()
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error) and "busy" not in str(error):
+            return  # damage, not a lock: check_store repairs or replaces it
+        raise ValueError(
+            f"the MLflow store {path} is locked by {holders(path) or 'another process'} "
+            f"(waited {wait:.0f} s): let it finish or stop it, then run again"
+        ) from None
+
+
+def _probe_server(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_SECONDS).close()
+    except urllib.error.HTTPError:
+        return  # it answered; what it said is MLflow's client's to judge
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise ValueError(
+            f"the MLflow tracking server {uri} did not answer within {SERVER_TIMEOUT_SECONDS:.0f} s ({reason}): "
+            "start it, or set MLFLOW_TRACKING_URI to a store that answers"
+        ) from None
+
+
+def holders(path: Path) -> str:
+    """The other processes holding a lock on ``path`` (SQLite's are POSIX locks, listed in
+    /proc/locks by inode), else those with it open, as "process 123 (python x.py)"; "" where
+    /proc cannot tell (another OS, another user's processes)."""
+    target = str(path.resolve())
+    pids: list[int] = []
+    try:
+        inode = os.stat(path).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4].isdigit():
+                pids.append(int(fields[4]))
+    except OSError:
+        pass
+    if not pids:
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            try:
+                if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                    pids.append(int(fd_dir.parent.name))
+            except OSError:
+                continue
+    found = []
+    for pid in dict.fromkeys(p for p in pids if p != os.getpid()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = ""
+        found.append(f"process {pid} ({command[:80]})" if command else f"process {pid}")
+    return ", ".join(found)
