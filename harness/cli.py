@@ -365,19 +365,21 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     sampler check is recorded after them."""
     from .scheduler import LocalScheduler, slot_devices
 
+    done_in_mlflow = _check_tracking_store(study)
+    done_in_mlflow -= _repair(study, specs, results, measure=True)
     ledger = ledger_of(results, study)
     todo, skipped = ledger.todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
     todo = [s for s in todo if s.key not in ran_here]
-    done_in_mlflow = _check_tracking_store(study)
     if not rerun:  # a key MLflow finished is restored from it below, never trained again
         todo = [s for s in todo if s.key not in done_in_mlflow]
         todo += _outdated(study, ledger.outdated(specs, chosen), results, ran_here)
     claims, todo, held = _claim(study, results, todo, rerun)  # held while this function runs
     waiting = [spec for spec, who in held if who.study and who.study != study.study]
     try:
-        from .reuse import finished_elsewhere
+        from .reuse import finished_elsewhere, sound_sources
 
         reusable = {} if rerun else finished_elsewhere(results, study.study, [s.key for s in todo])
+        reusable = sound_sources(results, reusable, todo, _client, console.print)
         adopted = [s for s in todo if s.key in reusable]
         todo = [s for s in todo if s.key not in reusable]
         if not rerun:
@@ -410,6 +412,19 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     finally:
         claims.release()
     return outcomes, waiting
+
+
+def _client():
+    from .tracking import make_client  # only when a table is damaged: MLflow loads while the slots start
+
+    return make_client()
+
+
+def _repair(study: Study, specs: list[RunSpec], results: Path, measure: bool) -> set[str]:
+    """Damaged tables of finished keys restored from MLflow, else measured again (harness.repair)."""
+    from .repair import repair_study
+
+    return repair_study(results, study.study, specs, _client, console.print, measure=measure)
 
 
 def _measured_only(study: Study, specs: list[RunSpec], ledger, reusable: dict, results: Path) -> list[RunSpec]:
@@ -1044,6 +1059,7 @@ def report(
             )
         except DistributedError as error:
             fail_input(error)
+    _repair(study, specs, results, measure=False)
     _build_report(study.study, results, reports)
 
 

@@ -21,6 +21,7 @@ A key another `harness run` holds (harness.claims) is left to it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from mlflow.entities import Metric
 
 from .claims import KeyClaims
@@ -146,30 +148,30 @@ def logged_points(results: Path, spec: RunSpec) -> dict[str, list[tuple[int, flo
     return points
 
 
-def rebuild_in_mlflow(
-    client, experiment_id: str, spec: RunSpec, results: Path, run=None, commit: str = ""
-) -> tuple[str, int]:
-    """Create the key's MLflow run (``run`` None) or complete ``run`` from results/, then mark
-    it FINISHED; returns (its run id, the metric points added)."""
-    tracker = RunTracker(client, experiment_id, spec, results, commit or "unknown")
-    folder = Path(results) / spec.study
-    if run is None:
-        tracker.open_mlflow_run()
-        client.set_tag(tracker.run_id, "rebuilt_from", str(folder))
-        present, inputs = set(), []
-    else:
-        tracker.run_id = run.info.run_id
-        client.set_tag(tracker.run_id, "completed_from", str(folder))
-        present = {a.path for a in client.list_artifacts(run.info.run_id)}
-        inputs = run.inputs.dataset_inputs if run.inputs else []
-    run_id, now = tracker.run_id, int(time.time() * 1000)
-    added: list[Metric] = []
+LOGGED_ROWS_TAG = "logged_rows"  # JSON: table -> its Parquet rows whose metric points MLflow was seen to hold
+LOGGED_TABLES = ("train", "probe", "quality", *CURVE_METRICS)  # the tables whose rows are metric points
+
+
+def parquet_rows(results: Path, spec: RunSpec) -> str:
+    """The key's row count per logged table, from the Parquet footers (no data read), as the
+    text of ``LOGGED_ROWS_TAG``: equal texts mean MLflow's history was completed for these rows."""
+    counts = {}
+    for name in LOGGED_TABLES:
+        path = Path(results) / spec.study / name / f"{spec.key}.parquet"
+        if path.exists():
+            counts[name] = pq.read_metadata(path).num_rows
+    return json.dumps(counts, sort_keys=True)
+
+
+def add_missing_points(client, run_id: str, results: Path, spec: RunSpec, history: bool = True) -> int:
+    """Log each metric point of the key's Parquet tables that the run's MLflow history lacks
+    (``history`` False: a new run, which has none) and tag the run with the rows now covered;
+    returns the points added. A point MLflow holds already is never logged again."""
+    now, added = int(time.time() * 1000), []
     for name, points in logged_points(results, spec).items():
         # a point counts as logged once per time MLflow holds it (bpd is logged twice at the
         # last step: the last probe's and the summary's)
-        logged = (
-            Counter() if run is None else Counter((m.step, m.value) for m in client.get_metric_history(run_id, name))
-        )
+        logged = Counter((m.step, m.value) for m in client.get_metric_history(run_id, name)) if history else Counter()
         for offset, (step, value) in enumerate(points):
             if logged[(step, value)] > 0:
                 logged[(step, value)] -= 1
@@ -177,6 +179,33 @@ def rebuild_in_mlflow(
                 added.append(Metric(name, value, now + offset, step))
     for i in range(0, len(added), METRIC_BATCH):
         client.log_batch(run_id, metrics=added[i : i + METRIC_BATCH])
+    client.set_tag(run_id, LOGGED_ROWS_TAG, parquet_rows(results, spec))
+    return len(added)
+
+
+def rebuild_in_mlflow(
+    client, experiment_id: str, spec: RunSpec, results: Path, run=None, commit: str = ""
+) -> tuple[str, int]:
+    """Create the key's MLflow run (``run`` None) or complete ``run`` from results/, then mark
+    it FINISHED; returns (its run id, the metric points added). With ``run`` None a run an
+    earlier, killed rebuild left (an adoption killed before its `runs` row) is completed, not
+    logged over a second time."""
+    tracker = RunTracker(client, experiment_id, spec, results, commit or "unknown")
+    folder = Path(results) / spec.study
+    if run is None:
+        tracker.open_mlflow_run()
+        run = client.get_run(tracker.run_id) if tracker.resumed else None
+    if run is None:
+        client.set_tag(tracker.run_id, "rebuilt_from", str(folder))
+        present, inputs = set(), []
+    else:
+        tracker.run_id = run.info.run_id
+        present = {a.path for a in client.list_artifacts(run.info.run_id)}
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+    run_id = tracker.run_id
+    added = add_missing_points(client, run_id, results, spec, history=run is not None)
+    if run is not None and (added or needs_mending(run)):
+        client.set_tag(run_id, "completed_from", str(folder))
     dataset = folder / "dataset" / f"{spec.key}.parquet"
     if dataset.exists() and not inputs:
         client.log_inputs(run_id, datasets=[dataset_input(pd.read_parquet(dataset))])
@@ -196,12 +225,17 @@ def rebuild_in_mlflow(
     if run is not None and "error" in run.data.tags:  # an earlier attempt's failure no longer describes it
         client.delete_tag(run_id, "error")
     client.set_terminated(run_id, status="FINISHED")
-    return run_id, len(added)
+    return run_id, added
 
 
-def needs_mending(run) -> bool:
-    """Whether a finished key's MLflow run must be created or completed from results/."""
-    return run is None or run.info.status != "FINISHED" or SUMMARY_SENTINEL not in run.data.metrics
+def needs_mending(run, rows: str | None = None) -> bool:
+    """Whether a finished key's MLflow run must be created or completed from results/: it is
+    missing, not FINISHED, without its summary, or (given the Parquet ``rows``) its history
+    was never seen to cover them (a resume after a kill loses the points its async logger
+    held; runs of older code have no tag and are looked at once)."""
+    if run is None or run.info.status != "FINISHED" or SUMMARY_SENTINEL not in run.data.metrics:
+        return True
+    return rows is not None and run.data.tags.get(LOGGED_ROWS_TAG) != rows
 
 
 @dataclass
@@ -237,7 +271,7 @@ def reconcile(
         if spec.key in running:
             continue
         if ledger.is_finished(spec.key):
-            if needs_mending(run):
+            if needs_mending(run, parquet_rows(results, spec)):
                 to_mend.append(spec)
         elif run is not None and run.info.status == "FINISHED":
             to_restore.append(spec)
@@ -254,7 +288,10 @@ def reconcile(
             else:
                 run_id, added = rebuild_in_mlflow(client, experiment_id, spec, results, run, commit)
                 mended.points += added
-                (mended.rebuilt if run is None else mended.completed).append(spec)
+                if run is None:
+                    mended.rebuilt.append(spec)
+                elif added or needs_mending(run):  # a run only looked at and found whole is not news
+                    mended.completed.append(spec)
                 row = ledger.row(spec.key)
                 if row.get("mlflow_run_id") != run_id:  # the finished row names the run it has now
                     updated = {k: v for k, v in row.items() if k != "run_key"} | {"mlflow_run_id": run_id}
@@ -285,5 +322,5 @@ def _say(mended: Mended, study: str, results: Path, log: Callable[[str], None]) 
     if mended.completed:
         log(
             f"completed {len(mended.completed)} MLflow run(s) of {study} from {where} "
-            f"({mended.points} metric points added in all): they were not marked finished or lacked metrics"
+            f"({mended.points} metric points added in all): they were not marked finished or lacked metric points"
         )

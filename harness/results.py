@@ -67,6 +67,7 @@ class StudyResults:
                 "(their run keys are not planned any more)."
             )
         runs = ledger.design_rows(manifest)
+        notes += damaged_notes(root, study, runs)
         arms = [a["arm"] for a in manifest.get("arms") or []]
         extra = [a for a in dict.fromkeys(runs["arm"]) if a not in arms]
         if extra and arms:
@@ -204,6 +205,21 @@ class StudyResults:
         for arm, seed, value in zip(frame["arm"], frame["seed"], frame[name]):
             out.setdefault(arm, {})[int(seed)] = float(value)
         return out
+
+
+def damaged_notes(root: Path, study: str, runs: pd.DataFrame) -> list[str]:
+    """One note per finished run with a missing or unreadable table (harness.repair): the
+    report shows it without them, so its verdicts count it only where it has the values."""
+    from .repair import damaged_tables
+
+    finished = runs[runs["status"] == FINISHED]
+    damaged = damaged_tables(root, study, finished["run_key"].astype(str)) if not finished.empty else {}
+    return [
+        f"{', '.join(damaged[key])} of run {arm} seed {seed} ({key}) missing or unreadable, and not restored: "
+        "the run is shown without them (`harness run` restores them from MLflow or measures the run again)."
+        for key, arm, seed in zip(finished["run_key"], finished["arm"], finished["seed"])
+        if key in damaged
+    ]
 
 
 def _read_manifest(path: Path, notes: list[str]) -> dict:

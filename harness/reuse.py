@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ddpm_engine.files import atomic_write
 
@@ -41,6 +41,49 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
             # harness.checkpoints, and the run measured again
             found.update({k: folder.name for k in candidates if ledger.is_current(k)})
     return found
+
+
+def sound_sources(
+    results: Path, sources: dict[str, str], specs: list, open_client: Callable[[], object], log: Callable[[str], None]
+) -> dict[str, str]:
+    """``sources`` (run key -> source study) without the keys whose source has a damaged table
+    that its MLflow run cannot restore: adopting them would copy the damage (and fail to
+    read it), so they are measured from the source's checkpoint (harness.checkpoints) or
+    trained here instead. Restoring a source puts back the file it had, nothing else."""
+    from .repair import damaged_tables, finished_run, measurable, restore_tables, store_exists
+
+    damaged = {k: v for k, v in sources.items() if damaged_tables(results, v, [k])}
+    if not damaged:
+        return sources
+    client = None
+    try:
+        if store_exists():
+            client = open_client()
+    except Exception as error:  # noqa: BLE001 - an unusable store only means no copy from it
+        log(f"[yellow]cannot read MLflow to restore damaged tables: {type(error).__name__}: {str(error)[:200]}[/]")
+    kept = dict(sources)
+    for spec in specs:
+        source = damaged.get(spec.key)
+        if source is None:
+            continue
+        folders = damaged_tables(results, source, [spec.key]).get(spec.key, [])
+        run = finished_run(client, source, spec.key) if client is not None else None
+        restored = restore_tables(client, run, results, source, spec.key, folders) if run is not None else []
+        if restored:
+            log(f"restored {', '.join(restored)} of {spec.name} in study {source} from its MLflow run")
+        lost = [name for name in folders if name not in restored]
+        if lost:
+            del kept[spec.key]
+            then = (
+                f"measured from the training {source} finished"
+                if measurable(results, spec)
+                else "trained here (no checkpoint to measure from)"
+            )
+            log(
+                f"[yellow]{', '.join(lost)} of {spec.name} in study {source} "
+                f"{'is' if len(lost) == 1 else 'are'} damaged and its MLflow run has no copy: not reused; {then}[/]"
+            )
+    return kept
 
 
 def copy_run_files(results: Path, source: str, study: str, key: str) -> list[Path]:

@@ -172,6 +172,7 @@ class RunTracker:
         self.started = time.time()
         self.paths: list[Path] = []
         self.pending: list = []
+        self.resumed = False  # the key's MLflow run was reopened: an earlier attempt logged into it
 
     @property
     def study(self) -> str:
@@ -195,6 +196,7 @@ class RunTracker:
             existing = None
         if existing is not None:
             self.run_id = existing.info.run_id
+            self.resumed = True
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "resumed", "true")
             if "error" in existing.data.tags:  # an earlier attempt's failure no longer describes the run
@@ -281,7 +283,20 @@ class RunTracker:
         for path in self.paths:
             self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
         self._terminate("FINISHED")
+        self.record_history()
         self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"), note=note)
+
+    def record_history(self) -> None:
+        """Tag the run with the Parquet rows its metric history covers (reconcile.LOGGED_ROWS_TAG),
+        after the points are stored: a run that never lost any is tagged at once; a resumed one
+        first gets the points its earlier attempt's asynchronous logger lost when it was killed.
+        Tagged after FINISHED, so a kill in between leaves a run reconcile looks at again."""
+        from .reconcile import LOGGED_ROWS_TAG, add_missing_points, parquet_rows
+
+        if self.resumed:
+            add_missing_points(self.client, self.run_id, self.results, self.spec)
+        else:
+            self.client.set_tag(self.run_id, LOGGED_ROWS_TAG, parquet_rows(self.results, self.spec))
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "error", reason[:5000])
