@@ -85,7 +85,7 @@ _LOSS, _DRIFT, _QUALITY, _PER_T, _COST = "Loss and bound", "Sample drift", "Samp
 # fmt: off
 DECLARED: list[Metric] = [
     # ---- dataset: one row per run, the training split (data.describe_split); MLflow gets it as the run's dataset input
-    _m("dataset", "name", "", None, "data set name: digits, image_folder:FOLDER (its last path part), npz:STEM (the file name without .npz) or torchvision:SET", "data.describe_split"),
+    _m("dataset", "name", "", None, "data set name: digits, fashion_mnist, mnist, image_folder:FOLDER (its last path part), npz:STEM (the file name without .npz) or torchvision:SET", "data.describe_split"),
     _m("dataset", "digest", "", None, "16 hex of sha256 over the training images (shape, levels, bytes) and the split definition (held-out fraction, split seed, image cap)", "data.split_digest"),
     _m("dataset", "source", "", None, "where the images come from: the loader (sklearn.datasets.load_digits) or the resolved path", "data.data_source"),
     _m("dataset", "train_images", "images", None, "images in the training split"),
