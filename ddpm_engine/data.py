@@ -445,7 +445,7 @@ def _folder_key(folder: Path, files: list[Path], config: DataConfig) -> str:
 
 
 def engine_cache_dir(config: DataConfig) -> Path:
-    """Where the engine keeps what it derives once (decoded images, the digit classifier,
+    """Where the engine keeps what it derives once (decoded images, the classifiers of labelled data,
     reference losses): data.cache_dir, else $DDPM_ENGINE_CACHE, else ~/.cache/ddpm_engine."""
     chosen = config.cache_dir or os.environ.get("DDPM_ENGINE_CACHE") or "~/.cache/ddpm_engine"
     return Path(chosen).expanduser()
