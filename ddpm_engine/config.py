@@ -50,15 +50,19 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "image_folder", "npz", "torchvision"] = Field(
+    name: Literal["digits", "fashion_mnist", "mnist", "image_folder", "npz", "torchvision"] = Field(
         "digits",
         description="digits: scikit-learn load_digits (1,797 8x8 images, 17 grey levels, "
-        "embedded). image_folder: a folder of PNG/JPEG images. npz: an array file. "
+        "embedded). fashion_mnist / mnist: the four IDX files of the set (70,000 28x28 images, "
+        "256 grey levels, 10 classes), their own 60,000 / 10,000 train / test split. "
+        "image_folder: a folder of PNG/JPEG images. npz: an array file. "
         "torchvision: a torchvision data set already on disk.",
     )
     path: str | None = Field(
         None,
-        description="Folder (image_folder), .npz file (npz) or root folder (torchvision).",
+        description="Folder (image_folder), .npz file (npz), root folder (torchvision) or folder of the IDX "
+        "files (fashion_mnist: /usr/share/datasets/fashion-mnist, where the Debian package "
+        "dataset-fashion-mnist puts them, if unset; mnist: required).",
     )
     npz_key: str | None = Field(None, description="Array name inside the .npz file; None takes the first array.")
     torchvision_set: str | None = Field(None, description="torchvision.datasets class name, e.g. MNIST or CIFAR10.")
@@ -75,11 +79,26 @@ class DataConfig(_Section):
         description="Quantization levels of a pixel (17 for digits, 256 for 8-bit images); "
         "None takes the data set's own. Used by the L0 decoder and bits/dim.",
     )
-    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of images held out from training.")
-    split_seed: int = Field(
-        0, ge=0, le=MAX_SEED, description="Seed of the fixed train / held-out split (independent of train.seed)."
+    heldout_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of images held out from training. Does not apply to fashion_mnist / mnist: "
+        "their test split is the held-out set.",
     )
-    max_images: int | None = Field(None, ge=2, description="Use at most this many images (after a seeded shuffle).")
+    split_seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the fixed train / held-out split (independent of train.seed); for fashion_mnist / "
+        "mnist it only orders each split and picks the max_images subset.",
+    )
+    max_images: int | None = Field(
+        None,
+        ge=2,
+        description="Use at most this many images (after a seeded shuffle). fashion_mnist / mnist: a cap on "
+        "both splits together, each keeping its share (6 training to 1 held out).",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where decoded, resized image folders are cached as uint8 arrays; "

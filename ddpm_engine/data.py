@@ -1,6 +1,7 @@
 """Image data sets as uint8 tensors with a fixed train / held-out split.
 
-Every source (embedded digits, a folder of images, an array file, a torchvision set) ends
+Every source (embedded digits, a folder of images, an array file, IDX files of MNIST or
+Fashion-MNIST, a torchvision set) ends
 as an `ImageData`: uint8 N x C x H x W tensors whose values are quantization levels
 0..levels-1. Keeping uint8 rather than float keeps large sets (CelebA at 64x64) in memory;
 the model sees `to_model_space` of a batch. The number of levels is part of the data
@@ -9,13 +10,17 @@ because the discretized decoder (L_0) and bits/dim depend on it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,27 +98,33 @@ class ImageData:
 
 def load_data(config: DataConfig) -> ImageData:
     """Load, convert and split the data set that `config` describes."""
+    if config.levels is not None and config.levels > MAX_LEVELS:
+        raise DataError(
+            f"data.levels={config.levels} exceeds {MAX_LEVELS}, the most uint8 storage holds; lower data.levels."
+        )
+    if config.name in IDX_SETS:
+        return _load_idx(config)
     loaders = {
         "digits": _load_digits,
         "image_folder": _load_image_folder,
         "npz": _load_npz,
         "torchvision": _load_torchvision,
     }
-    if config.levels is not None and config.levels > MAX_LEVELS:
-        raise DataError(
-            f"data.levels={config.levels} exceeds {MAX_LEVELS}, the most uint8 storage holds; lower data.levels."
-        )
     images, labels, levels, name = loaders[config.name](config)
-    # Sources with known levels are re-quantized (e.g. 8-bit faces to 32 levels); npz arrays
-    # have no known levels, so there data.levels already declared them and this is a no-op.
-    if config.levels is not None and config.levels != levels:
-        images = _requantize(images, levels, config.levels)
-        levels = config.levels
+    images, levels = _apply_levels(images, levels, config)
     if config.max_images is not None and config.max_images < images.shape[0]:
         keep = torch.randperm(images.shape[0], generator=_generator(config.split_seed))
         keep = keep[: config.max_images].sort().values
         images, labels = images[keep], None if labels is None else labels[keep]
     return _split(images, labels, levels, name, config)
+
+
+def _apply_levels(images: torch.Tensor, levels: int, config: DataConfig) -> tuple[torch.Tensor, int]:
+    # Sources with known levels are re-quantized (e.g. 8-bit faces to 32 levels); npz arrays
+    # have no known levels, so there data.levels already declared them and this is a no-op.
+    if config.levels is not None and config.levels != levels:
+        return _requantize(images, levels, config.levels), config.levels
+    return images, levels
 
 
 # --- what a run trained on, for whoever tracks it (the `dataset` table) ---
@@ -126,7 +137,8 @@ def data_source(config: DataConfig) -> str:
     """Where the images come from: the loader of embedded data, else the resolved path."""
     if config.name == "digits":
         return "sklearn.datasets.load_digits"
-    path = str(Path(config.path).expanduser().resolve()) if config.path else ""
+    path = config.path or (IDX_SETS[config.name].default_path if config.name in IDX_SETS else None)
+    path = str(Path(path).expanduser().resolve()) if path else ""
     if config.name == "torchvision":
         return f"torchvision.datasets.{config.torchvision_set}:{path}"
     return path
@@ -135,15 +147,22 @@ def data_source(config: DataConfig) -> str:
 def split_digest(data: ImageData, config: DataConfig) -> str:
     """16 hex of a sha256 over the training split: its images (shape, levels, every byte) and
     the split definition (held-out fraction, split seed, image cap), so equal digests mean the
-    same training images split the same way. About 1 s per GB of images."""
+    same training images split the same way. About 1 s per GB of images.
+
+    IDX sets keep their files' own train / test split, so heldout_fraction defines nothing
+    there and is left out (two configs that differ only in it get one digest); the split seed
+    still orders both parts and picks the capped subset."""
     split = {
         "version": _DIGEST_VERSION,
         "shape": list(data.train.shape),
         "levels": data.levels,
-        "heldout_fraction": config.heldout_fraction,
         "split_seed": config.split_seed,
         "max_images": config.max_images,
     }
+    if config.name in IDX_SETS:
+        split["split"] = "files"
+    else:
+        split["heldout_fraction"] = config.heldout_fraction
     digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode())
     digest.update(data.train.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
     return digest.hexdigest()[:16]
@@ -252,6 +271,152 @@ def _load_image_folder(config: DataConfig):
     return torch.from_numpy(images), None, 256, f"image_folder:{folder.name}"
 
 
+# --- IDX files (MNIST, Fashion-MNIST) ---
+
+
+@dataclass(frozen=True)
+class _IdxSet:
+    title: str
+    default_path: str | None
+    how_to_get: str
+
+
+# One reader serves every set distributed as the four IDX files of MNIST.
+IDX_SETS: dict[str, _IdxSet] = {
+    "fashion_mnist": _IdxSet(
+        "Fashion-MNIST",
+        "/usr/share/datasets/fashion-mnist",
+        "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist; it puts them "
+        "in /usr/share/datasets/fashion-mnist), or download the four files from "
+        "https://github.com/zalandoresearch/fashion-mnist into data.path",
+    ),
+    "mnist": _IdxSet(
+        "MNIST",
+        None,
+        "download the four files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from https://yann.lecun.com/exdb/mnist/ "
+        "or a mirror into data.path",
+    ),
+}
+# (train or held-out, file-name stem): the files' own split; t10k is the test set.
+_IDX_PARTS = (("train", "train"), ("heldout", "t10k"))
+# The IDX type byte -> element type; the data are big-endian.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_idx(file: Path) -> np.ndarray:
+    """The array in an IDX file (gzipped or not): magic 0x00 0x00 <type> <ndim>, then ndim
+    big-endian uint32 sizes, then the data, big-endian. A file that is not IDX, or whose
+    length disagrees with its header, is a DataError naming it."""
+    raw = _read_idx_bytes(file)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise DataError(
+            f"{file} is not an IDX file (it starts with bytes {raw[:4].hex() or 'none'}, not the magic "
+            "00 00 <type> <dimensions>); replace it with an intact copy."
+        )
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise DataError(f"{file} is truncated inside its header; replace it with an intact copy.")
+    shape = struct.unpack(f">{ndim}I", raw[4:start])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - start != expected:
+        state = "truncated" if len(raw) - start < expected else "longer than its header says"
+        raise DataError(
+            f"{file} is {state}: its header declares {' x '.join(map(str, shape))} values ({expected} bytes) "
+            f"but {len(raw) - start} bytes follow; replace it with an intact copy."
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=start).reshape(shape)
+
+
+def _read_idx_bytes(file: Path) -> bytes:
+    try:
+        raw = file.read_bytes()
+        # By content, not suffix: a decompressed file keeping its .gz name still reads.
+        return gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip reports a cut-off download as an early end of stream
+        raise DataError(f"{file} is truncated or damaged ({exc}); replace it with an intact copy.") from exc
+
+
+def _load_idx(config: DataConfig) -> ImageData:
+    """The files' own split (train-* for training, t10k-* held out), each part shuffled by
+    split_seed so that any prefix is a random sample; data.max_images caps the total with
+    each part keeping its share (as split_sizes would split that many images)."""
+    spec = IDX_SETS[config.name]
+    folder = _idx_folder(config, spec)
+    parts = {part: _read_idx_part(folder, stem, spec) for part, stem in _IDX_PARTS}
+    train, held = parts["train"][0], parts["heldout"][0]
+    if train.shape[1:] != held.shape[1:]:
+        raise DataError(
+            f"the {spec.title} files in {folder} disagree: training images are {train.shape[2]}x{train.shape[1]}, "
+            f"test images {held.shape[2]}x{held.shape[1]}; replace them with one set's files."
+        )
+    counts = [train.shape[0], held.shape[0]]
+    if config.max_images is not None and config.max_images < sum(counts):
+        keep = split_sizes(config.max_images, counts[1] / sum(counts))
+        counts = [min(k, c) for k, c in zip(keep, counts)]
+    generator = _generator(config.split_seed)
+    out = []
+    for (images, labels), count in zip(parts.values(), counts):
+        order = torch.randperm(images.shape[0], generator=generator)[:count]
+        tensor = torch.from_numpy(images[order.numpy()]).unsqueeze(1)  # fancy indexing copies: writable
+        tensor = _convert_tensor(tensor, 256, config.channels, config.image_size, str(folder))
+        tensor, levels = _apply_levels(tensor, 256, config)
+        out += [tensor, torch.from_numpy(labels[order.numpy()].astype(np.int64))]
+    return ImageData(
+        name=config.name, train=out[0], heldout=out[2], levels=levels, train_labels=out[1], heldout_labels=out[3]
+    )
+
+
+def _idx_folder(config: DataConfig, spec: _IdxSet) -> Path:
+    if not config.path and spec.default_path is None:
+        raise DataError(
+            f"data.path is required for data.name={config.name!r}: set it to the folder of the four "
+            f"{spec.title} IDX files; to get them, {spec.how_to_get}."
+        )
+    folder = Path(config.path or spec.default_path).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"data.path {folder} is not a folder of {spec.title} IDX files; to get them, {spec.how_to_get}."
+        )
+    return folder
+
+
+def _read_idx_part(folder: Path, stem: str, spec: _IdxSet) -> tuple[np.ndarray, np.ndarray]:
+    image_file = _idx_file(folder, f"{stem}-images", "idx3", spec)
+    label_file = _idx_file(folder, f"{stem}-labels", "idx1", spec)
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"{image_file} holds {images.dtype} values of shape {images.shape}, not N x H x W unsigned bytes; "
+            "replace it with the images file of the set."
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{label_file} holds {labels.dtype} values of shape {labels.shape}, not one integer per image.")
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"{label_file} has {labels.shape[0]} labels for the {images.shape[0]} images of {image_file}; "
+            "replace them with matching files."
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{image_file} holds no images.")
+    return images, labels
+
+
+def _idx_file(folder: Path, stem: str, kind: str, spec: _IdxSet) -> Path:
+    # LeCun's and Zalando's names use "-idx3-ubyte"; some mirrors ship "train-images.idx3-ubyte".
+    for separator in ("-", "."):
+        for suffix in (".gz", ""):
+            file = folder / f"{stem}{separator}{kind}-ubyte{suffix}"
+            if file.is_file():
+                return file
+    raise DataError(
+        f"data.path {folder} has no {spec.title} file {stem}-{kind}-ubyte(.gz); to get the files, {spec.how_to_get}."
+    )
+
+
 # --- image folders ---
 
 
@@ -280,7 +445,7 @@ def _folder_key(folder: Path, files: list[Path], config: DataConfig) -> str:
 
 
 def engine_cache_dir(config: DataConfig) -> Path:
-    """Where the engine keeps what it derives once (decoded images, the digit classifier,
+    """Where the engine keeps what it derives once (decoded images, the classifiers of labelled data,
     reference losses): data.cache_dir, else $DDPM_ENGINE_CACHE, else ~/.cache/ddpm_engine."""
     chosen = config.cache_dir or os.environ.get("DDPM_ENGINE_CACHE") or "~/.cache/ddpm_engine"
     return Path(chosen).expanduser()

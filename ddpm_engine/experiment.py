@@ -37,11 +37,12 @@ from .diagnostics import (
 from .metrics import PER_RUN, REFERENCE_NAMES, per_t_summary
 from .model import build_model, count_parameters
 from .objectives import gaussian_noise
-from .quality import load_digit_classifier, memorisation, sample_quality
+from .quality import classifier_side, load_classifier, memorisation, sample_quality
 from .recorder import NullRecorder, Recorder
 from .references import build_reference, reference_device
 from .sampling import SAMPLERS, chunked_eps
 from .schedule import Schedule, make_schedule
+from .shapes import DIGITS_SIDE
 from .training import Trainer
 
 # What sample_quality returns, from the registry: NaN for each when eval.quality is off, so
@@ -472,14 +473,18 @@ def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
 
 
 def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
-    """sample_quality of the samples against the train images (in digit-classifier features
-    for digits), or NaN for each of QUALITY_KEYS when eval.quality is off."""
+    """sample_quality of the samples against the train images (in the features of the
+    classifier of the data's labels, where it has labels), or NaN for each of QUALITY_KEYS
+    when eval.quality is off."""
     config, data = parts.config, parts.data
     if not config.eval.quality:
         return dict.fromkeys(QUALITY_KEYS, math.nan)
     classifier = None
-    if data.name == "digits" and data.train_labels is not None:
-        classifier = load_digit_classifier(data.train, data.train_labels, config.data.cache_dir)
+    if data.train_labels is not None:
+        # digits upsampled by image_size carry no more than their 8x8: classify them there
+        native = DIGITS_SIDE if data.name == "digits" else None
+        side = classifier_side(data.image_size, native)
+        classifier = load_classifier(data.train, data.train_labels, data.levels, config.data.cache_dir, side)
     train = data.to_model_space(data.train).float()
     out = sample_quality(x0.float().cpu(), train, classifier, levels=data.levels)
     out.update(memorisation(x0.float().cpu(), train, data.to_model_space(data.heldout).float()))

@@ -85,8 +85,8 @@ _LOSS, _DRIFT, _QUALITY, _PER_T, _COST = "Loss and bound", "Sample drift", "Samp
 # fmt: off
 DECLARED: list[Metric] = [
     # ---- dataset: one row per run, the training split (data.describe_split); MLflow gets it as the run's dataset input
-    _m("dataset", "name", "", None, "data set name: digits, image_folder:FOLDER (its last path part), npz:STEM (the file name without .npz) or torchvision:SET", "data.describe_split"),
-    _m("dataset", "digest", "", None, "16 hex of sha256 over the training images (shape, levels, bytes) and the split definition (held-out fraction, split seed, image cap)", "data.split_digest"),
+    _m("dataset", "name", "", None, "data set name: digits, fashion_mnist, mnist, image_folder:FOLDER (its last path part), npz:STEM (the file name without .npz) or torchvision:SET", "data.describe_split"),
+    _m("dataset", "digest", "", None, "16 hex of sha256 over the training images (shape, levels, bytes) and the split definition (held-out fraction, split seed, image cap; the IDX sets, whose split is their files', without the held-out fraction)", "data.split_digest"),
     _m("dataset", "source", "", None, "where the images come from: the loader (sklearn.datasets.load_digits) or the resolved path", "data.data_source"),
     _m("dataset", "train_images", "images", None, "images in the training split"),
     _m("dataset", "heldout_images", "images", None, "images held out"),
@@ -181,10 +181,10 @@ DECLARED: list[Metric] = [
     _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality", exact=True),
     _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),
     _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
-    _m("quality", "fd", "", "lower", "Frechet distance (digit-classifier features; downsampled pixels otherwise)", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
-    _m("quality", "coverage", "", "higher", "fraction of digit classes produced by at least 20% of their fair share", "quality.sample_quality", group=_QUALITY, label="class coverage"),
-    _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples", "quality.sample_quality"),
-    _m("quality", "confidence", "", "higher", "mean maximum softmax probability of the digit classifier", "quality.sample_quality"),
+    _m("quality", "fd", "", "lower", "Frechet distance in the features of the classifier of the data set's labels (trained once on its training split); downsampled pixels for data without labels", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
+    _m("quality", "coverage", "", "higher", "fraction of the data set's classes produced by at least 20% of their fair share (its classifier's predictions; NaN without labels)", "quality.sample_quality", group=_QUALITY, label="class coverage"),
+    _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples (the data set's classifier; NaN without labels)", "quality.sample_quality"),
+    _m("quality", "confidence", "", "higher", "mean maximum softmax probability of the data set's classifier (NaN without labels)", "quality.sample_quality"),
     _m("quality", "memorised_frac", "", "lower", "fraction of samples whose nearest training image is closer than 1/3 of the second nearest (RMS pixel distance; the ratio test after Carlini et al. 2023): copies of training images, not blends or shifted copies", "quality.memorisation", group=_QUALITY, label="memorised fraction"),
     _m("quality", "nn_train_dist", "pixel", None, "mean RMS pixel distance of each sample to its nearest training image (0: copies)", "quality.memorisation", scale="log"),
     _m("quality", "nn_heldout_ratio", "", None, "nn_train_dist over the same mean distance of held-out images to the training set: near 0 the samples sit on training images; near 1 or above they are only as far from it as unseen data (so are shifted or blended training images), which is no evidence of generalising", "quality.memorisation", scale="log"),

@@ -45,10 +45,12 @@ def digits_extent(config: DataConfig) -> tuple[int, int]:
 
 
 def problems(
-    config: ExperimentConfig, images: int | None = None, image_size: int | None = None
+    config: ExperimentConfig, images: int | None = None, image_size: int | None = None, heldout: int | None = None
 ) -> list[tuple[str, str]]:
     """(dotted key, reason) for each setting that cannot work with data of ``images`` images
-    (after data.max_images) of side ``image_size``; without them, the checks that need no data."""
+    (after data.max_images) of side ``image_size``; without them, the checks that need no data.
+    ``heldout``: how many of them are held out, when known (data sets with their own split,
+    such as Fashion-MNIST, ignore data.heldout_fraction); else data.heldout_fraction says."""
     found: list[tuple[str, str]] = []
     data, quality = config.data, config.eval.quality
     if data.levels is not None and data.levels > MAX_LEVELS:
@@ -71,9 +73,12 @@ def problems(
         size_key = (
             "data.max_images"
             if data.max_images is not None
-            else ("data.heldout_fraction" if data.heldout_fraction > 0.5 else "data.path")
+            else ("data.heldout_fraction" if data.heldout_fraction > 0.5 and heldout is None else "data.path")
         )
-        train, held = split_sizes(images, data.heldout_fraction) if images >= 2 else (images, 0)
+        if heldout is not None:
+            train, held = images - heldout, heldout
+        else:
+            train, held = split_sizes(images, data.heldout_fraction) if images >= 2 else (images, 0)
         if images < 2:
             found.append((size_key, f"{images} image(s): a train / held-out split needs at least 2"))
         elif quality and train < QUALITY_MIN_IMAGES:

@@ -91,12 +91,12 @@ def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) ->
         for key, reason in problems(spec.config):
             fail_input(_located(study, spec, [key], reason))
     loaded: dict = {}
-    extents: dict[str, tuple[int, int]] = {}
+    extents: dict[str, tuple[int, int, int | None]] = {}
     for spec in arms:
         key = spec.config.data.model_dump_json()
         if key not in extents:
             if spec.config.data.name == "digits" and not embedded:
-                extents[key] = digits_extent(spec.config.data)
+                extents[key] = (*digits_extent(spec.config.data), None)
             else:
                 from ddpm_engine.data import DataError, load_data
 
@@ -104,7 +104,8 @@ def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) ->
                     data = loaded[key] = load_data(spec.config.data)
                 except DataError as error:
                     fail_input(_located(study, spec, ["data.path", "data.name"], str(error)))
-                extents[key] = (data.train.shape[0] + data.heldout.shape[0], data.image_size)
+                held = data.heldout.shape[0]  # the loaded split, whichever rule made it
+                extents[key] = (data.train.shape[0] + held, data.image_size, held)
         for dotted, reason in problems(spec.config, *extents[key]):
             # a default a preset filled in is located at the preset
             fallbacks = ["model.preset"] if dotted.startswith("model.") else ["data.path", "data.name"]

@@ -1,4 +1,4 @@
-"""One engine cache (the digit classifier, decoded image folders) for the whole session.
+"""One engine cache (the classifiers of labelled data, decoded image folders) for the whole session.
 
 Every test process, in-process or spawned through the CLI, shares it: the classifier is
 trained once per session instead of once per test, and a developer's ~/.cache never makes

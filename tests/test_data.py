@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
 import sys
@@ -514,3 +515,172 @@ def test_describe_split_names_the_training_split_by_a_stable_digest(digits, tmp_
     assert data_source(DataConfig(name="torchvision", torchvision_set="MNIST", path=str(tmp_path))) == (
         f"torchvision.datasets.MNIST:{tmp_path.resolve()}"
     )
+
+
+# --- IDX files (MNIST, Fashion-MNIST) ---
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+REQUIRE_SERVERS = os.environ.get("DDPM_ABLATE_REQUIRE_SERVERS") == "1"
+
+
+def _write_idx(file: Path, array: np.ndarray, type_code: int = 0x08) -> Path:
+    """The IDX layout written by hand (magic, big-endian uint32 sizes, big-endian data), so the
+    reader is checked against the format, not against itself."""
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    file.write_bytes(gzip.compress(payload) if file.suffix == ".gz" else payload)
+    return file
+
+
+def _idx_images(count: int, side: int, first: int) -> np.ndarray:
+    """Distinct images: image i carries its number in pixel (0, 0), the rest is noise."""
+    images = np.random.default_rng(first).integers(0, 256, size=(count, side, side), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(first, first + count) % 256
+    return images
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    """A 12-train / 4-test MNIST-shaped set of 6x6 images; plain and gzipped files mixed."""
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    _write_idx(folder / "train-images-idx3-ubyte.gz", _idx_images(12, 6, 0))
+    _write_idx(folder / "train-labels-idx1-ubyte", (np.arange(12) % 10).astype(np.uint8))
+    _write_idx(folder / "t10k-images-idx3-ubyte", _idx_images(4, 6, 100))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1], dtype=np.uint8))
+    return folder
+
+
+def _by_first_pixel(images: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    order = images[:, 0, 0, 0].argsort()
+    return images[order, 0].numpy(), labels[order].numpy()
+
+
+@pytest.mark.parametrize("name", ["gz", "plain"])
+@pytest.mark.parametrize(
+    "array, type_code",
+    [
+        (np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5), 0x08),
+        (np.array([7, 0, 255], dtype=np.uint8), 0x08),
+        (np.array([[-70000, 3], [1, 2**30]], dtype=np.int32), 0x0C),
+        (np.array([0.5, -2.25], dtype=np.float32), 0x0D),
+    ],
+)
+def test_read_idx_reads_back_exactly(tmp_path: Path, name, array, type_code) -> None:
+    file = _write_idx(tmp_path / ("a.gz" if name == "gz" else "a"), array, type_code)
+    got = data_module.read_idx(file)
+    assert got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
+
+
+def test_idx_split_is_the_files_split(idx_folder: Path) -> None:
+    for fraction in (0.1, 0.75):  # heldout_fraction does not apply: the t10k files are held out
+        data = load_data(DataConfig(name="mnist", path=str(idx_folder), heldout_fraction=fraction))
+        assert data.name == "mnist" and data.levels == 256
+        assert data.train.shape == (12, 1, 6, 6) and data.heldout.shape == (4, 1, 6, 6)
+        train, train_labels = _by_first_pixel(data.train, data.train_labels)
+        np.testing.assert_array_equal(train, _idx_images(12, 6, 0))
+        np.testing.assert_array_equal(train_labels, np.arange(12) % 10)
+        held, held_labels = _by_first_pixel(data.heldout, data.heldout_labels)
+        np.testing.assert_array_equal(held, _idx_images(4, 6, 100))
+        np.testing.assert_array_equal(held_labels, [3, 1, 4, 1])
+
+
+def test_idx_parts_are_shuffled_by_split_seed(idx_folder: Path) -> None:
+    """Each part is in a seeded random order, so that a prefix (the probe's held-out images)
+    is a random sample and not, as in MNIST's test file, the easier half."""
+    first = load_data(DataConfig(name="mnist", path=str(idx_folder)))
+    again = load_data(DataConfig(name="mnist", path=str(idx_folder)))
+    other = load_data(DataConfig(name="mnist", path=str(idx_folder), split_seed=3))
+    assert torch.equal(first.train, again.train) and torch.equal(first.heldout, again.heldout)
+    assert not torch.equal(first.train, other.train)
+    assert first.train[:, 0, 0, 0].tolist() != list(range(12))
+
+
+def test_idx_max_images_caps_each_part_by_its_share(idx_folder: Path) -> None:
+    data = load_data(DataConfig(name="mnist", path=str(idx_folder), max_images=8))
+    # 4 of 16 images are held out: 8 images keep 2 of them and 6 training images
+    assert (data.train.shape[0], data.heldout.shape[0]) == (6, 2)
+    assert set(data.heldout[:, 0, 0, 0].tolist()) <= set(range(100, 104))
+    assert set(data.train[:, 0, 0, 0].tolist()) <= set(range(12))
+    assert data.train_labels.tolist() == [i % 10 for i in data.train[:, 0, 0, 0].tolist()]
+
+
+def test_idx_resize_levels_and_channels(idx_folder: Path) -> None:
+    data = load_data(DataConfig(name="mnist", path=str(idx_folder), image_size=4, levels=32, channels=3))
+    assert data.train.shape == (12, 3, 4, 4) and data.levels == 32
+    assert int(data.train.max()) <= 31
+
+
+def test_idx_digest_covers_what_defines_the_split(idx_folder: Path) -> None:
+    from ddpm_engine.data import describe_split
+
+    def digest(**kwargs) -> str:
+        config = DataConfig(name="mnist", path=str(idx_folder), **kwargs)
+        return describe_split(load_data(config), config)["digest"]
+
+    base = digest()
+    assert digest(heldout_fraction=0.5) == base  # the same split: no new digest
+    assert digest(split_seed=1) != base
+    assert digest(max_images=8) != base
+
+
+def test_idx_missing_files_say_how_to_get_them(tmp_path: Path, idx_folder: Path) -> None:
+    with pytest.raises(DataError, match="dataset-fashion-mnist") as caught:
+        load_data(DataConfig(name="fashion_mnist", path=str(tmp_path / "nowhere")))
+    assert "\n" not in str(caught.value) and str(tmp_path / "nowhere") in str(caught.value)
+    with pytest.raises(DataError, match="data.path is required"):
+        load_data(DataConfig(name="mnist"))
+    (idx_folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        load_data(DataConfig(name="mnist", path=str(idx_folder)))
+
+
+def test_idx_fashion_mnist_defaults_to_the_debian_folder() -> None:
+    assert data_module.data_source(DataConfig(name="fashion_mnist")) == str(FASHION_MNIST.resolve())
+
+
+def test_idx_bad_magic_names_the_file(idx_folder: Path) -> None:
+    file = idx_folder / "t10k-images-idx3-ubyte"
+    file.write_bytes(b"\x00\x01\x08\x03" + file.read_bytes()[4:])
+    with pytest.raises(DataError, match=f"{file} is not an IDX file"):
+        load_data(DataConfig(name="mnist", path=str(idx_folder)))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_truncated_file_names_the_file(idx_folder: Path, gz: bool) -> None:
+    file = idx_folder / ("train-images-idx3-ubyte.gz" if gz else "t10k-images-idx3-ubyte")
+    raw = file.read_bytes()
+    file.write_bytes(raw[: len(raw) - 10])
+    with pytest.raises(DataError, match=f"{file} is truncated"):
+        load_data(DataConfig(name="mnist", path=str(idx_folder)))
+
+
+def test_idx_labels_must_match_the_images(idx_folder: Path) -> None:
+    _write_idx(idx_folder / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3], dtype=np.uint8))
+    with pytest.raises(DataError, match="3 labels for the 4 images"):
+        load_data(DataConfig(name="mnist", path=str(idx_folder)))
+
+
+def test_idx_problems_use_the_loaded_split() -> None:
+    """A large heldout_fraction does not shrink a set that brings its own split."""
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.shapes import problems
+
+    config = ExperimentConfig(data=DataConfig(name="mnist", path="x", heldout_fraction=0.9))
+    assert problems(config, 5, 28, heldout=1) == []
+    assert [key for key, _ in problems(config, 5, 28)] == ["data.heldout_fraction"]
+
+
+def test_real_fashion_mnist_loads_with_its_split() -> None:
+    if not FASHION_MNIST.is_dir():
+        if REQUIRE_SERVERS:
+            pytest.fail(
+                f"{FASHION_MNIST} is missing (DDPM_ABLATE_REQUIRE_SERVERS=1): apt-get install dataset-fashion-mnist"
+            )
+        pytest.skip(f"{FASHION_MNIST} is absent (apt-get install dataset-fashion-mnist)")
+    data = load_data(DataConfig(name="fashion_mnist"))
+    assert data.train.shape == (60_000, 1, 28, 28) and data.heldout.shape == (10_000, 1, 28, 28)
+    assert data.levels == 256 and int(data.train.max()) == 255 and int(data.train.min()) == 0
+    assert torch.bincount(data.train_labels).tolist() == [6000] * 10
+    assert torch.bincount(data.heldout_labels).tolist() == [1000] * 10

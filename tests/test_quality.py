@@ -1,6 +1,7 @@
-"""Tests of ddpm_engine.quality: Frechet distance, the cached digit classifier, metrics.
+"""Tests of ddpm_engine.quality: Frechet distance, the cached classifier of a data set's labels,
+metrics.
 
-Data come straight from scikit-learn's load_digits so these tests do not depend on
+Digits come straight from scikit-learn's load_digits so most tests do not depend on
 ddpm_engine.data. The classifier is trained once per module into a temporary cache.
 """
 
@@ -17,10 +18,10 @@ from sklearn.datasets import load_digits
 
 from ddpm_engine import quality
 from ddpm_engine.quality import (
-    DigitClassifier,
+    ImageClassifier,
     feature_statistics,
     frechet_distance,
-    load_digit_classifier,
+    load_classifier,
     sample_quality,
 )
 
@@ -55,7 +56,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(digits, cache_dir):
-    return load_digit_classifier(digits["train_u8"], digits["train_y"], cache_dir)
+    return load_classifier(digits["train_u8"], digits["train_y"], 17, cache_dir)
 
 
 def _gaussian_stats(d: int, seed: int):
@@ -118,7 +119,7 @@ def test_feature_statistics_matches_numpy():
 
 
 @torch.no_grad()
-def _accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(model: ImageClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
@@ -141,7 +142,7 @@ def test_second_load_hits_the_cache(classifier, digits, cache_dir, monkeypatch):
         raise AssertionError("classifier retrained despite a cached copy")
 
     monkeypatch.setattr(quality, "_train_classifier", fail)
-    again = load_digit_classifier(digits["train_u8"], digits["train_y"], cache_dir)
+    again = load_classifier(digits["train_u8"], digits["train_y"], 17, cache_dir)
     for a, b in zip(classifier.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -279,3 +280,146 @@ def test_an_even_blend_of_a_digit_and_its_nearest_neighbour_has_ratio_one(digits
     assert quality.memorisation(blends, train, digits["test"])["memorised_frac"] == 0.0
     # and k = 1 is the first column of k = 2
     torch.testing.assert_close(quality.nearest_distances(blends, train), nearest[:, 0])
+
+
+# ---------------------------------------------------------------------------------------
+# The classifier of any labelled set
+# ---------------------------------------------------------------------------------------
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _made_set(per_class: int = 240, side: int = 12, classes: int = 10):
+    """A labelled set with the traits the FD must see: each class a smooth template of its own
+    (random 4x4 grids upsampled), each image its class's template shifted by up to a pixel,
+    scaled in contrast and noised; uint8 levels 0..255. For when Fashion-MNIST is absent."""
+    gen = torch.Generator().manual_seed(7)
+    templates = F.interpolate(torch.rand(classes, 1, 4, 4, generator=gen), size=(side + 2, side + 2), mode="bilinear")
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    n = len(labels)
+    dy, dx = torch.randint(0, 3, (2, n), generator=gen)
+    images = torch.stack([templates[c, :, y : y + side, x : x + side] for c, y, x in zip(labels, dy, dx)])
+    images = images * (0.7 + 0.3 * torch.rand(n, 1, 1, 1, generator=gen)) + 0.08 * torch.randn(
+        images.shape, generator=gen
+    )
+    order = torch.randperm(n, generator=gen)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)[order]
+    return images, labels[order]
+
+
+@pytest.fixture(scope="module", params=["digits", "fashion"])
+def labelled(request, digits, classifier, cache_dir):
+    """(train, held-out, their labels, the classifier, a well separated class) of digits and of
+    Fashion-MNIST at 14x14 (7,000 images), or of a set this test makes where it is absent."""
+    if request.param == "digits":
+        return dict(
+            train=digits["train"], heldout=digits["test"], heldout_y=digits["test_y"], model=classifier, clear=0
+        )
+    import os
+
+    from ddpm_engine.config import DataConfig
+    from ddpm_engine.data import load_data
+
+    if os.path.isdir(FASHION_MNIST):
+        data = load_data(DataConfig(name="fashion_mnist", image_size=14, max_images=7000))
+        train_u8, train_y, held_u8, held_y, clear = data.train, data.train_labels, data.heldout, data.heldout_labels, 1
+    else:
+        images, labels = _made_set()
+        train_u8, train_y, held_u8, held_y, clear = images[400:], labels[400:], images[:400], labels[:400], 0
+    model = load_classifier(train_u8, train_y, 256, cache_dir)
+    to_float = lambda x: x.float() / 255.0 * 2.0 - 1.0  # noqa: E731
+    return dict(train=to_float(train_u8), heldout=to_float(held_u8), heldout_y=held_y, model=model, clear=clear)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.exp(-((torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2) / 2)
+    taps = taps / taps.sum()
+    padded = F.pad(x, (radius,) * 4, mode="replicate")
+    rows = F.conv2d(padded, taps.view(1, 1, 1, -1))
+    return F.conv2d(rows, taps.view(1, 1, -1, 1))
+
+
+def _without_classes(x: torch.Tensor, y: torch.Tensor, dropped: int) -> torch.Tensor:
+    """As many images as `x`, drawn (with replacement) from the classes left after dropping
+    the first `dropped`: a model that never makes those classes."""
+    pool = x[y >= dropped]
+    pick = torch.randint(len(pool), (len(x),), generator=torch.Generator().manual_seed(dropped))
+    return pool[pick]
+
+
+def test_fd_of_heldout_is_small_and_of_noise_large(labelled):
+    ref, held = labelled["train"], labelled["heldout"]
+    real = sample_quality(held, ref, labelled["model"])
+    noise = sample_quality(
+        torch.rand(held.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1, ref, labelled["model"]
+    )
+    assert real["fd"] * 20 < noise["fd"], (real["fd"], noise["fd"])
+    assert real["coverage"] == 1.0 and real["class_entropy"] > 3.2
+    assert real["confidence"] > noise["confidence"]
+
+
+def test_fd_grows_with_blur(labelled):
+    ref, held, model = labelled["train"], labelled["heldout"], labelled["model"]
+    fds = [sample_quality(held if s == 0 else _blur(held, s), ref, model)["fd"] for s in (0, 0.5, 1.0, 2.0)]
+    assert fds == sorted(fds) and fds[-1] > 5 * fds[0], fds
+
+
+def test_fd_grows_with_the_classes_dropped(labelled):
+    ref, held, y, model = labelled["train"], labelled["heldout"], labelled["heldout_y"], labelled["model"]
+    out = [sample_quality(_without_classes(held, y, k), ref, model) for k in (0, 3, 6, 9)]
+    fds = [o["fd"] for o in out]
+    assert fds == sorted(fds) and fds[-1] > 5 * fds[0], fds
+    # Fashion-MNIST's shirts pass for T-shirts and pullovers often enough to cover them: coverage
+    # falls with each drop but not always to the classes left (there 1.0, 0.9, 0.6, 0.2)
+    coverage = [o["coverage"] for o in out]
+    assert coverage == sorted(coverage, reverse=True) and len(set(coverage)) == 4
+    assert coverage[0] == 1.0 and coverage[-1] <= 0.2, coverage
+
+
+def test_coverage_of_one_class_is_a_tenth(labelled):
+    held, y = labelled["heldout"], labelled["heldout_y"]
+    one = held[y == labelled["clear"]]
+    out = sample_quality(one, labelled["train"], labelled["model"])
+    assert out["coverage"] == pytest.approx(0.1)
+    assert out["class_entropy"] < 0.8
+
+
+def test_classes_are_the_distinct_labels(tmp_path):
+    """Labels 3, 7, 42 are three classes (coverage of one is 1/3); one distinct label is no
+    classifier, and the caller falls back to pixel features."""
+    images, labels = _made_set(per_class=60, side=8, classes=3)
+    named = torch.tensor([3, 7, 42])[labels]
+    model = load_classifier(images, named, 256, tmp_path)
+    assert model.num_classes == 3 and model.side == 8
+    x = images.float() / 255 * 2 - 1
+    assert sample_quality(x[labels == 1], x, model)["coverage"] == pytest.approx(1 / 3)
+    assert load_classifier(images, torch.zeros_like(labels), 256, tmp_path) is None
+
+
+def test_classifier_side_is_capped_for_the_cpu():
+    from ddpm_engine.quality import MAX_CLASSIFIER_SIDE, classifier_side
+
+    assert classifier_side(28) == MAX_CLASSIFIER_SIDE == 16
+    assert classifier_side(14) == 14 and classifier_side(13) == 12
+    assert classifier_side(32, native_side=8) == 8  # upsampled digits are classified at 8x8
+
+
+def test_quality_summary_uses_the_labels_of_any_source():
+    """npz (or Fashion-MNIST) images with labels get class metrics; without labels NaN."""
+    import types
+
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.data import ImageData
+    from ddpm_engine.experiment import quality_summary
+
+    images, labels = _made_set(per_class=40, side=8)
+    config = ExperimentConfig.from_dict({"data": {"name": "npz", "path": "unused.npz"}})
+    with_labels = ImageData("npz:x", images[40:], images[:40], 256, labels[40:], labels[:40])
+    without = ImageData("npz:x", images[40:], images[:40], 256)
+    samples = with_labels.to_model_space(images[:40])
+    labelled_out = quality_summary(types.SimpleNamespace(config=config, data=with_labels), samples)
+    plain_out = quality_summary(types.SimpleNamespace(config=config, data=without), samples)
+    assert labelled_out["coverage"] > 0.5 and math.isfinite(labelled_out["confidence"])
+    assert math.isnan(plain_out["coverage"]) and math.isfinite(plain_out["fd"])
+    assert labelled_out["fd"] != plain_out["fd"]
