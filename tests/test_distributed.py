@@ -274,6 +274,14 @@ def planned_keys(study: Path) -> dict[str, str]:
     return {s.key: s.name for s in expand(load_study(study))}
 
 
+def train_keys(study: Path) -> dict[str, str]:
+    """run key -> train key: checkpoints live under the train key (harness.checkpoints)."""
+    from harness.plan import expand
+    from harness.spec import load_study
+
+    return {s.key: s.train_key for s in expand(load_study(study))}
+
+
 def test_two_workers_drain_a_study_and_a_fresh_machine_reports_it(servers, tmp_path):
     url, mlflow_uri = servers
     head, node = tmp_path / "head", tmp_path / "node"
@@ -344,7 +352,7 @@ def test_a_killed_workers_run_is_retried_by_the_other(servers, tmp_path):
             if (
                 trial.state.name == "RUNNING"
                 and trial.user_attrs.get("pid") == victim.pid
-                and (checkpoints / key / "last.pt").exists()
+                and (checkpoints / train_keys(study)[key] / "last.pt").exists()
             ):
                 victim_key = key
         time.sleep(0.3)
@@ -375,7 +383,7 @@ def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
         + "ablations:\n  lr:\n    base: {}\nseeds: [0]\n"
     )
     (key,) = planned_keys(study)
-    blocker = tmp_path / "results" / "flaky" / "checkpoints" / key
+    blocker = tmp_path / "results" / "flaky" / "checkpoints" / train_keys(study)[key]
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder: saving the checkpoint raises")
 

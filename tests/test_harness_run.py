@@ -384,7 +384,11 @@ def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_key = list(checkpoints.glob("*/last.pt"))[0].parent.name
+    killed_training = list(checkpoints.glob("*/last.pt"))[0].parent.name  # checkpoints live under the train key
+    from harness.plan import expand
+    from harness.spec import load_study
+
+    (killed_key,) = [s.key for s in expand(load_study(study)) if s.train_key == killed_training]
 
     again = harness(["run", str(study), "--no-report"], tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -411,7 +415,7 @@ def test_a_failing_run_is_recorded_and_retried_alone(tmp_path):
 
     specs = expand(load_study(study))
     victim = specs[0]
-    blocker = tmp_path / "results" / "flaky" / "checkpoints" / victim.key
+    blocker = tmp_path / "results" / "flaky" / "checkpoints" / victim.train_key
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
 
