@@ -119,3 +119,37 @@ def _holder(text: str) -> Holder:
         return Holder(f"pid {info['pid']} on {info['host']}{where} since {info['since']}", study)
     except (ValueError, KeyError, TypeError, AttributeError):
         return Holder("another process", "")
+
+
+# A study-level file (study.json, hypotheses.parquet) is written in milliseconds: a temp file
+# of one this old was left by a process that died mid-write.
+STALE_STUDY_TEMP_SECONDS = 600.0
+
+
+def remove_stale_temps(results: Path, study: str, claimed: list[RunSpec]) -> list[Path]:
+    """Delete the temp files a killed process left (ddpm_engine.files.atomic_write names them
+    ``<target>.<random>.tmp``) that no live process can be writing: those of the keys and
+    trainings this process now holds the claim of, and study-level ones older than
+    STALE_STUDY_TEMP_SECONDS. Returns what was removed."""
+    folder = Path(results) / study
+    if not folder.is_dir():
+        return []
+    candidates: list[Path] = []
+    for spec in claimed:
+        candidates += folder.glob(f"*/{spec.key}.*.tmp")
+        candidates += (folder / "checkpoints" / spec.train_key).glob("*.tmp")
+    now = time.time()
+    for path in folder.glob("*.tmp"):
+        try:
+            if now - path.stat().st_mtime > STALE_STUDY_TEMP_SECONDS:
+                candidates.append(path)
+        except OSError:
+            continue
+    removed = []
+    for path in candidates:
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed

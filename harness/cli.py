@@ -570,10 +570,13 @@ def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
     are left to it, named, and returned with their holders (a holder of another study is
     waited for, then adopted from). A key finished by another process since the ledger was
     read is dropped."""
-    from .claims import KeyClaims
+    from .claims import KeyClaims, remove_stale_temps
 
     claims = KeyClaims(results, study.study)
     mine, held = claims.acquire(todo)
+    removed = remove_stale_temps(results, study.study, mine)
+    if removed:
+        console.print(f"removed {len(removed)} temp file(s) a killed run left half written", highlight=False)
     if held:
         shown = ", ".join(f"{spec.name} ({who.text})" for spec, who in held[:5]) + (" ..." if len(held) > 5 else "")
         console.print(

@@ -158,3 +158,32 @@ def test_a_run_measured_under_an_older_version_is_measured_again_not_retrained(s
     # and a third run has nothing left to do
     third = harness(["run", "samplers.yaml", "--no-report"], cwd)
     assert third.returncode == 0 and "re-measuring" not in third.stdout
+
+
+def test_temp_files_a_killed_run_left_are_removed_once_their_key_is_claimed(tmp_path):
+    """A SIGKILL mid-write leaves `<target>.<random>.tmp` behind (atomic_write's cleanup never
+    runs). The next `harness run` removes those of the keys it claims and old study-level
+    ones; a temp file of a key it does not hold (another study's) is left alone."""
+    import os
+
+    from harness.plan import expand
+    from harness.spec import load_study
+
+    (tmp_path / "draws.yaml").write_text(REFERENCE_STUDY)
+    spec = expand(load_study(tmp_path / "draws.yaml"))[0]
+    study = tmp_path / "results" / "draws"
+    mine = [
+        study / "quality" / f"{spec.key}.parquet.k1ll3d.tmp",
+        study / "checkpoints" / spec.train_key / "last.pt.k1ll3d.tmp",
+        study / "study.json.k1ll3d.tmp",
+    ]
+    other = tmp_path / "results" / "other" / "quality" / f"{spec.key}.parquet.busy.tmp"
+    for path in [*mine, other]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    os.utime(mine[2], (0, 0))  # a study-level temp file from long ago
+    result = harness(["run", "draws.yaml", "--no-report"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "removed 3 temp file(s) a killed run left half written" in " ".join(result.stdout.split())
+    assert not any(p.exists() for p in mine)
+    assert other.exists()
