@@ -89,6 +89,8 @@ def runs_row_from_mlflow(run, status: RunState, config_json: str) -> dict[str, A
         "params": float(metrics.get("params", math.nan)),
         "seconds": float(seconds) if seconds is not None else math.nan,
         "config_json": config_json,
+        # a run finished before the version was tagged counts as version 1 (ledger.measure_version)
+        "measure_version": float(tags.get("measure_version", math.nan)),
         "host": tags.get("host", ""),
         "updated": datetime.fromtimestamp(end / 1000, timezone.utc).isoformat(timespec="seconds") if end else "",
     }
@@ -184,12 +186,14 @@ def add_missing_points(client, run_id: str, results: Path, spec: RunSpec, histor
 
 
 def rebuild_in_mlflow(
-    client, experiment_id: str, spec: RunSpec, results: Path, run=None, commit: str = ""
+    client, experiment_id: str, spec: RunSpec, results: Path, run=None, commit: str = "", tags=None
 ) -> tuple[str, int]:
     """Create the key's MLflow run (``run`` None) or complete ``run`` from results/, then mark
     it FINISHED; returns (its run id, the metric points added). With ``run`` None a run an
     earlier, killed rebuild left (an adoption killed before its `runs` row) is completed, not
-    logged over a second time."""
+    logged over a second time. ``tags`` are set before the run is FINISHED: a FINISHED run is
+    what a later `harness run` restores the key from, so what it must carry (an adoption's
+    ``reused_from``) cannot come after."""
     tracker = RunTracker(client, experiment_id, spec, results, commit or "unknown")
     folder = Path(results) / spec.study
     if run is None:
@@ -224,6 +228,8 @@ def rebuild_in_mlflow(
             client.log_image(run_id, picture, key="samples", step=0)
     if run is not None and "error" in run.data.tags:  # an earlier attempt's failure no longer describes it
         client.delete_tag(run_id, "error")
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
     client.set_terminated(run_id, status="FINISHED")
     return run_id, added
 

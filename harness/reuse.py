@@ -113,16 +113,20 @@ def adopt(client, experiment_id: str, spec, results: Path, source: str, commit: 
     from .tracking import RunTracker
 
     copy_run_files(results, source, spec.study, spec.key)
-    run_id, _ = rebuild_in_mlflow(client, experiment_id, spec, results, commit=commit)
-    client.set_tag(run_id, "reused_from", source)
     origin = Ledger.load(results, source).row(spec.key)
+    note = f"reused from study {source} (same run key: same config and seed); not trained again"
+    version = Ledger(results, source, {spec.key: origin}).measure_version(spec.key)
+    # on the MLflow run before it is FINISHED: a kill before the `runs` row below leaves a key
+    # that the next `harness run` restores from that run, which must still say where it came from
+    tags = {"reused_from": source, "note": note, "measure_version": version}
+    run_id, _ = rebuild_in_mlflow(client, experiment_id, spec, results, commit=commit, tags=tags)
     tracker = RunTracker(client, experiment_id, spec, results, commit or "unknown")
     tracker.run_id = run_id
     tracker.write_runs_row(
         RunState.FINISHED,
         params=origin.get("params"),
         seconds=origin.get("seconds"),
-        note=f"reused from study {source} (same run key: same config and seed); not trained again",
-        measure_version=Ledger(results, source, {spec.key: origin}).measure_version(spec.key),
+        note=note,
+        measure_version=version,
     )
     return run_id

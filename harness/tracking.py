@@ -276,6 +276,10 @@ class RunTracker:
         happened to the run, e.g. a checkpoint set aside) goes into its tag and `runs` row."""
         if note:
             self.client.set_tag(self.run_id, "note", note[:5000])
+        from ddpm_engine.metrics import MEASURE_VERSION
+
+        # MLflow's copy of the version, for a `runs` row rebuilt from the MLflow run
+        self.client.set_tag(self.run_id, "measure_version", str(MEASURE_VERSION))
         config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(self.spec.config.to_dict(), sort_keys=False))

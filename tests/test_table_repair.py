@@ -262,3 +262,24 @@ def test_adopting_twice_does_not_duplicate_points(trained, copy, monkeypatch):
     assert {name: len(client.get_metric_history(run.info.run_id, name)) for name in run.data.metrics} == counts
     train = pd.read_parquet(copy / "results" / "adopter" / "train" / f"{keys[0]}.parquet")
     assert len(client.get_metric_history(run.info.run_id, "loss")) == len(train)
+
+
+def test_an_adoption_killed_after_its_mlflow_run_finished_keeps_reused_from(trained, copy, monkeypatch):
+    """A kill between the adopted key's FINISHED MLflow run and its `runs` row: the next run
+    restores the key from that MLflow run, and the row still says where it came from (the
+    tags are set before the run is FINISHED) and under which measure version."""
+    _, keys = trained
+    write_study(copy, "adopter", seeds="[0]")
+    result, out = harness_here(["run", "adopter.yaml", "--no-report"], copy, monkeypatch)
+    assert result.exit_code == 0 and "reused 1 finished run(s)" in out, result.output
+    client, run = mlflow_run(copy, keys[0], "adopter")
+    assert run.data.tags["reused_from"] == "pair"
+    (copy / "results" / "adopter" / "runs" / f"{keys[0]}.parquet").unlink()  # the row a kill never wrote
+    again, out = harness_here(["run", "adopter.yaml", "--no-report"], copy, monkeypatch)
+    assert again.exit_code == 0, again.output
+    row = pd.read_parquet(copy / "results" / "adopter" / "runs" / f"{keys[0]}.parquet").iloc[0]
+    assert row["status"] == "finished"
+    assert "reused from study pair" in row["note"]
+    from ddpm_engine.metrics import MEASURE_VERSION
+
+    assert int(row["measure_version"]) == MEASURE_VERSION  # not taken for an older one and re-measured
