@@ -334,12 +334,10 @@ def reference_losses(
         return _REFERENCE_MEMO[key].copy()
     path = Path(cache_dir) / f"reference_losses-{key}.parquet" if cache_dir is not None else None
     if path is not None and path.exists():
-        try:
-            frame = pd.read_parquet(path)
+        frame = _read_reference_cache(path, key, timesteps)
+        if frame is not None:
             _REFERENCE_MEMO[key] = frame
             return frame.copy()
-        except (OSError, ValueError):
-            pass  # an unreadable cache entry is recomputed and rewritten
     frame = pd.DataFrame({"t": timesteps})
     device = reference_device(probe_x0.device)
     for name in REFERENCE_NAMES:
@@ -351,8 +349,31 @@ def reference_losses(
     frame["best_ref_denoiser"] = [REFERENCE_NAMES[i] for i in np.argmin(losses.to_numpy(), axis=1)]
     _REFERENCE_MEMO[key] = frame
     if path is not None:
-        _write_parquet_atomic(path, frame)
+        _write_parquet_atomic(path, frame, {REFERENCE_KEY_METADATA: key})
     return frame.copy()
+
+
+# The cache file records the key of the inputs it was computed from: a file that reached the
+# name by a copy or a swap (another split's, another draw's) would otherwise give wrong losses
+# silently, since the name is all a lookup checks.
+REFERENCE_KEY_METADATA = b"ddpm_engine.reference_key"
+
+
+def _read_reference_cache(path: Path, key: str, timesteps: list[int]) -> pd.DataFrame | None:
+    """The cached frame when it is readable, made from these inputs and on this grid; else
+    None (recomputed and rewritten)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError):
+        return None
+    if (table.schema.metadata or {}).get(REFERENCE_KEY_METADATA) != key.encode():
+        return None
+    frame = table.to_pandas()
+    if "t" not in frame or frame["t"].tolist() != list(timesteps):
+        return None
+    return frame
 
 
 def _reference_key(schedule, train_x0, levels, probe_x0, probe_noise, timesteps) -> str:
@@ -364,9 +385,16 @@ def _reference_key(schedule, train_x0, levels, probe_x0, probe_noise, timesteps)
     return h.hexdigest()[:24]
 
 
-def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+def _write_parquet_atomic(path: Path, frame: pd.DataFrame, metadata: dict[bytes, str] | None = None) -> None:
     # A cache is a convenience: failing to write one must not fail the run.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        extra = {k: v.encode() for k, v in metadata.items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     try:
-        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     except OSError:
         pass

@@ -1,6 +1,7 @@
 """Reference denoisers: each is checked against its closed form, computed independently in numpy."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -321,6 +322,28 @@ def test_reference_losses_best_ref_is_the_lowest_and_is_cached(tmp_path, monkeyp
     other = noise + 1e-3  # another probe draw is another entry, not a stale hit
     with pytest.raises(pytest.fail.Exception):
         diagnostics.reference_losses(schedule, train, 5, probe, other, grid, cache_dir=tmp_path)
+
+
+def test_a_reference_cache_file_swapped_with_another_inputs_file_is_not_believed(tmp_path):
+    """The cache is looked up by file name; a file another split or draw computed, copied or
+    swapped into that name, is recomputed instead of giving its losses silently."""
+    from ddpm_engine import diagnostics
+
+    gen = torch.Generator().manual_seed(1)
+    train = (torch.randint(0, 5, (40, 1, 4, 4), generator=gen).double() / 2 - 1).float()
+    probe = (torch.randint(0, 5, (12, 1, 4, 4), generator=gen).double() / 2 - 1).float()
+    noise, other = torch.randn(probe.shape, generator=gen), torch.randn(probe.shape, generator=gen)
+    schedule = Schedule(torch.linspace(1e-4, 0.2, 30, dtype=torch.float64))
+    grid = [1, 5, 15, 30]
+    mine = diagnostics.reference_losses(schedule, train, 5, probe, noise, grid, cache_dir=tmp_path / "a")
+    theirs = diagnostics.reference_losses(schedule, train, 5, probe, other, grid, cache_dir=tmp_path / "b")
+    assert not np.allclose(mine["ref_loss_gaussian"], theirs["ref_loss_gaussian"])
+    (my_file,) = (tmp_path / "a").glob("reference_losses-*.parquet")
+    (their_file,) = (tmp_path / "b").glob("reference_losses-*.parquet")
+    my_file.write_bytes(their_file.read_bytes())  # the swap
+    diagnostics._REFERENCE_MEMO.clear()
+    again = diagnostics.reference_losses(schedule, train, 5, probe, noise, grid, cache_dir=tmp_path / "a")
+    pd.testing.assert_frame_equal(again, mine)
 
 
 def test_a_gaussian_arm_is_its_own_gauss_chain_and_shares_the_start_with_a_unet():
