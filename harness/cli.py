@@ -168,6 +168,7 @@ def plan(
     from .reuse import finished_elsewhere
 
     reusable = finished_elsewhere(results, study.study, [s.key for s in specs if not ledger.is_finished(s.key)])
+    measured_only = _measured_only(study, specs, ledger, reusable, results)
     table = Table(title=f"{study.study}: {study.question}", title_justify="left")
     for column in (
         "arm",
@@ -189,19 +190,24 @@ def plan(
         if measure:
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
             params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
-            total += est.total_seconds * sum(not ledger.is_finished(s.key) and s.key not in reusable for s in arm_specs)
+            trains = [s for s in arm_specs if not ledger.is_finished(s.key) and s.key not in reusable]
+            measures = [s for s in arm_specs if s in measured_only]  # sampled, never trained
+            total += est.total_seconds * len([s for s in trains if s not in measures])
+            total += est.sample_seconds * len(measures)
         if index >= PLAN_ARMS_SHOWN and not all_arms:
             continue  # a table of thousands of rows is unreadable, and rendering it took seconds
         changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"
         finished = sum(ledger.is_finished(s.key) for s in arm_specs)
         reused = sum(s.key in reusable for s in arm_specs)
+        measured = sum(s in measured_only and not ledger.is_finished(s.key) for s in arm_specs)
+        to_train = len(arm_specs) - finished - reused - measured
         table.add_row(  # arm names and values are the study's text, never rich markup
             escape(arm),
             ",".join(str(s.seed) for s in arm_specs),
             escape(changed),
             params,
             seconds,
-            f"{finished} / {reused} / {len(arm_specs) - finished - reused}",
+            f"{finished} / {reused} / {to_train}" + (f" (+{measured} measured only)" if measured else ""),
         )
     console.print(table)
     if len(by_arm) > PLAN_ARMS_SHOWN and not all_arms:
@@ -228,7 +234,6 @@ def plan(
             f"{adaptive.max} adaptive seeds: +{adaptive.batch} at a time to arms with undecided hypotheses)"
         )
     done_here = sum(ledger.is_finished(s.key) for s in specs)
-    measured_only = _measured_only(study, specs, ledger, reusable, results)
     untrained = sum(not ledger.is_finished(s.key) for s in measured_only)
     summary += f"; {len(specs) - done_here - len(reusable) - untrained} to train, {done_here} done"
     if measured_only:

@@ -107,7 +107,9 @@ def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, ca
         params=params,
         step_seconds=step,
         train_seconds=step * steps,
-        sample_seconds=per_image_forward * sample_steps * config.sample.num_samples,
+        # two chains of the model: from N(0, I), and from q(x_T | x_0) for the drift split
+        # (ddpm_engine.experiment.sample_with_drift); the Gaussian reference chain is a linear map
+        sample_seconds=2 * per_image_forward * sample_steps * config.sample.num_samples,
         probe_seconds=per_image_forward * grid * probe_images * n_probes,
     )
 

@@ -27,8 +27,23 @@ def test_study_validates_and_runs_on_digits(path):
     study = load_study(path)
     runs = expand(study)
     assert runs and len({r.key for r in runs}) == len(runs)
-    assert all(r.config.data.name == "digits" for r in runs)
+    # the embedded digits, or Fashion-MNIST for the study whose question needs real images
+    assert all(r.config.data.name == ("fashion_mnist" if path.stem.startswith("fashion") else "digits") for r in runs)
     assert study.question.strip()
+
+
+def test_fashion_darkening_is_the_logs_first_run_plus_five_single_changes():
+    study = load_study("studies/fashion_darkening.yaml")
+    arms = expand_arms(study)
+    assert [a.label for a in arms] == ["baseline", "cosine", "clip_x0", "ema", "wider", "steps_3000"]
+    assert len(study.seeds) >= 3
+    runs = {r.arm.label: r for r in expand(study) if r.seed == study.seeds[0]}
+    base = runs["baseline"].config
+    assert base.diffusion.schedule == "linear" and base.diffusion.T == 1000 and base.model.time_mlp == "shared"
+    assert base.train.ema_decay is None and not base.sample.clip_x0 and base.model.preset == "tiny"
+    # the x_0-clipping arm only samples differently: it shares the baseline's training
+    assert runs["clip_x0"].train_key == runs["baseline"].train_key and runs["clip_x0"].key != runs["baseline"].key
+    assert len({r.train_key for r in runs.values()}) == 5
 
 
 def test_timestep_study_crosses_T_with_the_beta_range():
