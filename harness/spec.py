@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ddpm_engine import metrics
 from ddpm_engine.config import MAX_SEED, ExperimentConfig, field_docs
@@ -111,6 +121,15 @@ class Hypothesis(BaseModel):
     )
     expect: Literal["above", "below", "within"] = Field(description="Where the 95% CI should lie.")
     value: float = Field(0.0, description="Threshold; for `within`, the margin +-value.")
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _no_bool(cls, value):
+        # lax float reads `true` as 1.0: a threshold typed as a boolean is a mistake, not 1
+        if isinstance(value, bool):
+            raise ValueError("a boolean is not a number here")
+        return value
+
     says: str = Field("", description="The claim in plain words, shown in the report.")
 
     @model_validator(mode="after")

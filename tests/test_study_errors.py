@@ -108,6 +108,12 @@ CASES = {
         "hypotheses.h1.value",
         "ratio arm/baseline (log scale): `below` takes value 0 (a ratio of 1), got -0.1",
     ),
+    "hypothesis_value_boolean": (
+        HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: above\n    value: true\n",
+        ":7:",
+        "hypotheses.h1.value",
+        "a boolean is not a number here",
+    ),
     "hypothesis_unknown_key": (
         HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: above\n    versu: baseline\n",
         ":7:",
