@@ -26,12 +26,17 @@ from .plan import RunSpec, train_key
 CHECKPOINT = "last.pt"
 
 
+def _folders(results: Path, spec: RunSpec) -> tuple[Path, Path]:
+    """(the folder of ``spec``'s training under its train key, the run-key folder where code
+    before 2026-12-07 kept it)."""
+    folder = Path(results) / spec.study / "checkpoints"
+    return folder / spec.train_key, folder / spec.key
+
+
 def checkpoint_dir(results: Path, spec: RunSpec) -> Path:
     """The folder of ``spec``'s training in its own study. A checkpoint older code left under
     the run key is moved here (a rename: the same file system)."""
-    folder = Path(results) / spec.study / "checkpoints"
-    mine = folder / spec.train_key
-    legacy = folder / spec.key
+    mine, legacy = _folders(results, spec)
     if not mine.exists() and (legacy / CHECKPOINT).exists():
         try:
             os.replace(legacy, mine)
@@ -51,8 +56,7 @@ def untrained(spec: RunSpec) -> bool:
 def has_checkpoint(results: Path, spec: RunSpec) -> bool:
     """Whether ``spec``'s training has a checkpoint in its study (under the train key, or the
     run key where older code left it); moves nothing, so `harness plan` may ask."""
-    folder = Path(results) / spec.study / "checkpoints"
-    return (folder / spec.train_key / CHECKPOINT).exists() or (folder / spec.key / CHECKPOINT).exists()
+    return any((folder / CHECKPOINT).exists() for folder in _folders(results, spec))
 
 
 def finished_trainings(results: Path, study: str) -> dict[str, Path]:

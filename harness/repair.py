@@ -98,6 +98,17 @@ def store_exists() -> bool:
     return path is None or path.exists()
 
 
+def client_for_repair(open_client: Callable[[], object], log: Callable[[str], None]):
+    """An MLflow client to restore tables from, or None: no store yet (never create an empty
+    one just to look), or one that cannot be opened (then there is no copy to restore from,
+    which is said, and the caller re-measures or trains instead)."""
+    try:
+        return open_client() if store_exists() else None
+    except Exception as error:  # noqa: BLE001 - an unusable store only means no copy from it
+        log(f"[yellow]cannot read MLflow to restore damaged tables: {type(error).__name__}: {str(error)[:200]}[/]")
+        return None
+
+
 def measurable(results: Path, spec: RunSpec) -> bool:
     """Whether the key can be measured without training: its training is on disk here or in
     another study (copied in before its run starts), or it has none to keep."""
@@ -122,12 +133,7 @@ def repair_study(
     damaged = damaged_tables(results, study, [s.key for s in finished]) if finished else {}
     if not damaged:
         return set()
-    client = None
-    try:
-        if store_exists():
-            client = open_client()
-    except Exception as error:  # noqa: BLE001 - an unusable store only means no copy from it
-        log(f"[yellow]cannot read MLflow to restore damaged tables: {type(error).__name__}: {str(error)[:200]}[/]")
+    client = client_for_repair(open_client, log)
     again: set[str] = set()
     for spec in finished:
         folders = damaged.get(spec.key)

@@ -50,17 +50,12 @@ def sound_sources(
     that its MLflow run cannot restore: adopting them would copy the damage (and fail to
     read it), so they are measured from the source's checkpoint (harness.checkpoints) or
     trained here instead. Restoring a source puts back the file it had, nothing else."""
-    from .repair import damaged_tables, finished_run, measurable, restore_tables, store_exists
+    from .repair import client_for_repair, damaged_tables, finished_run, measurable, restore_tables
 
     damaged = {k: v for k, v in sources.items() if damaged_tables(results, v, [k])}
     if not damaged:
         return sources
-    client = None
-    try:
-        if store_exists():
-            client = open_client()
-    except Exception as error:  # noqa: BLE001 - an unusable store only means no copy from it
-        log(f"[yellow]cannot read MLflow to restore damaged tables: {type(error).__name__}: {str(error)[:200]}[/]")
+    client = client_for_repair(open_client, log)
     kept = dict(sources)
     for spec in specs:
         source = damaged.get(spec.key)

@@ -94,16 +94,21 @@ def kept(tmp_path_factory):
     return cwd, history_counts(client, run), run, artifacts
 
 
+def copy_study_folder(source: Path, target: Path) -> Path:
+    """A copy of a finished study's folder whose MLflow store points at the copy's own
+    artifacts (the store records absolute artifact paths)."""
+    shutil.copytree(source, target)
+    with sqlite3.connect(target / "mlflow.db") as db:
+        old, new = source.as_uri(), target.as_uri()
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    return target
+
+
 @pytest.fixture
 def copy_of(kept, tmp_path):
     """A copy of the finished study's folder whose store points at the copy's own artifacts."""
-    cwd = tmp_path / "study"
-    shutil.copytree(kept[0], cwd)
-    with sqlite3.connect(cwd / "mlflow.db") as db:
-        old, new = kept[0].as_uri(), cwd.as_uri()
-        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
-    return cwd
+    return copy_study_folder(kept[0], tmp_path / "study")
 
 
 # ---------------------------------------------------------------- MLflow lost or damaged

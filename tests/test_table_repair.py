@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
-from test_recovery import harness_here, harness_process
+from test_recovery import copy_study_folder, harness_here, harness_process
 
 STUDY = """\
 study: {name}
@@ -56,13 +56,7 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def copy(trained, tmp_path):
     """A copy of the trained study's folder whose store points at the copy's own artifacts."""
-    cwd = tmp_path / "study"
-    shutil.copytree(trained[0], cwd)
-    with sqlite3.connect(cwd / "mlflow.db") as db:
-        old, new = trained[0].as_uri(), cwd.as_uri()
-        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
-    return cwd
+    return copy_study_folder(trained[0], tmp_path / "study")
 
 
 def truncate(path: Path) -> None:
