@@ -30,8 +30,9 @@ Better = Literal["lower", "higher", "zero"]
 # checkpoints instead of training them again (docs/design.md, "Re-measure, don't retrain").
 # 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
-# the best reference (loss_best_ref) in place of "loss_floor".
-MEASURE_VERSION = 3
+# the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
+# (sat_low_* black, sat_high_* white).
+MEASURE_VERSION = 4
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
@@ -180,6 +181,12 @@ DECLARED: list[Metric] = [
     _m("quality", "sat_frac", "", None, "fraction of sample pixels at the lowest or highest of the data's levels after rounding and clipping (as a viewer sees them)", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
     _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality", exact=True),
     _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),
+    _m("quality", "sat_low_frac", "", None, "fraction of sample pixels at the lowest of the data's levels after rounding and clipping (black: on a dark background, mostly background)", "quality.sample_quality"),
+    _m("quality", "ref_sat_low_frac", "", None, "the same fraction for the training images", "quality.sample_quality", exact=True),
+    _m("quality", "sat_low_gap", "", "zero", "sat_low_frac - ref_sat_low_frac: positive = more black pixels than the data (too dark at the background)", "quality.sample_quality", group=_DRIFT, label="black-pixel gap"),
+    _m("quality", "sat_high_frac", "", None, "fraction of sample pixels at the highest of the data's levels after rounding and clipping (white)", "quality.sample_quality"),
+    _m("quality", "ref_sat_high_frac", "", None, "the same fraction for the training images", "quality.sample_quality", exact=True),
+    _m("quality", "sat_high_gap", "", "zero", "sat_high_frac - ref_sat_high_frac: positive = more white pixels than the data (too bright at the foreground)", "quality.sample_quality", group=_DRIFT, label="white-pixel gap"),
     _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
     _m("quality", "fd", "", "lower", "Frechet distance in the features of the classifier of the data set's labels (trained once on its training split); downsampled pixels for data without labels", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
     _m("quality", "coverage", "", "higher", "fraction of the data set's classes produced by at least 20% of their fair share (its classifier's predictions; NaN without labels)", "quality.sample_quality", group=_QUALITY, label="class coverage"),

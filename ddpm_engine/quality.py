@@ -385,7 +385,8 @@ def sample_quality(
     Always:
       - pixel_mean_gap: mean pixel of samples minus mean pixel of reference.
       - sat_frac / ref_sat_frac: fraction of sample / reference pixels at the lowest or highest
-        level after mapping to the data's levels (round, clip), and sat_gap, their difference.
+        level after mapping to the data's levels (round, clip), and sat_gap, their difference;
+        the same split by end: sat_low_* (the lowest level, black) and sat_high_* (white).
 
     Tensors may live on any device; the classifier runs on its own device and all
     statistics are computed on CPU in float64.
@@ -467,12 +468,20 @@ def _pixel_metrics(samples: torch.Tensor, reference: torch.Tensor, levels: int) 
     |x| >= 0.99 would sit far inside one grey level (half a level is 1/16 on digits)."""
     s = samples.detach().to("cpu", torch.float64)
     r = reference.detach().to("cpu", torch.float64)
-    sat, ref_sat = (float(saturated_fraction(x, levels)) for x in (s, r))
+    (low, high), (ref_low, ref_high) = (extreme_fractions(x, levels) for x in (s, r))
+    # On data with a black background most saturated pixels are background: the two ends
+    # apart say "too dark at the background" and "too bright at the foreground" separately.
     return {
         "pixel_mean_gap": float(s.mean() - r.mean()),
-        "sat_frac": sat,
-        "ref_sat_frac": ref_sat,
-        "sat_gap": sat - ref_sat,
+        "sat_frac": low + high,
+        "ref_sat_frac": ref_low + ref_high,
+        "sat_gap": (low + high) - (ref_low + ref_high),
+        "sat_low_frac": low,
+        "ref_sat_low_frac": ref_low,
+        "sat_low_gap": low - ref_low,
+        "sat_high_frac": high,
+        "ref_sat_high_frac": ref_high,
+        "sat_high_gap": high - ref_high,
     }
 
 
@@ -485,6 +494,12 @@ def saturated_fraction(x: torch.Tensor, levels: int) -> torch.Tensor:
     """Fraction of pixels at the lowest or highest of ``levels`` after quantization."""
     q = to_levels(x, levels)
     return ((q == 0) | (q == levels - 1)).to(torch.float64).mean()
+
+
+def extreme_fractions(x: torch.Tensor, levels: int) -> tuple[float, float]:
+    """(fraction of pixels at the lowest level, fraction at the highest) after quantization."""
+    q = to_levels(x, levels)
+    return float((q == 0).to(torch.float64).mean()), float((q == levels - 1).to(torch.float64).mean())
 
 
 def nearest_distances(queries: torch.Tensor, pool: torch.Tensor, chunk: int = 256, k: int = 1) -> torch.Tensor:

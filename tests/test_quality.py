@@ -231,6 +231,21 @@ def test_saturation_is_counted_on_the_data_levels():
     assert float(saturated_fraction(x, 256)) == pytest.approx(2 / 8)  # finer levels: only the clipped ones
 
 
+def test_saturation_splits_into_black_and_white_that_add_up():
+    """Samples all black against a reference half black, a quarter white: every pixel is at an
+    end, so sat_gap is small, but the split says "too dark" (+0.5 black, -0.25 white)."""
+    ref = torch.cat([-torch.ones(8, 1, 4, 4), torch.ones(4, 1, 4, 4), torch.zeros(4, 1, 4, 4)])
+    out = sample_quality(-torch.ones(16, 1, 4, 4), ref, None, levels=17)
+    assert (out["sat_low_frac"], out["ref_sat_low_frac"]) == (1.0, 0.5)
+    assert (out["sat_high_frac"], out["ref_sat_high_frac"]) == (0.0, 0.25)
+    assert out["sat_low_gap"] == pytest.approx(0.5) and out["sat_high_gap"] == pytest.approx(-0.25)
+    assert out["sat_frac"] == pytest.approx(out["sat_low_frac"] + out["sat_high_frac"])
+    assert out["sat_gap"] == pytest.approx(out["sat_low_gap"] + out["sat_high_gap"])
+    # a sample just inside the top level's rounding (0.95 at 17 levels) counts as white
+    bright = sample_quality(torch.full((16, 1, 4, 4), 0.95), ref, None, levels=17)
+    assert (bright["sat_low_frac"], bright["sat_high_frac"]) == (0.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Memorisation
 # ---------------------------------------------------------------------------------------
