@@ -35,6 +35,14 @@ def _has_bool(value) -> bool:
     return isinstance(value, (list, tuple)) and any(_has_bool(v) for v in value)
 
 
+def later_knob(default: Any, **kwargs: Any) -> Any:
+    """A field added after run keys were first recorded. While it is at its default it is left
+    out of the run key and the train key (ExperimentConfig.key_dict), so adding a knob keeps
+    every finished run's key: runs are found, not trained again. Every field added from now on
+    is declared with this (docs/design.md, "Run keys")."""
+    return Field(default, json_schema_extra={"key_omit_at_default": True}, **kwargs)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -330,10 +338,25 @@ class ExperimentConfig(_Section):
         """Seed of this replicate's probe noise (and, offset, the drift reference and bound strata)."""
         return replicate_seed(self.eval.probe_seed, self.train.seed)
 
+    def key_dict(self) -> dict:
+        """The config as its run key sees it: to_dict() without the later knobs (later_knob)
+        that are at their default, so a config written before a knob existed keeps its key."""
+        out = self.to_dict()
+        for section_name in type(self).model_fields:
+            section = getattr(self, section_name)
+            for name, field in type(section).model_fields.items():
+                extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+                if extra.get("key_omit_at_default") and getattr(section, name) == field.get_default(
+                    call_default_factory=True
+                ):
+                    del out[section_name][name]
+        return out
+
     def training_dict(self) -> dict:
-        """What determines the trained weights: the config without `sample` and `eval`, which
-        only say how the weights are measured. Arms equal here share one training."""
-        return {k: v for k, v in self.to_dict().items() if k not in MEASUREMENT_SECTIONS}
+        """What determines the trained weights, as keys see it (key_dict): the config without
+        `sample` and `eval`, which only say how the weights are measured. Arms equal here share
+        one training."""
+        return {k: v for k, v in self.key_dict().items() if k not in MEASUREMENT_SECTIONS}
 
     def probe_signature(self) -> str:
         """What the final probe depends on besides the weights: a checkpoint whose final probe

@@ -52,8 +52,9 @@ def canonical_json(value: Any) -> str:
 
 
 def run_key(config: ExperimentConfig, seed: int) -> str:
-    """First 12 hex of sha256 over the canonical JSON of (resolved config, seed)."""
-    payload = canonical_json({"config": config.to_dict(), "seed": seed})
+    """First 12 hex of sha256 over the canonical JSON of (resolved config as keys see it:
+    ExperimentConfig.key_dict, seed)."""
+    payload = canonical_json({"config": config.key_dict(), "seed": seed})
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

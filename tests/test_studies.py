@@ -188,3 +188,28 @@ def test_an_arms_own_level_wins_over_a_baseline_default_whatever_the_axis_order(
     runs = {r.arm.label: r for r in expand(load_study(path))}
     assert runs["wide"].config.model.time_mlp == "per_block" and runs["wide"].config.model.base_channels == 32
     assert runs["baseline"].config.model.time_mlp == "shared"
+
+
+def test_a_later_knob_at_its_default_leaves_run_and_train_keys_as_before(monkeypatch):
+    """A knob added to the config after keys were recorded (config.later_knob) must not change
+    the key of a config that leaves it at its default, and must change it when set."""
+    from pydantic import create_model
+
+    from ddpm_engine import config as engine_config
+    from harness.plan import run_key, train_key
+
+    before = engine_config.ExperimentConfig()
+    keys = run_key(before, 0), train_key(before, 0)
+    # the same config with one more train knob, as an upgrade would add it
+    Train = create_model(
+        "TrainWithKnob", __base__=engine_config.TrainConfig, new_knob=(float, engine_config.later_knob(0.0))
+    )
+    Experiment = create_model("ExperimentWithKnob", __base__=engine_config.ExperimentConfig, train=(Train, Train()))
+    assert run_key(Experiment(), 0) == keys[0]
+    assert run_key(Experiment(train={"new_knob": 0.0}), 0) == keys[0]
+    assert train_key(Experiment(), 0) == keys[1]
+    assert Experiment().training_dict() == before.training_dict()
+    assert run_key(Experiment(train={"new_knob": 0.5}), 0) != keys[0]
+    assert "new_knob" in Experiment(train={"new_knob": 0.5}).training_dict()["train"]
+    # a field that is not a later knob is in the key whatever its value
+    assert "steps" in before.key_dict()["train"]
