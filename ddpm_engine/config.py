@@ -13,7 +13,8 @@ import json
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .metrics import MEASURE_VERSION, REFERENCE_NAMES
 
@@ -259,6 +260,19 @@ class TrainConfig(_Section):
         "bf16_autocast says which ran).",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    t_range: tuple[int, int] | None = later_knob(
+        None,
+        description="[lo, hi]: train on t in lo..hi only (1 <= lo <= hi <= diffusion.T; t is 1-based), "
+        "uniformly or by objective.t_sampling within the range; the probes still cover every t. "
+        "None trains on every t.",
+    )
+
+    @field_validator("t_range")
+    @classmethod
+    def _ordered_t_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"[lo, hi] needs 1 <= lo <= hi (t is 1-based), got [{value[0]}, {value[1]}]")
+        return value
 
     @model_validator(mode="after")
     def _budget_is_given(self) -> TrainConfig:
@@ -323,6 +337,21 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _t_range_within_T(self) -> ExperimentConfig:
+        t_range = self.train.t_range
+        if t_range is not None and t_range[1] > self.diffusion.T:
+            # located at the key itself (not at the whole config): a study file's error names
+            # train.t_range and its line
+            error = PydanticCustomError(
+                "t_range_beyond_T",
+                "[lo, hi] must lie within 1..diffusion.T = {T}",
+                {"T": self.diffusion.T},
+            )
+            details = InitErrorDetails(type=error, loc=("train", "t_range"), input=list(t_range))
+            raise ValidationError.from_exception_data(type(self).__name__, [details])
+        return self
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain JSON types."""

@@ -430,6 +430,7 @@ def measure(
         images_per_s=float(np.median([r["images_per_s"] for r in train_rows])) if train_rows else float("nan"),
         train_seconds=train_seconds,
         sample_seconds=sampled.seconds,
+        seconds_per_sample=sampled.seconds / parts.config.sample.num_samples,
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak_memory_mb(parts.device),
         resumed_from_step=float(resumed_from),

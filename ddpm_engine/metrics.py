@@ -31,8 +31,13 @@ Better = Literal["lower", "higher", "zero"]
 # 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
 # the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
-# (sat_low_* black, sat_high_* white).
-MEASURE_VERSION = 4
+# (sat_low_* black, sat_high_* white). 5: loss_t_le_10 (the loss over the smallest t, for
+# train.t_range specialists) and seconds_per_sample.
+MEASURE_VERSION = 5
+
+# loss_t_le_10 averages the per-t loss over t = 1..SMALL_T_MAX: the range a small-t specialist
+# (train.t_range [1, 10]) is trained on, in the region where the seed's loss shortfall lies.
+SMALL_T_MAX = 10
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
@@ -162,6 +167,7 @@ DECLARED: list[Metric] = [
     _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss", scale="log"),
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
+    _m("quality", "loss_t_le_10", "MSE", "lower", f"mean of loss_mse over every t from 1 to {SMALL_T_MAX} (linear between probed t; to T when T < {SMALL_T_MAX}; final probe): the loss a model has at the smallest t, where the pixelwise reference is near 0", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_small_minus_mid", "MSE", "lower", "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)", "metrics.per_t_summary"),
     _m("quality", "best_ref_t_small", "MSE", "lower", "loss_best_ref at the smallest probed t (final probe): an upper bound on the irreducible loss there", "metrics.per_t_summary", scale="log"),
     _m("quality", "shortfall_t_small", "MSE", "lower", "loss_mse - loss_best_ref at the smallest probed t, signed: above 0 the model is short of what a parameter-free reference already gets; below 0 it beats the best reference (an upper bound on the irreducible loss, not the loss itself)", "metrics.per_t_summary"),
@@ -200,6 +206,7 @@ DECLARED: list[Metric] = [
     _m("quality", "images_per_s", "images/s", "higher", "median training throughput", "experiment", cost=True, group=_COST, label="images/s"),
     _m("quality", "train_seconds", "s", "lower", "wall time until the final probe", "experiment", cost=True),
     _m("quality", "sample_seconds", "s", "lower", "wall time of sampling", "experiment", cost=True),
+    _m("quality", "seconds_per_sample", "s/sample", "lower", "sample_seconds / sample.num_samples: the sampler's cost of one image, comparable across sample counts", "experiment", cost=True, scale="log"),
     _m("quality", "seconds", "s", "lower", "wall time of the run in the engine", "experiment", cost=True, group=_COST, label="seconds"),
     _m("quality", "peak_memory_mb", "MB", "lower", "peak device memory (CUDA only; NaN on CPU)", "device", cost=True),
     _m("quality", "resumed_from_step", "step", None, "step the run resumed from (0 if it started fresh)", "experiment"),
@@ -252,6 +259,19 @@ def mean_over_t(curve: pd.Series) -> float:
     return float(np.interp(every, ts, curve.to_numpy(float)).mean())
 
 
+def interpolated_to(curve: pd.Series, t_max: int) -> pd.Series:
+    """The per-t curve cut at ``t_max``, with its linear interpolation at ``t_max`` itself when
+    that t was not probed (so a mean over t <= t_max counts every t up to it)."""
+    import numpy as np
+    import pandas as pd
+
+    head = curve[curve.index <= t_max]
+    if t_max in curve.index or curve.index[-1] < t_max:
+        return head
+    end = float(np.interp(t_max, curve.index.to_numpy(float), curve.to_numpy(float)))
+    return pd.concat([head, pd.Series([end], index=[t_max])])
+
+
 def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     """Per-run numbers from the per-t rows of ONE probe (the final one): the seed's
     observations as metrics. F1: loss at the smallest t against mid t. F2: the largest
@@ -260,6 +280,7 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     model's signed shortfall at the smallest t and the fraction of t where it is above it."""
     names = (
         "loss_t_small",
+        "loss_t_le_10",
         "loss_t_mid",
         "loss_small_minus_mid",
         "best_ref_t_small",
@@ -282,6 +303,8 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
             loss_t_mid=float(loss[t_mid]),
             loss_small_minus_mid=float(loss[t_small] - loss[t_mid]),
         )
+    if loss is not None and not loss.empty and loss.index[0] <= SMALL_T_MAX:
+        out["loss_t_le_10"] = mean_over_t(interpolated_to(loss, SMALL_T_MAX))
     if loss is not None and not loss.empty and "loss_best_ref" in frame and frame["loss_best_ref"].notna().any():
         best = frame["loss_best_ref"].reindex(loss.index)
         t_small = int(loss.index[0])

@@ -23,34 +23,49 @@ def gaussian_noise(shape, generator: torch.Generator, device, clip: float | None
 class TimestepSampler:
     """Draws t for each row and the weight that keeps the loss an unbiased estimate.
 
-    ``uniform`` draws t ~ U{1..T}. ``importance`` (Improved DDPM sec. 3.3) draws t with
-    p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses seen at t, mixed
-    with a little uniform mass; until every t has a full history it stays uniform. Rows are
-    weighted by 1 / (T p_t).
+    ``uniform`` draws t ~ U{lo..hi}: every t (1..T) unless ``t_range`` = (lo, hi) narrows
+    the range (train.t_range). ``importance`` (Improved DDPM sec. 3.3) draws t in the range
+    with p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses seen at t, mixed
+    with a little uniform mass; until every t of the range has a full history it stays
+    uniform. Rows are weighted by 1 / (n p_t), n = hi - lo + 1 (T without a range), so the
+    loss estimates the mean over the range's t as uniform drawing does.
     """
 
     uniform_mix = 1e-3
 
-    def __init__(self, T: int, kind: str, history: int, device: torch.device):
+    def __init__(self, T: int, kind: str, history: int, device: torch.device, t_range: tuple[int, int] | None = None):
         self.T, self.kind, self.device = T, kind, torch.device(device)
+        self.lo, self.hi = t_range if t_range is not None else (1, T)
+        if not 1 <= self.lo <= self.hi <= T:
+            raise ValueError(f"t_range must satisfy 1 <= lo <= hi <= T = {T}, got [{self.lo}, {self.hi}]")
+        # every t keeps a slot (a checkpoint's state has the same shape whatever the range)
         self.losses = torch.zeros(T, history, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(T, dtype=torch.long, device=self.device)
 
+    @property
+    def width(self) -> int:
+        """How many t the range holds."""
+        return self.hi - self.lo + 1
+
     def probabilities(self) -> torch.Tensor:
-        uniform = torch.full((self.T,), 1.0 / self.T, dtype=torch.float64, device=self.device)
-        if self.kind == "uniform" or bool((self.counts < self.losses.shape[1]).any()):
+        """p_t for t = 1..T: zero outside the range."""
+        uniform = torch.zeros(self.T, dtype=torch.float64, device=self.device)
+        uniform[self.lo - 1 : self.hi] = 1.0 / self.width
+        in_range = slice(self.lo - 1, self.hi)
+        if self.kind == "uniform" or bool((self.counts[in_range] < self.losses.shape[1]).any()):
             return uniform
-        rms = self.losses.pow(2).mean(dim=1).sqrt()
+        rms = torch.zeros(self.T, dtype=torch.float64, device=self.device)
+        rms[in_range] = self.losses[in_range].pow(2).mean(dim=1).sqrt()
         p = rms / rms.sum()
         return p * (1 - self.uniform_mix) + uniform * self.uniform_mix
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "uniform":
-            t = torch.randint(1, self.T + 1, (batch,), generator=generator, device=generator.device)
+            t = torch.randint(self.lo, self.hi + 1, (batch,), generator=generator, device=generator.device)
             return t.to(self.device), torch.ones(batch, device=self.device)
         p = self.probabilities()
         t = torch.multinomial(p.to(generator.device), batch, replacement=True, generator=generator).to(self.device) + 1
-        return t, (1.0 / (self.T * p[t - 1])).float()
+        return t, (1.0 / (self.width * p[t - 1])).float()
 
     def update(self, t: torch.Tensor, row_losses: torch.Tensor) -> None:
         if self.kind == "uniform":

@@ -85,7 +85,11 @@ class Trainer:
         self.ema = EMA(model, tc.ema_decay) if tc.ema_decay is not None else None
         self.objective = Objective(config.objective, schedule, config.diffusion.sigma, levels, device)
         self.t_sampler = TimestepSampler(
-            schedule.T, config.objective.t_sampling, config.objective.importance_history, device
+            schedule.T,
+            config.objective.t_sampling,
+            config.objective.importance_history,
+            device,
+            t_range=config.train.t_range,
         )
         self.generator = torch.Generator(device=device).manual_seed(tc.seed)
         self.step = 0

@@ -123,3 +123,37 @@ def test_importance_history_keeps_one_entry_per_occurrence():
     ideal = rms / rms.sum()
     expected = ideal * (1 - sampler.uniform_mix) + uniform * sampler.uniform_mix
     assert torch.allclose(sampler.probabilities(), expected)
+
+
+def test_uniform_sampler_without_a_range_draws_as_before():
+    """t_range None is the sampler as it was: the same draws from the same generator state."""
+    drawn, _ = TimestepSampler(100, "uniform", history=2, device="cpu").sample(1000, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randint(1, 101, (1000,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "importance"])
+def test_a_t_range_draws_only_its_t_and_keeps_the_loss_unbiased_over_them(kind):
+    """train.t_range [lo, hi]: every t drawn lies in lo..hi, each of them is drawn, and the
+    weighted loss estimates the mean loss over the range, as uniform drawing on it would."""
+    lo, hi = 3, 7
+    sampler = TimestepSampler(10, kind, history=2, device="cpu", t_range=(lo, hi))
+    gen = torch.Generator().manual_seed(0)
+    losses = torch.arange(1, 11, dtype=torch.float32) ** 2  # grows with t: importance is far from uniform
+    for _ in range(2):  # fill the range's histories: importance sampling leaves its warm-up
+        in_range = torch.arange(lo, hi + 1)
+        sampler.update(in_range, losses[in_range - 1])
+    p = sampler.probabilities()
+    assert float(p.sum()) == pytest.approx(1.0)
+    assert torch.all(p[: lo - 1] == 0) and torch.all(p[hi:] == 0)
+    if kind == "importance":
+        assert p[hi - 1] > 2 * p[lo - 1]  # weighted by the losses, not uniform
+    t, w = sampler.sample(200_000, gen)
+    assert int(t.min()) == lo and int(t.max()) == hi and set(t.tolist()) == set(range(lo, hi + 1))
+    estimate = float((w * losses[t - 1]).mean())
+    assert estimate == pytest.approx(float(losses[lo - 1 : hi].mean()), rel=0.02)
+
+
+def test_a_t_range_outside_1_to_T_is_refused():
+    for t_range in [(0, 5), (5, 11), (6, 5)]:
+        with pytest.raises(ValueError, match="1 <= lo <= hi <= T = 10"):
+            TimestepSampler(10, "uniform", history=2, device="cpu", t_range=t_range)
