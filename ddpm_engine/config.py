@@ -327,6 +327,13 @@ class EvalConfig(_Section):
         50, ge=2, description="Reverse steps at which a histogram is recorded (evenly spaced)."
     )
     quality: bool = Field(True, description="Compute sample quality (Frechet distance, coverage).")
+    quality_reference: Literal["split", "uncapped"] = later_knob(
+        "split",
+        description="What samples are compared with for fd, coverage, saturation and pixel_mean_gap: split, "
+        "the run's own training split (and a classifier trained on it); uncapped, the training split of the "
+        "same data without data.max_images, so arms of different max_images share one yardstick. "
+        "memorised_frac and the nearest-neighbour distances stay against the run's own training images.",
+    )
 
 
 class ExperimentConfig(_Section):

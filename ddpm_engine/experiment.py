@@ -480,16 +480,31 @@ def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
     config, data = parts.config, parts.data
     if not config.eval.quality:
         return dict.fromkeys(QUALITY_KEYS, math.nan)
+    reference = quality_reference(config, data)
     classifier = None
-    if data.train_labels is not None:
+    if reference.train_labels is not None:
         # digits upsampled by image_size carry no more than their 8x8: classify them there
-        native = DIGITS_SIDE if data.name == "digits" else None
-        side = classifier_side(data.image_size, native)
-        classifier = load_classifier(data.train, data.train_labels, data.levels, config.data.cache_dir, side)
+        native = DIGITS_SIDE if reference.name == "digits" else None
+        side = classifier_side(reference.image_size, native)
+        classifier = load_classifier(
+            reference.train, reference.train_labels, reference.levels, config.data.cache_dir, side
+        )
+    out = sample_quality(
+        x0.float().cpu(), reference.to_model_space(reference.train).float(), classifier, levels=data.levels
+    )
+    # memorisation is of the run's own training images, whatever the yardstick of quality
     train = data.to_model_space(data.train).float()
-    out = sample_quality(x0.float().cpu(), train, classifier, levels=data.levels)
     out.update(memorisation(x0.float().cpu(), train, data.to_model_space(data.heldout).float()))
     return out
+
+
+def quality_reference(config: ExperimentConfig, data: ImageData) -> ImageData:
+    """The data samples are judged against (eval.quality_reference): the run's own split, or
+    with ``uncapped`` the same data loaded without data.max_images, so that arms trained on
+    100 or 1,797 digits are measured by one classifier against one set of images."""
+    if config.eval.quality_reference == "uncapped" and config.data.max_images is not None:
+        return load_data(config.data.model_copy(update={"max_images": None}))
+    return data
 
 
 def record(

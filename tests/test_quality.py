@@ -438,3 +438,34 @@ def test_quality_summary_uses_the_labels_of_any_source():
     assert labelled_out["coverage"] > 0.5 and math.isfinite(labelled_out["confidence"])
     assert math.isnan(plain_out["coverage"]) and math.isfinite(plain_out["fd"])
     assert labelled_out["fd"] != plain_out["fd"]
+
+
+def test_quality_reference_uncapped_judges_every_max_images_by_the_full_split():
+    """eval.quality_reference: uncapped measures samples of a run on 100 digits against the
+    training split of all 1,797 (its images and its classifier), as the run on all of them is
+    measured; memorisation stays against the run's own 90 training images."""
+    from types import SimpleNamespace
+
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.data import load_data
+    from ddpm_engine.experiment import quality_summary
+
+    uncapped = ExperimentConfig.from_dict({"data": {"max_images": 100}, "eval": {"quality_reference": "uncapped"}})
+    split = ExperimentConfig.from_dict({"data": {"max_images": 100}})
+    capped, full = load_data(uncapped.data), load_data(ExperimentConfig().data)
+    assert capped.train.shape[0] == 90
+    samples = full.to_model_space(full.heldout[:64])  # real digits: coverage and fd are those of data
+    expected = sample_quality(
+        samples,
+        full.to_model_space(full.train),
+        load_classifier(full.train, full.train_labels, 17, None),
+        levels=17,
+    )
+    by_uncapped = quality_summary(SimpleNamespace(config=uncapped, data=capped), samples)
+    by_split = quality_summary(SimpleNamespace(config=split, data=capped), samples)
+    for name in ("fd", "coverage", "ref_sat_frac", "pixel_mean_gap"):
+        assert by_uncapped[name] == pytest.approx(expected[name]), name
+    assert by_split["fd"] != pytest.approx(expected["fd"])  # against its own 90 images: another number
+    assert by_split["ref_sat_frac"] != pytest.approx(expected["ref_sat_frac"])
+    for name in ("memorised_frac", "nn_train_dist", "nn_heldout_ratio"):
+        assert by_uncapped[name] == by_split[name], name

@@ -167,13 +167,9 @@ def test_training_with_a_t_range_never_draws_t_outside_it(t_sampling):
 def test_a_t_range_leaves_the_probe_grid_whole():
     """A specialist trained on t in 1..5 is still probed at every t of the grid (T = 50: all t)."""
     specialist = run_experiment(small_config(train={"t_range": [1, 5]}), MemoryRecorder(), device="cpu")
-    generalist = run_experiment(small_config(), MemoryRecorder(), device="cpu")
-    for result in (specialist, generalist):
-        final = result.tables["per_t"].query("step == 40")
-        assert final["t"].tolist() == probe_timesteps(50, 40) == list(range(1, 51))
-        assert final["loss_mse"].notna().all()
-    # the knob did something: the two trainings differ
-    assert specialist.tables["train"]["loss"].tolist() != generalist.tables["train"]["loss"].tolist()
+    final = specialist.tables["per_t"].query("step == 40")
+    assert final["t"].tolist() == probe_timesteps(50, 40) == list(range(1, 51))
+    assert final["loss_mse"].notna().all()
 
 
 def test_budget_by_images_and_seconds():
