@@ -213,3 +213,89 @@ def test_a_later_knob_at_its_default_leaves_run_and_train_keys_as_before(monkeyp
     assert "new_knob" in Experiment(train={"new_knob": 0.5}).training_dict()["train"]
     # a field that is not a later knob is in the key whatever its value
     assert "steps" in before.key_dict()["train"]
+
+
+# ---------------------------------------------------------------- the research log's studies (issue 23)
+
+
+def first_seed_runs(name: str) -> dict:
+    study = load_study(STUDY_DIR / f"{name}.yaml")
+    assert study.adaptive is not None and study.adaptive.start >= 3
+    return {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+
+
+def test_capacity_ladder_differs_only_in_width_at_about_0_1_0_5_and_2M_with_8M_defined_for_gpus():
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.model import build_model, count_parameters
+    from harness.spec import apply_overrides
+
+    study = load_study(STUDY_DIR / "capacity_ladder.yaml")
+    runs = first_seed_runs("capacity_ladder")
+    assert list(runs) == ["w8", "w24", "w48"] and baseline_arm(study, expand_arms(study)) == "w24"
+
+    def params(config) -> int:
+        return count_parameters(build_model(config.model, 1, 8))
+
+    sizes = {arm: params(run.config) for arm, run in runs.items()}
+    assert 0.08e6 < sizes["w8"] < 0.15e6 and 0.4e6 < sizes["w24"] < 0.6e6 and 1.5e6 < sizes["w48"] < 2.5e6
+    gpu_rung = ExperimentConfig.from_dict(apply_overrides(study.base, study.ablations["width"]["w104"]))
+    assert 6.5e6 < params(gpu_rung) < 9.5e6
+    for arm, run in runs.items():  # the same time embedding, steps and everything else
+        assert set(changed_keys(study, run)) <= {"model.base_channels"}, arm
+        model = run.config.model
+        assert (model.time_mlp, model.time_embed_dim, tuple(model.channel_mults)) == ("shared", 192, (1, 2, 2))
+    assert len({r.config.train.model_dump_json() for r in runs.values()}) == 1
+
+
+def test_dataset_size_caps_the_digits_and_judges_quality_on_all_of_them():
+    runs = first_seed_runs("dataset_size")
+    assert {arm: r.config.data.max_images for arm, r in runs.items()} == {
+        "n100": 100,
+        "n300": 300,
+        "n1000": 1000,
+        "all": None,
+    }
+    assert {r.config.eval.quality_reference for r in runs.values()} == {"uncapped"}
+    assert len({r.config.train.model_dump_json() for r in runs.values()}) == 1  # equal steps
+    metrics = {h.metric for h in load_study(STUDY_DIR / "dataset_size.yaml").hypotheses.values()}
+    assert {"heldout_loss", "fd", "coverage", "memorised_frac"} <= metrics
+
+
+def test_small_t_specialist_trains_on_t_1_to_10_beside_the_generalist_and_two_references():
+    runs = first_seed_runs("small_t_specialist")
+    assert list(runs) == ["generalist", "specialist", "pixelwise", "median"]
+    assert runs["generalist"].config.train.t_range is None
+    assert runs["specialist"].config.train.t_range == (1, 10)
+    assert set(changed_keys(load_study(STUDY_DIR / "small_t_specialist.yaml"), runs["specialist"])) == {"train.t_range"}
+    assert runs["pixelwise"].config.model.preset == "pixelwise" and runs["median"].config.model.preset == "median"
+    # the generalist is timestep_ablation's T1000 run: found there, not trained again
+    assert runs["generalist"].key in SHIPPED_KEYS["timestep_ablation"]
+
+
+def test_sampling_steps_arms_share_one_training_per_seed():
+    runs = first_seed_runs("sampling_steps")
+    samplers = {arm: (r.config.sample.sampler, r.config.sample.steps) for arm, r in runs.items()}
+    assert samplers == {
+        "ancestral": ("ddpm", None),
+        "ddim250": ("ddim", 250),
+        "ddim50": ("ddim", 50),
+        "ddim10": ("ddim", 10),
+    }
+    assert len({r.train_key for r in runs.values()}) == 1 and len({r.key for r in runs.values()}) == 4
+    assert runs["ancestral"].key in SHIPPED_KEYS["timestep_ablation"]  # trained there already
+    study = load_study(STUDY_DIR / "sampling_steps.yaml")
+    assert len({r.train_key for r in expand(study)}) == len(study.seed_list)  # one training per seed
+
+
+def test_plan_says_the_sampling_arms_are_measured_only(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from harness import cli
+    from harness.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.console, "width", 200)  # one line per arm: a wrapped cell splits the words
+    result = CliRunner().invoke(app, ["plan", str(STUDY_DIR / "sampling_steps.yaml"), "--no-measure", "--no-check"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert out.count("(+6 measured only)") == 3 and "6 to train" in out and "18 to measure" in out
