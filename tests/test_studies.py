@@ -298,4 +298,4 @@ def test_plan_says_the_sampling_arms_are_measured_only(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["plan", str(STUDY_DIR / "sampling_steps.yaml"), "--no-measure", "--no-check"])
     out = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
-    assert out.count("(+6 measured only)") == 3 and "6 to train" in out and "18 to measure" in out
+    assert out.count("(+8 measured only)") == 3 and "8 to train" in out and "24 to measure" in out
