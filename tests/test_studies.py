@@ -110,10 +110,13 @@ def test_error_accumulation_trains_twice_and_measures_three_sampling_arms_from_t
     assert runs["ddpm_ip"].train_key != runs["baseline"].train_key
     # the new knobs at their defaults stay out of the keys: the baseline is the other digits
     # studies' baseline run for run, so their finished trainings are found and reused
+    ours = {r.seed: r.key for r in expand(study) if r.arm.label == "baseline"}
     objective = {
-        r.seed: r.key for r in expand(load_study("studies/objective_ablation.yaml")) if r.arm.label == "baseline"
+        r.seed: r.key
+        for r in expand(load_study("studies/objective_ablation.yaml"))
+        if r.arm.label == "baseline" and r.seed in ours
     }
-    assert {r.seed: r.key for r in expand(study) if r.arm.label == "baseline" and r.seed in objective} == objective
+    assert ours == objective
     # every new measure is asked about, and the log's "1000 steps, in float32"
     claims = {(h.metric, h.arm) for h in study.hypotheses.values()}
     assert {("eps_norm_excess_end", "baseline"), ("chain_std_gap_mean", "baseline")} <= claims
