@@ -297,3 +297,23 @@ def test_sampling_knobs_outside_their_range_are_refused(values):
 
     with pytest.raises(ValueError):
         SampleConfig(**values)
+
+
+def test_the_plan_prices_fp64_sampling_by_the_timed_precision_factor(one_thread):
+    """harness plan's estimate scales the sampling of an fp64 arm (both chains and the forward
+    states) by the float64/float32 forward-time ratio it times once per model; training is
+    unchanged. The ratio is pinned here (a timing is no unit test); its wiring is what is checked."""
+    from ddpm_engine.config import DataConfig
+    from harness.cost import estimate
+
+    data = load_data(DataConfig())
+    fp32 = ExperimentConfig.from_dict({"train": {"steps": 10}, "sample": {"num_samples": 8}})
+    fp64 = ExperimentConfig.from_dict({"train": {"steps": 10}, "sample": {"num_samples": 8, "precision": "fp64"}})
+    cache: dict = {}
+    plain = estimate(fp32, data, torch.device("cpu"), cache)
+    signature = next(k for k in cache if k[0] == "sample precision")
+    cache[("sample precision", "fp64", *signature[2:])] = 4.0
+    dearer = estimate(fp64, data, torch.device("cpu"), cache)
+    assert cache[signature] == 1.0
+    assert dearer.train_seconds == plain.train_seconds and dearer.probe_seconds == plain.probe_seconds
+    assert dearer.sample_seconds == pytest.approx(4.0 * plain.sample_seconds)
