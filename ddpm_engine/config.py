@@ -228,6 +228,15 @@ class ObjectiveConfig(_Section):
     noise_clip: float | None = Field(
         None, gt=0.0, description="Clip the Gaussian noise to [-c, c] in training and sampling."
     )
+    input_perturbation: float = later_knob(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="DDPM-IP (Ning et al. 2023): the network's training input is x_t built with eps + "
+        "gamma xi (xi a fresh standard normal draw) while the target stays eps, so it sees inputs a "
+        "little off q(x_t) as the sampling chain gives it; 0 is off (training exactly as before). "
+        "Ning et al. use 0.1 (0.15 on CIFAR-10).",
+    )
 
 
 class TrainConfig(_Section):
@@ -301,6 +310,21 @@ class SampleConfig(_Section):
     num_samples: int = Field(128, ge=1, description="Samples drawn at the end of training.")
     batch_size: int | None = Field(None, ge=1, description="Samples per forward pass; None sizes it for the device.")
     use_ema: bool = Field(True, description="Sample with the EMA weights (when EMA is on).")
+    eps_scale: float = later_knob(
+        1.0,
+        gt=0.5,
+        le=1.5,
+        description="Epsilon Scaling (Ning et al. 2024): every sampling step uses the predicted noise "
+        "divided by this constant (their uniform schedule), in the x_0 estimate and the step alike; "
+        "1 is off. Above 1 it shrinks the noise the chain removes. Every chain of the run uses it.",
+    )
+    precision: Literal["fp32", "fp64"] = later_knob(
+        "fp32",
+        description="fp64 runs every sampling chain in float64, the model's forward included (a float64 "
+        "copy of the sampled weights, no bf16 autocast while sampling), from the same x_T and z drawn "
+        "in float32; training, probes and the bound stay as train.precision says. Not on MPS "
+        "(no float64 there).",
+    )
     seed: int = Field(
         1234,
         ge=0,

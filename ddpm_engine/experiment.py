@@ -27,6 +27,8 @@ from .diagnostics import (
     bits_per_dim_bound,
     diffusion_bits_estimate,
     drift_summary,
+    forward_eps_rms,
+    forward_eps_timesteps,
     heldout_loss,
     per_t_probe,
     pixel_statistics,
@@ -40,7 +42,7 @@ from .objectives import gaussian_noise
 from .quality import classifier_side, load_classifier, memorisation, sample_quality
 from .recorder import NullRecorder, Recorder
 from .references import build_reference, reference_device
-from .sampling import SAMPLERS, chunked_eps
+from .sampling import SAMPLERS, chunked_eps, in_precision
 from .schedule import Schedule, make_schedule
 from .shapes import DIGITS_SIDE
 from .training import Trainer
@@ -165,6 +167,8 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     """Data (``data`` or loaded from config.data), schedule (config.diffusion), model
     (config.model, shaped by the data), trainer (config.train and config.objective) and
     probe inputs (config.eval), all on ``device``."""
+    if config.sample.precision == "fp64" and device.type == "mps":  # refused before any training
+        raise ValueError("sample.precision: fp64 needs float64, which MPS lacks: sample on the CPU or CUDA")
     data = data or load_data(config.data)
     schedule = make_schedule(config.diffusion)
     train_x0 = data.to_model_space(data.train).to(device)
@@ -323,12 +327,31 @@ def sample_with_drift(parts: RunParts) -> Sampled:
     (config.sample_draw_seed): the same for every arm of a replicate, new for each replicate."""
     drift = drift_recorder(parts)
     started = time.perf_counter()
-    x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift)
+    x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift, eps_callback=drift.observe_eps)
     seconds = time.perf_counter() - started
     drift_table, drift_hist = drift.tables()
     qstart = chain_drift(parts, parts.denoiser, parts.autocast, "qstart", start_x0=heldout_start(parts))
     drift_table = drift_table.merge(qstart, on="t", how="left").merge(gauss_chain_drift(parts), on="t", how="left")
+    exposure = drift.exposure_table().merge(forward_eps(parts, list(drift.eps_rms)), on="t", how="left")
+    drift_table = drift_table.merge(exposure, on="t", how="left")
     return Sampled(x0, parts.data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
+
+
+def forward_eps(parts: RunParts, visited: list[int]) -> pd.DataFrame:
+    """``q_eps_rms``: the sampled denoiser's predicted-noise RMS on forward states q(x_t | x_0)
+    of the probe's held-out images and noise (at most eval.probe_images images), at the chain's
+    visited t nearest the probe grid (``forward_eps_timesteps``), in the chain's precision. The
+    exposure-bias measure divides the chain's own RMS (``eps_rms``) by it. Cost: one probe's
+    forward passes (the grid's t x the probe images), against the chain's T x num_samples."""
+    denoiser, autocast, dtype = in_precision(parts.denoiser, parts.autocast, parts.config.sample.precision)
+    return forward_eps_rms(
+        denoiser,
+        parts.schedule,
+        parts.probe_x0.to(dtype),
+        parts.probe_noise.to(dtype),
+        forward_eps_timesteps(visited, parts.probe_grid),
+        autocast=autocast,
+    )
 
 
 def heldout_start(parts: RunParts) -> torch.Tensor:
@@ -339,17 +362,26 @@ def heldout_start(parts: RunParts) -> torch.Tensor:
 
 
 def run_sampler(
-    parts: RunParts, denoiser: torch.nn.Module, autocast, callback, start_x0: torch.Tensor | None = None
+    parts: RunParts,
+    denoiser: torch.nn.Module,
+    autocast,
+    callback,
+    start_x0: torch.Tensor | None = None,
+    eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from the
-    replicate's sampling seed (config.sample_draw_seed).
+    replicate's sampling seed (config.sample_draw_seed), its eps_scale, in its precision
+    (``sampling.in_precision``: fp64 runs the chain and a float64 copy of the denoiser; x_T
+    and z are the float32 draws, cast).
 
     x_T ~ N(0, I) by default; with ``start_x0`` (num_samples images in model space) x_T ~
     q(x_T | x_0) = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps (DDPM eq. 4), eps being the very
     draw that is x_T without it, and the generator then gives the same z: the two chains differ
-    only in where they start."""
+    only in where they start. ``eps_callback(t, x_t, eps)`` sees the denoiser's own output at
+    every visited t, before eps_scale divides it."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
+    denoiser, autocast, dtype = in_precision(denoiser, autocast, sc.precision)
     generator = torch.Generator(device=device).manual_seed(config.sample_draw_seed)
     chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
@@ -359,9 +391,12 @@ def run_sampler(
             raise ValueError(f"start_x0 must have shape {shape}, got {tuple(start_x0.shape)}")
         abar_T = float(parts.schedule.alphabar[-1])
         x_T = math.sqrt(abar_T) * start_x0.to(device, x_T.dtype) + math.sqrt(1.0 - abar_T) * x_T
+    eps = chunked_eps(denoiser, chunk_size, autocast)
+    if eps_callback is not None:
+        eps = observed_eps(eps, eps_callback)
     return SAMPLERS[sc.sampler](
-        chunked_eps(denoiser, chunk_size, autocast),
-        x_T,
+        eps,
+        x_T.to(dtype),
         parts.schedule,
         generator=generator,
         noise_clip=config.objective.noise_clip,
@@ -369,8 +404,20 @@ def run_sampler(
         sigma=config.diffusion.sigma,
         steps=sc.steps,
         eta=sc.eta,
+        eps_scale=sc.eps_scale,
         callback=callback,
     )
+
+
+def observed_eps(denoiser: Callable, eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Callable:
+    """``denoiser`` that also shows every (t, x_t, eps) it computes to ``eps_callback``."""
+
+    def observed(x: torch.Tensor, t: int) -> torch.Tensor:
+        eps = denoiser(x, t)
+        eps_callback(t, x, eps)
+        return eps
+
+    return observed
 
 
 CHAIN_STATS = ("mean", "std", "frac_out")  # what the drift table keeps of the extra chains

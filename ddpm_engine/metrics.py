@@ -32,7 +32,9 @@ Better = Literal["lower", "higher", "zero"]
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
 # the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
 # (sat_low_* black, sat_high_* white). 5: loss_t_le_10 (the loss over the smallest t, for
-# train.t_range specialists) and seconds_per_sample.
+# train.t_range specialists), seconds_per_sample, and the exposure-bias measures after Ning et
+# al. 2024 (the predicted noise's RMS on chain against forward states, eps_norm_excess_*; the
+# chain's per-pixel std against q(x_t)'s, chain_std_gap_*).
 MEASURE_VERSION = 5
 
 # loss_t_le_10 averages the per-t loss over t = 1..SMALL_T_MAX: the range a small-t specialist
@@ -151,6 +153,10 @@ DECLARED: list[Metric] = [
     _m("drift", "gauss_chain_mean", "pixel", None, "mean pixel of x_t when the data's Gaussian (Wiener) denoiser runs through the same sampler from the same x_T and noise: a reference curve, not the model's share", "experiment.gauss_chain_drift"),
     _m("drift", "gauss_chain_std", "pixel", None, "pixel std of that Gaussian-denoiser chain (a reference curve)", "experiment.gauss_chain_drift"),
     _m("drift", "gauss_chain_frac_out", "", None, "fraction of the Gaussian-denoiser chain's pixels outside [-1, 1] (a reference curve)", "experiment.gauss_chain_drift"),
+    _m("drift", "per_pixel_std", "pixel", None, "std across the sampled images of x_t at each pixel (unbiased), as the root of its mean square over pixels (Ning et al. 2024's per-pixel std; unlike std, it leaves out how the pixels' means differ)", "diagnostics.DriftRecorder"),
+    _m("drift", "q_per_pixel_std", "pixel", None, "the same of q(x_t) itself, exact given the held-out images: sqrt(alphabar_t v + 1 - alphabar_t), v their per-pixel variance averaged over pixels (DDPM eq. 4); sqrt(1 - alphabar_t), Ning et al.'s reference, is that of q(x_t | x_0) for one x_0 (v = 0)", "diagnostics.DriftRecorder"),
+    _m("drift", "eps_rms", "", None, "root mean square of the predicted noise on the sampled chain's x_t (the network's output, before sample.eps_scale divides it): ||eps_theta||_2 / sqrt(D) over the samples; NaN at t = 0", "diagnostics.DriftRecorder"),
+    _m("drift", "q_eps_rms", "", None, "the same RMS on forward states q(x_t | x_0) of the probe's held-out images and noise, at the visited t nearest each probe-grid t (NaN at other t); eps_rms / q_eps_rms is Ning et al. 2024's exposure-bias ratio", "experiment.forward_eps"),
     # ---- drift_hist: one row per reverse step x bin
     _m("drift_hist", "t", "", None, "reverse step"),
     _m("drift_hist", "bin_lo", "pixel", None, "bin lower edge"),
@@ -184,6 +190,10 @@ DECLARED: list[Metric] = [
     _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
     _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1", scale="log"),
     _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
+    _m("quality", "eps_norm_excess_end", "", "zero", "eps_rms / q_eps_rms - 1 at the smallest measured t (t = 1 for ancestral sampling): above 0 the network predicts more noise on its own chain's states than on forward states q(x_t) (Ning et al. 2024's exposure bias)", "diagnostics.exposure_summary", group=_DRIFT, label="eps norm excess (end)"),
+    _m("quality", "eps_norm_excess_mean", "", "zero", "eps_rms / q_eps_rms - 1 averaged over every t of the measured range (linear between measured t)", "diagnostics.exposure_summary"),
+    _m("quality", "chain_std_gap_end", "pixel", "zero", "per_pixel_std - q_per_pixel_std at t = 0: the final samples' per-pixel std against the held-out images'", "diagnostics.exposure_summary"),
+    _m("quality", "chain_std_gap_mean", "pixel", "zero", "per_pixel_std - q_per_pixel_std averaged over every t < T (linear between visited t): above 0 the chain's states spread more than q(x_t)'s (Ning et al. 2024's exposure bias, against the marginal's std)", "diagnostics.exposure_summary", group=_DRIFT, label="chain std gap (mean)"),
     _m("quality", "sat_frac", "", None, "fraction of sample pixels at the lowest or highest of the data's levels after rounding and clipping (as a viewer sees them)", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
     _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality", exact=True),
     _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),

@@ -20,6 +20,18 @@ def gaussian_noise(shape, generator: torch.Generator, device, clip: float | None
     return eps.clamp_(-clip, clip) if clip is not None else eps
 
 
+def perturbed_noise(eps: torch.Tensor, xi: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """The noise the network's input is built with under DDPM-IP (Ning et al. 2023, "Input
+    perturbation reduces exposure bias in diffusion models"): y_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) (eps + gamma xi), the loss still against eps. At gamma = 0 it is eps itself
+    (no arithmetic: training stays bit for bit as before)."""
+    if gamma == 0.0:
+        return eps
+    if xi is None:
+        raise ValueError("input_perturbation > 0 needs its draw xi")
+    return eps + gamma * xi
+
+
 class TimestepSampler:
     """Draws t for each row and the weight that keeps the loss an unbiased estimate.
 
@@ -110,9 +122,12 @@ class Objective:
             weights = weights * snr.clamp(max=config.min_snr_gamma) / snr
         self.t_weights = weights.to(device, torch.float32)
 
-    def row_losses(self, model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Loss of each row (mean over dimensions), before importance weights."""
-        xt = q_sample(self.tables, x0, t, eps)
+    def row_losses(
+        self, model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, xi: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of each row (mean over dimensions), before importance weights. ``xi`` (same
+        shape as eps) is the input perturbation's draw, needed when input_perturbation > 0."""
+        xt = q_sample(self.tables, x0, t, perturbed_noise(eps, xi, self.config.input_perturbation))
         eps_pred = model(xt, t).float()
         if self.config.loss == "huber":
             distance = F.huber_loss(eps_pred, eps, delta=self.config.huber_delta, reduction="none")

@@ -7,7 +7,8 @@ a model worse than the per-pixel Bayes denoiser at small t loses to a lookup tab
 a bug or a capacity problem, not the irreducible noise.
 
 Every reference is an ``nn.Module`` with the model's call signature,
-``forward(x_t: N x C x H x W, t: LongTensor[N], 1-based) -> eps_hat (float32)``, so the probe
+``forward(x_t: N x C x H x W, t: LongTensor[N], 1-based) -> eps_hat`` (float32, float64 for a
+float64 x_t: a chain run in fp64, ``sampling.in_precision``), so the probe
 (``diagnostics.per_t_probe``), the samplers and every diagnostic accept it. The fitted
 statistics are buffers, never parameters. Each predicts x_0 (``posterior_mean``) and turns it
 into eps with eq. 4 solved for eps, eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (DDPM
@@ -31,6 +32,11 @@ CHUNK_ELEMENTS = 1 << 22
 # log(0) guard of the per-pixel histograms: a level never seen at a pixel gets weight ~1e-12,
 # small enough that the likelihood decides whenever it is informative, yet finite.
 _LOG_FLOOR = 1e-12
+
+
+def output_dtype(x_t: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 x_t (an fp64 chain keeps its precision), else float32."""
+    return torch.float64 if x_t.dtype == torch.float64 else torch.float32
 
 
 class _Reference(nn.Module):
@@ -65,7 +71,7 @@ class _Reference(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x_t.to(self.alphabar.device, torch.float64).flatten(1)
         abar = self._abar(t, x.shape[0])
-        return self._eps(x, abar).view(x_t.shape).to(x_t.device, torch.float32)
+        return self._eps(x, abar).view(x_t.shape).to(x_t.device, output_dtype(x_t))
 
     def _eps(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         # DDPM eq. 4 solved for eps: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)
@@ -277,7 +283,7 @@ class MedianDenoiser(_Reference):
         abar = self._abar(t, x.shape[0]).view(-1, 1, 1, 1)
         x0 = self._median_x0(x, abar.view(-1, 1))
         # DDPM eq. 4 solved for eps
-        return ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).to(x_t.device, torch.float32)
+        return ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).to(x_t.device, output_dtype(x_t))
 
     def _images(self, x_t: torch.Tensor) -> torch.Tensor:
         if x_t.dim() != 4:

@@ -48,6 +48,7 @@ TABLE_COLUMNS = (
     "sampler",
     "steps",
     "eta",
+    "eps_scale",
     "prior_mean_gap",
     "max_mean_gap",
     "max_std_gap",
@@ -157,13 +158,16 @@ def check_sampler(
     sigma: str = "beta",
     steps: int | None = None,
     eta: float = 0.0,
+    eps_scale: float = 1.0,
     step_fns: dict[str, Callable] | None = None,
 ) -> dict:
     """Run the reverse chain of ``sampler`` in closed form with the exact denoiser of N(mu, cov).
 
     ``mu`` is the flattened data mean (D,), ``cov`` its D x D covariance, or a (D,) vector of
     variances for a diagonal covariance. ``sigma`` is the DDPM reverse variance (beta or
-    beta_tilde); ``steps`` (None: T) and ``eta`` are DDIM's. ``step_fns`` overrides the step
+    beta_tilde); ``steps`` (None: T) and ``eta`` are DDIM's; ``eps_scale`` divides the exact
+    denoiser's eps at every step as the samplers do (Epsilon Scaling, ``sampling.scale_eps``),
+    which keeps the step affine: c becomes c / eps_scale. ``step_fns`` overrides the step
     functions, {"ddpm": f, "ddim": f} with the signatures of ``ddpm_step`` / ``ddim_step``
     (one t per row, as theirs). Unclipped sampler only: clip_x0 makes the step nonlinear.
 
@@ -209,6 +213,7 @@ def check_sampler(
     # Per step: M = a I + c A (its eigenvalues m) and c b = -c A sqrt(abar) mu, since
     # eps = A (x - sqrt(abar) mu); computed for all steps at once, the loop only accumulates.
     a, c, s = (col[:, None] for col in coef.unbind(1))
+    c = c / eps_scale  # the sampler steps with eps / eps_scale
     abar = abars[:-1, None]
     gains = _eps_gains(eigvals[None, :], abar)  # eigenvalues of A_t, one row per step
     m = a + c * gains
@@ -268,7 +273,7 @@ def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig,
     fitted to ``train_x0`` (N x C x H x W in model space [-1, 1]).
 
     The result also carries schedule, T, sigma (None for ddim), sampler, steps (the number of
-    visited steps for ddim, None for ddpm), eta (None for ddpm) and ``approximation`` (full or
+    visited steps for ddim, None for ddpm), eta (None for ddpm), eps_scale and ``approximation`` (full or
     diagonal covariance); ``TABLE_COLUMNS`` picks one summary row out of it. The check is of
     the unclipped sampler whatever ``sample_config.clip_x0`` says.
     """
@@ -284,6 +289,7 @@ def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig,
         sigma=diffusion_config.sigma,
         steps=sample_config.steps,
         eta=sample_config.eta,
+        eps_scale=sample_config.eps_scale,
     )
     result.update(
         schedule=diffusion_config.schedule,
@@ -293,6 +299,7 @@ def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig,
         sampler=sampler,
         steps=len(ddim_timesteps(diffusion_config.T, sample_config.steps or diffusion_config.T)) if is_ddim else None,
         eta=sample_config.eta if is_ddim else None,
+        eps_scale=sample_config.eps_scale,
         approximation=approximation,
     )
     return result

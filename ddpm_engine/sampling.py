@@ -3,16 +3,21 @@
 Every sampler is a function with one signature, in the style of k-diffusion::
 
     sampler(denoiser, x_T, schedule, *, generator, noise_clip=None, clip_x0=False,
-            callback=None, **options) -> x_0
+            eps_scale=1.0, callback=None, **options) -> x_0
 
 ``denoiser(x, t) -> eps`` predicts the noise of the whole population at integer step t, and
 ``callback(t, x_t)`` sees the whole population at each reverse step (drift statistics need
 the percentiles of all samples, not of one chunk). Adding a sampler is adding one function
 to ``SAMPLERS``.
+
+A chain runs in the dtype of its x_T: the schedule's tables, the reverse variances and every
+z are cast to it (z is drawn in float32 and cast, so a float64 chain sees the very numbers a
+float32 one does; see ``in_precision``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, ContextManager
 
 import torch
@@ -69,6 +74,32 @@ def ddim_step(
     return abar_prev.sqrt() * x0 + direction + sigma * z
 
 
+def scale_eps(eps_pred: torch.Tensor, eps_scale: float) -> torch.Tensor:
+    """Epsilon Scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"):
+    the step uses eps_theta / lambda in place of eps_theta, here with a constant lambda (their
+    uniform schedule lambda_t = b; k t + b with k = 0). At lambda = 1 the prediction is returned
+    untouched, so a sampler without scaling is bit for bit what it was."""
+    return eps_pred if eps_scale == 1.0 else eps_pred / eps_scale
+
+
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def in_precision(
+    denoiser: torch.nn.Module, autocast: Callable[[], ContextManager] | None, precision: str
+) -> tuple[torch.nn.Module, Callable[[], ContextManager] | None, torch.dtype]:
+    """(denoiser, autocast, dtype) of a chain run in ``precision``. fp32 returns its inputs.
+    fp64 runs the whole chain in float64, the model's forward included: a float64 copy of the
+    denoiser (its weights cast, the original untouched) and no autocast (bf16 autocast would
+    undo it). Why the forward too: the question is whether 1000 steps in float32 lose
+    anything, and the network's own float32 rounding enters every step as much as the
+    step's arithmetic does."""
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float32:
+        return denoiser, autocast, dtype
+    return copy.deepcopy(denoiser).to(dtype), None, dtype
+
+
 def ddim_timesteps(T: int, steps: int) -> list[int]:
     """Evenly spaced visited timesteps, descending, always starting at T (DDIM sec. 4.2)."""
     steps = min(steps, T)
@@ -80,7 +111,8 @@ def chunked_eps(
     model: torch.nn.Module, chunk_size: int = 256, autocast: Callable[[], ContextManager] | None = None
 ) -> Denoiser:
     """The denoiser of ``model``: eps for the whole population, computed ``chunk_size``
-    samples per forward pass (under ``autocast`` when given) to bound memory."""
+    samples per forward pass (under ``autocast`` when given) to bound memory, in the dtype of
+    x (a float64 chain needs a float64 model: ``in_precision``)."""
 
     def denoiser(x: torch.Tensor, t: int) -> torch.Tensor:
         eps = torch.empty_like(x)
@@ -112,20 +144,22 @@ def sample_ddpm(
     noise_clip: float | None = None,
     clip_x0: bool = False,
     sigma: str = "beta",
+    eps_scale: float = 1.0,
     callback: Callback | None = None,
     **unused,
 ) -> torch.Tensor:
     """Ancestral sampling over every t = T..1 (DDPM Algorithm 2); ``sigma`` picks the reverse
-    variance, beta_t or beta_tilde_t (DDPM sec. 3.2). Draws one z per step, the last one too
-    although t = 1 adds no noise. ``unused`` takes other samplers' options (steps, eta)."""
-    tables = schedule.on(x_T.device)
-    sigma2 = schedule.reverse_variance(sigma).to(x_T.device, torch.float32)
+    variance, beta_t or beta_tilde_t (DDPM sec. 3.2); ``eps_scale`` divides every predicted
+    noise (``scale_eps``). Draws one z per step, the last one too although t = 1 adds no
+    noise. ``unused`` takes other samplers' options (steps, eta)."""
+    tables = schedule.on(x_T.device, x_T.dtype)
+    sigma2 = schedule.reverse_variance(sigma).to(x_T.device, x_T.dtype)
     x = x_T
     if callback is not None:
         callback(schedule.T, x)
     for t in range(schedule.T, 0, -1):
-        eps_pred = denoiser(x, t)
-        z = gaussian_noise(x.shape, generator, x.device, noise_clip)
+        eps_pred = scale_eps(denoiser(x, t), eps_scale)
+        z = gaussian_noise(x.shape, generator, x.device, noise_clip).to(x.dtype)
         x = ddpm_step(tables, sigma2, x, _timesteps(t, x), eps_pred, z, clip_x0)
         if callback is not None:
             callback(t - 1, x)
@@ -143,20 +177,23 @@ def sample_ddim(
     eta: float = 0.0,
     noise_clip: float | None = None,
     clip_x0: bool = False,
+    eps_scale: float = 1.0,
     callback: Callback | None = None,
     **unused,
 ) -> torch.Tensor:
     """DDIM over ``steps`` evenly spaced t (all T when None), eq. 12 with the eta-scaled
-    sigma of eq. 16. Draws one z per visited step even at eta = 0, so that arms differing
-    only in eta share their noise. ``unused`` takes other samplers' options (sigma)."""
+    sigma of eq. 16; ``eps_scale`` divides every predicted noise, in the x_0 estimate and the
+    direction alike (``scale_eps``). Draws one z per visited step even at eta = 0, so that
+    arms differing only in eta share their noise. ``unused`` takes other samplers' options
+    (sigma)."""
     visited = ddim_timesteps(schedule.T, steps or schedule.T)
-    tables = schedule.on(x_T.device)
+    tables = schedule.on(x_T.device, x_T.dtype)
     x = x_T
     if callback is not None:
         callback(schedule.T, x)
     for t, t_next in zip(visited, visited[1:] + [0]):
-        eps_pred = denoiser(x, t)
-        z = gaussian_noise(x.shape, generator, x.device, noise_clip)
+        eps_pred = scale_eps(denoiser(x, t), eps_scale)
+        z = gaussian_noise(x.shape, generator, x.device, noise_clip).to(x.dtype)
         x = ddim_step(tables, x, _timesteps(t, x), _timesteps(t_next, x), eps_pred, eta, z, clip_x0)
         if callback is not None:
             callback(t_next, x)
@@ -179,19 +216,22 @@ def sample(
     eta: float = 0.0,
     clip_x0: bool = False,
     noise_clip: float | None = None,
+    eps_scale: float = 1.0,
+    precision: str = "fp32",
     chunk_size: int = 256,
     observer: Callback | None = None,
     autocast=None,
 ) -> torch.Tensor:
     """Draw samples from x_T ~ N(0, I) with ``SAMPLERS[sampler]``; returns x_0 (unclipped
-    model space).
+    model space, in ``precision``'s dtype).
 
     ``generator`` gives x_T first, then one z per visited step, so two models sampled with
     equal generator states see the same noise (common random numbers across arms).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}")
-    x_T = gaussian_noise(shape, generator, device, noise_clip)
+    model, autocast, dtype = in_precision(model, autocast, precision)
+    x_T = gaussian_noise(shape, generator, device, noise_clip).to(dtype)
     return SAMPLERS[sampler](
         chunked_eps(model, chunk_size, autocast),
         x_T,
@@ -202,5 +242,6 @@ def sample(
         sigma=sigma,
         steps=ddim_steps,
         eta=eta,
+        eps_scale=eps_scale,
         callback=observer,
     )

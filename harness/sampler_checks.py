@@ -28,7 +28,7 @@ def combinations(specs: list[RunSpec]) -> dict[str, list[RunSpec]]:
         key = (
             c.data.model_dump_json()
             + c.diffusion.model_dump_json()
-            + c.sample.model_dump_json(include={"sampler", "steps", "eta"})
+            + c.sample.model_dump_json(include={"sampler", "steps", "eta", "eps_scale"})
         )
         groups.setdefault(key, []).append(spec)
     return groups

@@ -19,6 +19,7 @@ def test_every_question_of_the_seed_research_has_a_study():
         "time_embedding_ablation",
         "objective_ablation",
         "darkening_diagnosis",
+        "error_accumulation",
     } <= names
 
 
@@ -84,6 +85,46 @@ def test_darkening_plan_is_the_baseline_plus_nine_single_changes():
     for arm, keys in expected.items():
         assert set(changed_keys(study, by_arm[arm])) == keys, arm
     assert by_arm["annotated"].config.model.preset == "annotated"
+
+
+def test_error_accumulation_trains_twice_and_measures_three_sampling_arms_from_the_baseline():
+    study = load_study("studies/error_accumulation.yaml")
+    arms = expand_arms(study)
+    assert [a.label for a in arms] == ["baseline", "fp64", "eps_scale", "eps_scale_large", "ddpm_ip"]
+    assert study.adaptive is not None and study.adaptive.start >= 3
+    runs = {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+    base = runs["baseline"].config
+    assert base.data.name == "digits" and base.model.preset == "tiny" and base.diffusion.T == 1000
+    assert base.sample.precision == "fp32" and base.sample.eps_scale == 1.0 and base.objective.input_perturbation == 0.0
+    expected = {
+        "fp64": {"sample.precision": "fp64"},
+        "eps_scale": {"sample.eps_scale": 1.005},
+        "eps_scale_large": {"sample.eps_scale": 1.05},
+        "ddpm_ip": {"objective.input_perturbation": 0.1},
+    }
+    for arm, changes in expected.items():
+        assert changed_keys(study, runs[arm]) == changes, arm
+    # sampling-only arms are measured from the baseline's training; DDPM-IP trains its own
+    for arm in ("fp64", "eps_scale", "eps_scale_large"):
+        assert runs[arm].train_key == runs["baseline"].train_key and runs[arm].key != runs["baseline"].key
+    assert runs["ddpm_ip"].train_key != runs["baseline"].train_key
+    # the new knobs at their defaults stay out of the keys: the baseline is the other digits
+    # studies' baseline run for run, so their finished trainings are found and reused
+    ours = {r.seed: r.key for r in expand(study) if r.arm.label == "baseline"}
+    objective = {
+        r.seed: r.key
+        for r in expand(load_study("studies/objective_ablation.yaml"))
+        if r.arm.label == "baseline" and r.seed in ours
+    }
+    assert ours == objective
+    # every new measure is asked about, and the log's "1000 steps, in float32"
+    claims = {(h.metric, h.arm) for h in study.hypotheses.values()}
+    assert {("eps_norm_excess_end", "baseline"), ("chain_std_gap_mean", "baseline")} <= claims
+    assert {
+        ("final_mean_gap", "fp64"),
+        ("eps_norm_excess_end", "eps_scale"),
+        ("eps_norm_excess_end", "ddpm_ip"),
+    } <= claims
 
 
 # The run keys of the shipped studies before the lifecycle redesign (computed at commit
