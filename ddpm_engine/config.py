@@ -194,6 +194,14 @@ class DiffusionConfig(_Section):
         "beta",
         description="Reverse-process variance: beta_t or the posterior beta_tilde_t (DDPM 3.2).",
     )
+    zero_terminal_snr: bool = later_knob(
+        False,
+        description="Rescale the betas so that alphabar_T = 0 exactly (Lin et al. 2023, Alg. 1): sqrt(alphabar_t) "
+        "shifted and scaled so that its last value is 0 and its first unchanged, so x_T is pure noise whatever T "
+        "and the schedule (beta_T becomes 1). Needs objective.prediction v (as Lin et al. use) or x0: from a "
+        "predicted eps, x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0 at t = T, so eps with this is an error before "
+        "anything runs.",
+    )
 
     @model_validator(mode="after")
     def _ordered_betas(self) -> DiffusionConfig:
@@ -226,6 +234,16 @@ class ObjectiveConfig(_Section):
     importance_history: int = Field(10, ge=1, description="Losses kept per t for importance sampling.")
     noise_clip: float | None = Field(
         None, gt=0.0, description="Clip the Gaussian noise to [-c, c] in training and sampling."
+    )
+    prediction: Literal["eps", "x0", "v"] = later_knob(
+        "eps",
+        description="What the model's output is read as: eps (the noise, DDPM), x0 (the clean image) or v = "
+        "sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022 sec. 4). The training loss is the "
+        "distance to that target (loss, huber_delta); weighting: simple weighs every t alike in the target's space, "
+        "vlb keeps the DDPM eq. 12 weight converted to it (eps: w_t; x0: w_t SNR_t; v: w_t alphabar_t); "
+        "min_snr_gamma takes Hang et al.'s form for the target (eps: min(SNR, g) / SNR; x0: min(SNR, g); v: "
+        "min(SNR, g) / (SNR + 1)). Probes, the bound and the samplers convert the output to eps-hat and x0-hat "
+        "(ddpm_engine.diffusion), so loss_mse and the eps statistics are the predicted noise's for every target.",
     )
 
 
@@ -323,6 +341,18 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("objective")
+    @classmethod
+    def _x0_recoverable_at_T(cls, objective: ObjectiveConfig, info: ValidationInfo) -> ObjectiveConfig:
+        diffusion = info.data.get("diffusion")
+        if diffusion is not None and diffusion.zero_terminal_snr and objective.prediction == "eps":
+            raise ValueError(
+                "prediction eps with diffusion.zero_terminal_snr: at alphabar_T = 0 a predicted eps says nothing "
+                "of x_0 (x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0), so sampling and the bound cannot start; "
+                "use prediction v (Lin et al. 2023 sec. 3.2) or x0"
+            )
+        return objective
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain JSON types."""

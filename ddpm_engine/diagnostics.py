@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .diffusion import prior_kl_bits, q_sample, vlb_term_bits
+from .diffusion import predicted_eps, prior_kl_bits, q_sample, vlb_term_bits
 from .files import atomic_write
 from .schedule import Schedule
 
@@ -54,15 +54,19 @@ def per_t_probe(
     clip_x0: bool = False,
     chunk_size: int = 512,
     autocast=None,
+    prediction: str = "eps",
 ) -> pd.DataFrame:
     """One row per t: noise-prediction loss, bias of the predicted noise, and L_t in bits/dim.
 
-    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller.
+    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller. The
+    model's output is read as ``prediction`` and turned into eps-hat (diffusion.predicted_eps),
+    so loss_mse and the eps statistics mean the same for every target; ``wt`` is the weight of
+    L_{t-1} in the target's own space (Schedule.vlb_weights).
     """
     device = x0.device
     tables = schedule.on(device)
     reverse_log_variance = schedule.bound_variance(sigma).log().to(device, torch.float32)
-    wt = schedule.vlb_weights(sigma)
+    wt = schedule.vlb_weights(sigma, prediction)
     rows = []
     for t_now in timesteps:
         sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -73,9 +77,10 @@ def per_t_probe(
             xt = q_sample(tables, x0_c, t, eps_c)
             if autocast is not None:
                 with autocast():
-                    eps_pred = model(xt, t).float()
+                    output = model(xt, t).float()
             else:
-                eps_pred = model(xt, t).float()
+                output = model(xt, t).float()
+            eps_pred = predicted_eps(tables, xt, t, output, prediction)
             err = eps_pred - eps_c
             sums += torch.stack(
                 [
@@ -86,7 +91,9 @@ def per_t_probe(
                     torch.tensor(float(err.numel()), device=device),
                 ]
             ).double()
-            vlb_parts.append(vlb_term_bits(tables, x0_c, xt, t, eps_pred, reverse_log_variance, levels, clip_x0))
+            vlb_parts.append(
+                vlb_term_bits(tables, x0_c, xt, t, output, reverse_log_variance, levels, clip_x0, prediction)
+            )
         sq_err, s_pred, s_pred2, s_err, count = sums.tolist()
         pred_mean = s_pred / count
         err_mean = s_err / count
@@ -265,6 +272,7 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
     share is that chain minus q(x_t), so that final_mean_gap = start_final_mean_gap +
     own_final_mean_gap (both subtract the same held-out mean: q_mean at t = 0 is ref_mean)."""
     nan = float("nan")
+    spread, ref_spread = brightness_spread(samples), brightness_spread(data)
     # float64 before any difference: the chains' statistics are float32, and the split's
     # identity should hold to float64 round-off, not float32's
     drift = drift.astype({c: "float64" for c in drift.columns if c != "t" and drift[c].dtype.kind == "f"})
@@ -278,6 +286,9 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
         "own_max_mean_gap": nan,
         "max_mean_gap": float((drift["mean"] - drift["ref_mean"]).abs().max()),
         "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else nan,
+        "brightness_std": spread,
+        "ref_brightness_std": ref_spread,
+        "brightness_std_gap": spread - ref_spread,
         "hist_w1": wasserstein1(samples.flatten(), data.flatten()),
         "sample_frac_out": float((samples.abs() > 1).float().mean()),
     }
@@ -291,6 +302,16 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
             own_max_mean_gap=float((own["qstart_mean"] - own["q_mean"]).abs().max()) if len(own) else nan,
         )
     return out
+
+
+def brightness_spread(images: torch.Tensor) -> float:
+    """Std over images (n - 1 in the denominator) of each image's mean pixel, in model space:
+    how much the images differ in overall brightness. A schedule whose x_T keeps some of x_0,
+    sampled from N(0, I), cannot start a chain toward a much darker or brighter image than
+    the average one, and its samples crowd around medium brightness (Lin et al. 2023): their
+    spread falls below the data's. NaN for fewer than two images."""
+    means = images.detach().to("cpu", torch.float64).flatten(1).mean(dim=1)
+    return float(means.std()) if len(means) >= 2 else math.nan
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -340,9 +361,14 @@ def reference_losses(
             return frame.copy()
     frame = pd.DataFrame({"t": timesteps})
     device = reference_device(probe_x0.device)
+    # At zero terminal SNR a predicted eps gives no x_0 at t = T (the probe's L_{T-1} would be
+    # 0/0), so there the references answer in v; loss_mse is of their eps-hat either way.
+    prediction = "v" if float(schedule.alphabar[-1]) == 0.0 else "eps"
     for name in REFERENCE_NAMES:
-        reference = build_reference(name, schedule, train_x0.to(device), levels).to(device)
-        rows = per_t_probe(reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels)
+        reference = build_reference(name, schedule, train_x0.to(device), levels, prediction).to(device)
+        rows = per_t_probe(
+            reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels, prediction=prediction
+        )
         frame[f"ref_loss_{name}"] = rows["loss_mse"].to_numpy()
     losses = frame[[f"ref_loss_{n}" for n in REFERENCE_NAMES]]
     frame["loss_best_ref"] = losses.min(axis=1)

@@ -169,7 +169,8 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     schedule = make_schedule(config.diffusion)
     train_x0 = data.to_model_space(data.train).to(device)
     if config.model.preset in REFERENCE_NAMES:  # a reference arm: fitted, never trained
-        model = build_reference(config.model.preset, schedule, train_x0, data.levels).to(reference_device(device))
+        model = build_reference(config.model.preset, schedule, train_x0, data.levels, config.objective.prediction)
+        model = model.to(reference_device(device))
         trainer, autocast = None, None
     else:
         # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
@@ -208,6 +209,7 @@ def probe(parts: RunParts) -> dict[str, float]:
         levels=parts.data.levels,
         clip_x0=False,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
     bound["heldout_loss"] = heldout_loss(schedule, frame)
@@ -367,6 +369,7 @@ def run_sampler(
         noise_clip=config.objective.noise_clip,
         clip_x0=sc.clip_x0,
         sigma=config.diffusion.sigma,
+        prediction=config.objective.prediction,
         steps=sc.steps,
         eta=sc.eta,
         callback=callback,
@@ -394,8 +397,10 @@ def gauss_chain_drift(parts: RunParts) -> pd.DataFrame:
     only the data's mean and covariance does), not the model's share: the training set's exact
     optimum departs from it more than trained UNets do. Cheap: a linear map per step."""
     device = reference_device(parts.device)
+    train_x0 = parts.data.to_model_space(parts.data.train).to(device)
+    # it answers in the run's target, which run_sampler reads the output as
     gaussian = build_reference(
-        "gaussian", parts.schedule, parts.data.to_model_space(parts.data.train).to(device), parts.data.levels
+        "gaussian", parts.schedule, train_x0, parts.data.levels, parts.config.objective.prediction
     )
     return chain_drift(parts, gaussian.to(device), None, "gauss_chain")
 
@@ -467,6 +472,7 @@ def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
         sigma=parts.config.diffusion.sigma,
         levels=parts.data.levels,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     middle, se = diffusion_bits_estimate(rows["vlb_bits"].to_numpy(), sizes)
     return {"bpd": probed["prior_bits"] + probed["l0_bits"] + middle, "diffusion_bits": middle, "bpd_se": se}

@@ -31,8 +31,9 @@ Better = Literal["lower", "higher", "zero"]
 # 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
 # the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
-# (sat_low_* black, sat_high_* white).
-MEASURE_VERSION = 4
+# (sat_low_* black, sat_high_* white). 5: brightness spread (brightness_std, ref_brightness_std,
+# brightness_std_gap); the per-t wt in the space of objective.prediction.
+MEASURE_VERSION = 5
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
@@ -105,8 +106,8 @@ DECLARED: list[Metric] = [
     _m("per_t", "t", "", None, "timestep (1..T)"),
     _m("per_t", "alphabar", "", None, "alphabar_t"),
     _m("per_t", "snr", "", None, "alphabar_t / (1 - alphabar_t)"),
-    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma"),
-    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images"),
+    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma, in the space of the run's objective.prediction (eps: eq. 12 itself)"),
+    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images (eps-hat, converted from the model's output when it predicts x0 or v)"),
     _m("per_t", "eps_pred_mean", "", "zero", "mean of the predicted noise (ideal 0)"),
     _m("per_t", "eps_pred_std", "", None, "std of the predicted noise (1 where the noise is identifiable from x_t)"),
     _m("per_t", "err_mean", "", "zero", "mean of predicted minus true noise"),
@@ -176,6 +177,9 @@ DECLARED: list[Metric] = [
     _m("quality", "own_max_mean_gap", "pixel", "lower", "largest |mean of the model's chain from q(x_T | x_0) of the held-out images - q_mean| over t < T: the model's own drift along the chain (a mean over sample.num_samples images: its floor is their sampling noise)", "diagnostics.drift_summary", group=_DRIFT, label="own max |mean gap|"),
     _m("quality", "max_mean_gap", "pixel", "lower", "largest |sampled mean - q(x_t) mean| along the chain (includes the start's mismatch at t = T and both chains' draw noise)", "diagnostics.drift_summary"),
     _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
+    _m("quality", "brightness_std", "pixel", None, "std over the final samples of each image's mean pixel (unclipped, model space): how much the samples differ in overall brightness", "diagnostics.drift_summary"),
+    _m("quality", "ref_brightness_std", "pixel", None, "the same std over the held-out images", "diagnostics.drift_summary", exact=True),
+    _m("quality", "brightness_std_gap", "pixel", "zero", "brightness_std - ref_brightness_std: below 0 the samples' brightness spreads less than the data's, crowding around medium brightness (Lin et al. 2023: a schedule that leaves signal at t = T)", "diagnostics.drift_summary", group=_DRIFT, label="brightness spread gap"),
     _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1", scale="log"),
     _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
     _m("quality", "sat_frac", "", None, "fraction of sample pixels at the lowest or highest of the data's levels after rounding and clipping (as a viewer sees them)", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
