@@ -342,17 +342,15 @@ class ExperimentConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @field_validator("objective")
-    @classmethod
-    def _x0_recoverable_at_T(cls, objective: ObjectiveConfig, info: ValidationInfo) -> ObjectiveConfig:
-        diffusion = info.data.get("diffusion")
-        if diffusion is not None and diffusion.zero_terminal_snr and objective.prediction == "eps":
+    @model_validator(mode="after")
+    def _x0_recoverable_at_T(self) -> ExperimentConfig:
+        if self.diffusion.zero_terminal_snr and self.objective.prediction == "eps":
             raise ValueError(
                 "prediction eps with diffusion.zero_terminal_snr: at alphabar_T = 0 a predicted eps says nothing "
                 "of x_0 (x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0), so sampling and the bound cannot start; "
                 "use prediction v (Lin et al. 2023 sec. 3.2) or x0"
             )
-        return objective
+        return self
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain JSON types."""

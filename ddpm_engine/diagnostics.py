@@ -272,7 +272,6 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
     share is that chain minus q(x_t), so that final_mean_gap = start_final_mean_gap +
     own_final_mean_gap (both subtract the same held-out mean: q_mean at t = 0 is ref_mean)."""
     nan = float("nan")
-    spread, ref_spread = brightness_spread(samples), brightness_spread(data)
     # float64 before any difference: the chains' statistics are float32, and the split's
     # identity should hold to float64 round-off, not float32's
     drift = drift.astype({c: "float64" for c in drift.columns if c != "t" and drift[c].dtype.kind == "f"})
@@ -286,9 +285,6 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
         "own_max_mean_gap": nan,
         "max_mean_gap": float((drift["mean"] - drift["ref_mean"]).abs().max()),
         "final_std_gap": float((final["std"] - final["ref_std"]).iloc[0]) if len(final) else nan,
-        "brightness_std": spread,
-        "ref_brightness_std": ref_spread,
-        "brightness_std_gap": spread - ref_spread,
         "hist_w1": wasserstein1(samples.flatten(), data.flatten()),
         "sample_frac_out": float((samples.abs() > 1).float().mean()),
     }
@@ -302,16 +298,6 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
             own_max_mean_gap=float((own["qstart_mean"] - own["q_mean"]).abs().max()) if len(own) else nan,
         )
     return out
-
-
-def brightness_spread(images: torch.Tensor) -> float:
-    """Std over images (n - 1 in the denominator) of each image's mean pixel, in model space:
-    how much the images differ in overall brightness. A schedule whose x_T keeps some of x_0,
-    sampled from N(0, I), cannot start a chain toward a much darker or brighter image than
-    the average one, and its samples crowd around medium brightness (Lin et al. 2023): their
-    spread falls below the data's. NaN for fewer than two images."""
-    means = images.detach().to("cpu", torch.float64).flatten(1).mean(dim=1)
-    return float(means.std()) if len(means) >= 2 else math.nan
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -86,11 +86,10 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction: str) -> torch.T
     (SNR + 1) ||x_0 - x0_hat||^2 (Salimans & Ho 2022 sec. 4), hence eps: min(SNR, gamma) / SNR
     (Hang et al. eq. 9), x0: min(SNR, gamma), v: min(SNR, gamma) / (SNR + 1).
 
-    The eps form is computed as min(1, gamma / SNR), the same number wherever SNR > 0 and its
-    limit 1 at SNR = 0 (zero terminal SNR's t = T), where min(SNR, gamma) / SNR is 0/0. The x0
+    At SNR = 0 (zero terminal SNR's t = T) the eps form is 0/0 and takes its limit, 1. The x0
     and v weights are 0 there, as their formulas say: such a run does not train at t = T."""
     if prediction == "eps":
-        return (gamma / snr).clamp(max=1.0)
+        return torch.where(snr > 0, snr.clamp(max=gamma) / snr, torch.ones_like(snr))
     if prediction == "x0":
         return snr.clamp(max=gamma)
     if prediction == "v":
