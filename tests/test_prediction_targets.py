@@ -329,7 +329,7 @@ def test_a_short_training_lowers_the_probe_loss_of_every_target(digits, predicti
     train, held, levels = digits
     config = ExperimentConfig.from_dict(
         {
-            "model": {"preset": "tiny", "base_channels": 16, "time_embed_dim": 32},
+            "model": {"preset": "tiny", "base_channels": 8, "channel_mults": [1, 2], "time_embed_dim": 16},
             "diffusion": {"T": 50, "zero_terminal_snr": prediction != "eps"},
             "objective": {"prediction": prediction},
             "train": {"batch_size": 32, "warmup_steps": 5, "lr": 2e-3},
@@ -340,7 +340,8 @@ def test_a_short_training_lowers_the_probe_loss_of_every_target(digits, predicti
     model = build_model(config.model, 1, 8)
     trainer = Trainer(config, model, schedule, train, levels, torch.device("cpu"))
     noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(0))
-    grid = [1, 10, 25, 40, 50]
+    # mid t, where 30 steps already teach every target; at t = 1 the noise is hardly learnt yet
+    grid = [10, 25, 40]
 
     def probe():
         return per_t_probe(
@@ -348,17 +349,17 @@ def test_a_short_training_lowers_the_probe_loss_of_every_target(digits, predicti
         )
 
     before = probe()
-    for _ in range(40):
+    for _ in range(30):
         trainer.train_step()
     after = probe()
-    assert after["loss_mse"].mean() < 0.9 * before["loss_mse"].mean(), (before["loss_mse"], after["loss_mse"])
+    assert after["loss_mse"].mean() < 0.85 * before["loss_mse"].mean(), (before["loss_mse"], after["loss_mse"])
     assert after[["loss_mse", "vlb_bits"]].notna().all().all()
 
 
 def test_a_run_at_zero_terminal_snr_with_v_is_finite_end_to_end():
     config = ExperimentConfig.from_dict(
         {
-            "model": {"preset": "tiny", "base_channels": 16, "time_embed_dim": 32},
+            "model": {"preset": "tiny", "base_channels": 8, "channel_mults": [1, 2], "time_embed_dim": 16},
             "diffusion": {"T": 30, "zero_terminal_snr": True},
             "objective": {"prediction": "v", "weighting": "vlb", "l0_term": True},
             "train": {"steps": 10, "batch_size": 16, "log_every": 5, "warmup_steps": 2},
