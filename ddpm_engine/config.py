@@ -195,6 +195,14 @@ class DiffusionConfig(_Section):
         "beta",
         description="Reverse-process variance: beta_t or the posterior beta_tilde_t (DDPM 3.2).",
     )
+    zero_terminal_snr: bool = later_knob(
+        False,
+        description="Rescale the betas so that alphabar_T = 0 exactly (Lin et al. 2023, Alg. 1): sqrt(alphabar_t) "
+        "shifted and scaled so that its last value is 0 and its first unchanged, so x_T is pure noise whatever T "
+        "and the schedule (beta_T becomes 1). Needs objective.prediction v (as Lin et al. use) or x0: from a "
+        "predicted eps, x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0 at t = T, so eps with this is an error before "
+        "anything runs.",
+    )
 
     @model_validator(mode="after")
     def _ordered_betas(self) -> DiffusionConfig:
@@ -236,6 +244,16 @@ class ObjectiveConfig(_Section):
         "gamma xi (xi a fresh standard normal draw) while the target stays eps, so it sees inputs a "
         "little off q(x_t) as the sampling chain gives it; 0 is off (training exactly as before). "
         "Ning et al. use 0.1 (0.15 on CIFAR-10).",
+    )
+    prediction: Literal["eps", "x0", "v"] = later_knob(
+        "eps",
+        description="What the model's output is read as: eps (the noise, DDPM), x0 (the clean image) or v = "
+        "sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022 sec. 4). The training loss is the "
+        "distance to that target (loss, huber_delta); weighting: simple weighs every t alike in the target's space, "
+        "vlb keeps the DDPM eq. 12 weight converted to it (eps: w_t; x0: w_t SNR_t; v: w_t alphabar_t); "
+        "min_snr_gamma takes Hang et al.'s form for the target (eps: min(SNR, g) / SNR; x0: min(SNR, g); v: "
+        "min(SNR, g) / (SNR + 1)). Probes, the bound and the samplers convert the output to eps-hat and x0-hat "
+        "(ddpm_engine.diffusion), so loss_mse and the eps statistics are the predicted noise's for every target.",
     )
 
 
@@ -382,6 +400,27 @@ class ExperimentConfig(_Section):
             )
             details = InitErrorDetails(type=error, loc=("train", "t_range"), input=list(t_range))
             raise ValidationError.from_exception_data(type(self).__name__, [details])
+        return self
+
+    @model_validator(mode="after")
+    def _x0_recoverable_at_T(self) -> ExperimentConfig:
+        if self.diffusion.zero_terminal_snr and self.objective.prediction == "eps":
+            raise ValueError(
+                "prediction eps with diffusion.zero_terminal_snr: at alphabar_T = 0 a predicted eps says nothing "
+                "of x_0 (x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0), so sampling and the bound cannot start; "
+                "use prediction v (Lin et al. 2023 sec. 3.2) or x0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eps_scale_on_eps(self) -> ExperimentConfig:
+        if self.sample.eps_scale != 1.0 and self.objective.prediction != "eps":
+            # Epsilon Scaling divides the predicted noise; an x0 or v output would have to be
+            # turned into eps and back, which at zero terminal SNR divides by 0
+            raise ValueError(
+                f"sample.eps_scale {self.sample.eps_scale} needs objective.prediction eps "
+                f"(Ning et al. 2024 scale an eps model), not {self.objective.prediction}"
+            )
         return self
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .diffusion import prior_kl_bits, q_sample, vlb_term_bits
+from .diffusion import predicted_eps, prior_kl_bits, q_sample, vlb_term_bits
 from .files import atomic_write
 from .schedule import Schedule
 
@@ -54,15 +54,19 @@ def per_t_probe(
     clip_x0: bool = False,
     chunk_size: int = 512,
     autocast=None,
+    prediction: str = "eps",
 ) -> pd.DataFrame:
     """One row per t: noise-prediction loss, bias of the predicted noise, and L_t in bits/dim.
 
-    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller.
+    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller. The
+    model's output is read as ``prediction`` and turned into eps-hat (diffusion.predicted_eps),
+    so loss_mse and the eps statistics mean the same for every target; ``wt`` is the weight of
+    L_{t-1} in the target's own space (Schedule.vlb_weights).
     """
     device = x0.device
     tables = schedule.on(device)
     reverse_log_variance = schedule.bound_variance(sigma).log().to(device, torch.float32)
-    wt = schedule.vlb_weights(sigma)
+    wt = schedule.vlb_weights(sigma, prediction)
     rows = []
     for t_now in timesteps:
         sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -73,9 +77,10 @@ def per_t_probe(
             xt = q_sample(tables, x0_c, t, eps_c)
             if autocast is not None:
                 with autocast():
-                    eps_pred = model(xt, t).float()
+                    output = model(xt, t).float()
             else:
-                eps_pred = model(xt, t).float()
+                output = model(xt, t).float()
+            eps_pred = predicted_eps(tables, xt, t, output, prediction)
             err = eps_pred - eps_c
             sums += torch.stack(
                 [
@@ -86,7 +91,9 @@ def per_t_probe(
                     torch.tensor(float(err.numel()), device=device),
                 ]
             ).double()
-            vlb_parts.append(vlb_term_bits(tables, x0_c, xt, t, eps_pred, reverse_log_variance, levels, clip_x0))
+            vlb_parts.append(
+                vlb_term_bits(tables, x0_c, xt, t, output, reverse_log_variance, levels, clip_x0, prediction)
+            )
         sq_err, s_pred, s_pred2, s_err, count = sums.tolist()
         pred_mean = s_pred / count
         err_mean = s_err / count
@@ -208,10 +215,12 @@ def forward_eps_rms(
     *,
     chunk_size: int = 512,
     autocast=None,
+    prediction: str = "eps",
 ) -> pd.DataFrame:
     """``t``, ``q_eps_rms``: the RMS of ``denoiser``'s predicted noise on forward states
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (DDPM eq. 4) of the images ``x0``, in their
-    dtype (an fp64 chain's float64 copy is measured in float64 too)."""
+    dtype (an fp64 chain's float64 copy is measured in float64 too); the output is read as
+    ``prediction`` and turned into eps-hat (diffusion.predicted_eps)."""
     tables = schedule.on(x0.device, x0.dtype)
     rows = []
     for t_now in timesteps:
@@ -222,9 +231,10 @@ def forward_eps_rms(
             xt = q_sample(tables, x0_c, t, eps_c)
             if autocast is not None:
                 with autocast():
-                    eps_pred = denoiser(xt, t).float()
+                    output = denoiser(xt, t).float()
             else:
-                eps_pred = denoiser(xt, t)
+                output = denoiser(xt, t)
+            eps_pred = predicted_eps(tables, xt, t, output, prediction)
             total += eps_pred.double().pow(2).sum()
         rows.append((t_now, math.sqrt(float(total) / x0.numel())))
     return pd.DataFrame(rows, columns=["t", "q_eps_rms"])
@@ -467,9 +477,14 @@ def reference_losses(
             return frame.copy()
     frame = pd.DataFrame({"t": timesteps})
     device = reference_device(probe_x0.device)
+    # At zero terminal SNR a predicted eps gives no x_0 at t = T (the probe's L_{T-1} would be
+    # 0/0), so there the references answer in v; loss_mse is of their eps-hat either way.
+    prediction = "v" if float(schedule.alphabar[-1]) == 0.0 else "eps"
     for name in REFERENCE_NAMES:
-        reference = build_reference(name, schedule, train_x0.to(device), levels).to(device)
-        rows = per_t_probe(reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels)
+        reference = build_reference(name, schedule, train_x0.to(device), levels, prediction).to(device)
+        rows = per_t_probe(
+            reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels, prediction=prediction
+        )
         frame[f"ref_loss_{name}"] = rows["loss_mse"].to_numpy()
     losses = frame[[f"ref_loss_{n}" for n in REFERENCE_NAMES]]
     frame["loss_best_ref"] = losses.min(axis=1)

@@ -36,6 +36,7 @@ from .diagnostics import (
     reference_losses,
     stratified_timesteps,
 )
+from .diffusion import Tables, predicted_eps
 from .metrics import PER_RUN, REFERENCE_NAMES, per_t_summary
 from .model import build_model, count_parameters
 from .objectives import gaussian_noise
@@ -173,7 +174,8 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     schedule = make_schedule(config.diffusion)
     train_x0 = data.to_model_space(data.train).to(device)
     if config.model.preset in REFERENCE_NAMES:  # a reference arm: fitted, never trained
-        model = build_reference(config.model.preset, schedule, train_x0, data.levels).to(reference_device(device))
+        model = build_reference(config.model.preset, schedule, train_x0, data.levels, config.objective.prediction)
+        model = model.to(reference_device(device))
         trainer, autocast = None, None
     else:
         # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
@@ -212,6 +214,7 @@ def probe(parts: RunParts) -> dict[str, float]:
         levels=parts.data.levels,
         clip_x0=False,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
     bound["heldout_loss"] = heldout_loss(schedule, frame)
@@ -351,6 +354,7 @@ def forward_eps(parts: RunParts, visited: list[int]) -> pd.DataFrame:
         parts.probe_noise.to(dtype),
         forward_eps_timesteps(visited, parts.probe_grid),
         autocast=autocast,
+        prediction=parts.config.objective.prediction,
     )
 
 
@@ -377,8 +381,8 @@ def run_sampler(
     x_T ~ N(0, I) by default; with ``start_x0`` (num_samples images in model space) x_T ~
     q(x_T | x_0) = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps (DDPM eq. 4), eps being the very
     draw that is x_T without it, and the generator then gives the same z: the two chains differ
-    only in where they start. ``eps_callback(t, x_t, eps)`` sees the denoiser's own output at
-    every visited t, before eps_scale divides it."""
+    only in where they start. ``eps_callback(t, x_t, eps)`` sees the denoiser's predicted noise
+    (its output read as objective.prediction) at every visited t, before eps_scale divides it."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
     denoiser, autocast, dtype = in_precision(denoiser, autocast, sc.precision)
@@ -393,7 +397,7 @@ def run_sampler(
         x_T = math.sqrt(abar_T) * start_x0.to(device, x_T.dtype) + math.sqrt(1.0 - abar_T) * x_T
     eps = chunked_eps(denoiser, chunk_size, autocast)
     if eps_callback is not None:
-        eps = observed_eps(eps, eps_callback)
+        eps = observed_eps(eps, eps_callback, parts.schedule.on(device, dtype), config.objective.prediction)
     return SAMPLERS[sc.sampler](
         eps,
         x_T.to(dtype),
@@ -402,6 +406,7 @@ def run_sampler(
         noise_clip=config.objective.noise_clip,
         clip_x0=sc.clip_x0,
         sigma=config.diffusion.sigma,
+        prediction=config.objective.prediction,
         steps=sc.steps,
         eta=sc.eta,
         eps_scale=sc.eps_scale,
@@ -409,13 +414,21 @@ def run_sampler(
     )
 
 
-def observed_eps(denoiser: Callable, eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Callable:
-    """``denoiser`` that also shows every (t, x_t, eps) it computes to ``eps_callback``."""
+def observed_eps(
+    denoiser: Callable,
+    eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None],
+    tables: Tables,
+    prediction: str = "eps",
+) -> Callable:
+    """``denoiser`` that also shows every (t, x_t, eps-hat) it computes to ``eps_callback``; the
+    output, read as ``prediction``, is converted to eps-hat for the callback only (the sampler
+    gets it as it is)."""
 
     def observed(x: torch.Tensor, t: int) -> torch.Tensor:
-        eps = denoiser(x, t)
-        eps_callback(t, x, eps)
-        return eps
+        output = denoiser(x, t)
+        t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_callback(t, x, predicted_eps(tables, x, t_vec, output, prediction))
+        return output
 
     return observed
 
@@ -441,8 +454,10 @@ def gauss_chain_drift(parts: RunParts) -> pd.DataFrame:
     only the data's mean and covariance does), not the model's share: the training set's exact
     optimum departs from it more than trained UNets do. Cheap: a linear map per step."""
     device = reference_device(parts.device)
+    train_x0 = parts.data.to_model_space(parts.data.train).to(device)
+    # it answers in the run's target, which run_sampler reads the output as
     gaussian = build_reference(
-        "gaussian", parts.schedule, parts.data.to_model_space(parts.data.train).to(device), parts.data.levels
+        "gaussian", parts.schedule, train_x0, parts.data.levels, parts.config.objective.prediction
     )
     return chain_drift(parts, gaussian.to(device), None, "gauss_chain")
 
@@ -515,6 +530,7 @@ def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
         sigma=parts.config.diffusion.sigma,
         levels=parts.data.levels,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     middle, se = diffusion_bits_estimate(rows["vlb_bits"].to_numpy(), sizes)
     return {"bpd": probed["prior_bits"] + probed["l0_bits"] + middle, "diffusion_bits": middle, "bpd_se": se}

@@ -32,9 +32,11 @@ Better = Literal["lower", "higher", "zero"]
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
 # the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
 # (sat_low_* black, sat_high_* white). 5: loss_t_le_10 (the loss over the smallest t, for
-# train.t_range specialists), seconds_per_sample, and the exposure-bias measures after Ning et
+# train.t_range specialists), seconds_per_sample, the exposure-bias measures after Ning et
 # al. 2024 (the predicted noise's RMS on chain against forward states, eps_norm_excess_*; the
-# chain's per-pixel std against q(x_t)'s, chain_std_gap_*).
+# chain's per-pixel std against q(x_t)'s, chain_std_gap_*), the brightness spread
+# (brightness_std, ref_brightness_std, brightness_std_gap) and the per-t wt in the space of
+# objective.prediction.
 MEASURE_VERSION = 5
 
 # loss_t_le_10 averages the per-t loss over t = 1..SMALL_T_MAX: the range a small-t specialist
@@ -112,8 +114,8 @@ DECLARED: list[Metric] = [
     _m("per_t", "t", "", None, "timestep (1..T)"),
     _m("per_t", "alphabar", "", None, "alphabar_t"),
     _m("per_t", "snr", "", None, "alphabar_t / (1 - alphabar_t)"),
-    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma"),
-    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images"),
+    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma, in the space of the run's objective.prediction (eps: eq. 12 itself)"),
+    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images (eps-hat, converted from the model's output when it predicts x0 or v)"),
     _m("per_t", "eps_pred_mean", "", "zero", "mean of the predicted noise (ideal 0)"),
     _m("per_t", "eps_pred_std", "", None, "std of the predicted noise (1 where the noise is identifiable from x_t)"),
     _m("per_t", "err_mean", "", "zero", "mean of predicted minus true noise"),
@@ -155,7 +157,7 @@ DECLARED: list[Metric] = [
     _m("drift", "gauss_chain_frac_out", "", None, "fraction of the Gaussian-denoiser chain's pixels outside [-1, 1] (a reference curve)", "experiment.gauss_chain_drift"),
     _m("drift", "per_pixel_std", "pixel", None, "std across the sampled images of x_t at each pixel (unbiased), as the root of its mean square over pixels (Ning et al. 2024's per-pixel std; unlike std, it leaves out how the pixels' means differ)", "diagnostics.DriftRecorder"),
     _m("drift", "q_per_pixel_std", "pixel", None, "the same of q(x_t) itself, exact given the held-out images: sqrt(alphabar_t v + 1 - alphabar_t), v their per-pixel variance averaged over pixels (DDPM eq. 4); sqrt(1 - alphabar_t), Ning et al.'s reference, is that of q(x_t | x_0) for one x_0 (v = 0)", "diagnostics.DriftRecorder"),
-    _m("drift", "eps_rms", "", None, "root mean square of the predicted noise on the sampled chain's x_t (the network's output, before sample.eps_scale divides it): ||eps_theta||_2 / sqrt(D) over the samples; NaN at t = 0", "diagnostics.DriftRecorder"),
+    _m("drift", "eps_rms", "", None, "root mean square of the predicted noise on the sampled chain's x_t (eps-hat, the network's output read as objective.prediction, before sample.eps_scale divides it): ||eps_theta||_2 / sqrt(D) over the samples; NaN at t = 0", "diagnostics.DriftRecorder"),
     _m("drift", "q_eps_rms", "", None, "the same RMS on forward states q(x_t | x_0) of the probe's held-out images and noise, at the visited t nearest each probe-grid t (NaN at other t); eps_rms / q_eps_rms is Ning et al. 2024's exposure-bias ratio", "experiment.forward_eps"),
     # ---- drift_hist: one row per reverse step x bin
     _m("drift_hist", "t", "", None, "reverse step"),
@@ -204,6 +206,9 @@ DECLARED: list[Metric] = [
     _m("quality", "ref_sat_high_frac", "", None, "the same fraction for the training images", "quality.sample_quality", exact=True),
     _m("quality", "sat_high_gap", "", "zero", "sat_high_frac - ref_sat_high_frac: positive = more white pixels than the data (too bright at the foreground)", "quality.sample_quality", group=_DRIFT, label="white-pixel gap"),
     _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
+    _m("quality", "brightness_std", "pixel", None, "std over the samples of each image's mean pixel (unclipped, model space): how much the samples differ in overall brightness", "quality.sample_quality"),
+    _m("quality", "ref_brightness_std", "pixel", None, "the same std over the training images", "quality.sample_quality", exact=True),
+    _m("quality", "brightness_std_gap", "pixel", "zero", "brightness_std - ref_brightness_std: below 0 the samples' brightness spreads less than the data's, crowding around medium brightness (Lin et al. 2023: a schedule that leaves signal at t = T)", "quality.sample_quality", group=_DRIFT, label="brightness spread gap"),
     _m("quality", "fd", "", "lower", "Frechet distance in the features of the classifier of the data set's labels (trained once on its training split); downsampled pixels for data without labels", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
     _m("quality", "coverage", "", "higher", "fraction of the data set's classes produced by at least 20% of their fair share (its classifier's predictions; NaN without labels)", "quality.sample_quality", group=_QUALITY, label="class coverage"),
     _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples (the data set's classifier; NaN without labels)", "quality.sample_quality"),

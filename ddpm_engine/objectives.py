@@ -1,4 +1,5 @@
-"""Training objectives: which t to train on and how each row's noise error is weighted."""
+"""Training objectives: which t to train on and how each row's error in the model's target
+(objective.prediction: eps, x0 or v) is weighted."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ObjectiveConfig
-from .diffusion import at, discretized_gaussian_log_likelihood, q_sample, reverse_mean
+from .diffusion import at, discretized_gaussian_log_likelihood, q_sample, reverse_mean, training_target
 from .schedule import Schedule
 
 
@@ -106,8 +107,26 @@ class TimestepSampler:
         self.counts.copy_(state["counts"])
 
 
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): the x0-space weight min(SNR_t, gamma), in the space of
+    the model's target. ||eps - eps_hat||^2 = SNR ||x_0 - x0_hat||^2 and ||v - v_hat||^2 =
+    (SNR + 1) ||x_0 - x0_hat||^2 (Salimans & Ho 2022 sec. 4), hence eps: min(SNR, gamma) / SNR
+    (Hang et al. eq. 9), x0: min(SNR, gamma), v: min(SNR, gamma) / (SNR + 1).
+
+    At SNR = 0 (zero terminal SNR's t = T) the eps form is 0/0 and takes its limit, 1. The x0
+    and v weights are 0 there, as their formulas say: such a run does not train at t = T."""
+    if prediction == "eps":
+        return torch.where(snr > 0, snr.clamp(max=gamma) / snr, torch.ones_like(snr))
+    if prediction == "x0":
+        return snr.clamp(max=gamma)
+    if prediction == "v":
+        return snr.clamp(max=gamma) / (snr + 1)
+    raise ValueError(f"unknown prediction {prediction!r}")
+
+
 class Objective:
-    """The per-row training loss of one config: distance, weighting, L_0 and Min-SNR."""
+    """The per-row training loss of one config: distance to the model's target, weighting,
+    L_0 and Min-SNR, all in the target's space (objective.prediction)."""
 
     def __init__(self, config: ObjectiveConfig, schedule: Schedule, sigma: str, levels: int, device):
         self.config, self.levels = config, levels
@@ -115,32 +134,32 @@ class Objective:
         self.reverse_log_variance = schedule.reverse_variance(sigma).log().to(device, torch.float32)
         weights = torch.ones(schedule.T, dtype=torch.float64)
         if config.weighting == "vlb":
-            weights = weights * schedule.vlb_weights(sigma)  # DDPM eq. 12
+            weights = weights * schedule.vlb_weights(sigma, config.prediction)  # DDPM eq. 12, in the target's space
         if config.min_snr_gamma is not None:
-            # Min-SNR-gamma for eps-prediction (Hang et al. 2023 eq. 9): min(SNR, gamma) / SNR
-            snr = schedule.snr()
-            weights = weights * snr.clamp(max=config.min_snr_gamma) / snr
+            weights = weights * min_snr_weights(schedule.snr(), config.min_snr_gamma, config.prediction)
         self.t_weights = weights.to(device, torch.float32)
 
     def row_losses(
         self, model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, xi: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Loss of each row (mean over dimensions), before importance weights. ``xi`` (same
-        shape as eps) is the input perturbation's draw, needed when input_perturbation > 0."""
+        shape as eps) is the input perturbation's draw, needed when input_perturbation > 0: it
+        moves the network's input only, the target is built from the unperturbed eps."""
         xt = q_sample(self.tables, x0, t, perturbed_noise(eps, xi, self.config.input_perturbation))
-        eps_pred = model(xt, t).float()
+        output = model(xt, t).float()
+        target = training_target(self.tables, x0, t, eps, self.config.prediction)
         if self.config.loss == "huber":
-            distance = F.huber_loss(eps_pred, eps, delta=self.config.huber_delta, reduction="none")
+            distance = F.huber_loss(output, target, delta=self.config.huber_delta, reduction="none")
         else:
-            distance = (eps_pred - eps) ** 2
+            distance = (output - target) ** 2
         rows = distance.flatten(1).mean(dim=1) * self.t_weights[t - 1]
         if self.config.l0_term:
-            rows = torch.where(t == 1, self.decoder_nll(x0, xt, t, eps_pred), rows)
+            rows = torch.where(t == 1, self.decoder_nll(x0, xt, t, output), rows)
         return rows
 
-    def decoder_nll(self, x0, xt, t, eps_pred) -> torch.Tensor:
+    def decoder_nll(self, x0, xt, t, output) -> torch.Tensor:
         """L_0 per row, nats per dimension: -log p(x_0|x_1), discretized decoder (eq. 13)."""
-        mean, _ = reverse_mean(self.tables, xt, t, eps_pred)
+        mean, _ = reverse_mean(self.tables, xt, t, output, prediction=self.config.prediction)
         log_scale = 0.5 * at(self.reverse_log_variance, t, xt)
         nll = -discretized_gaussian_log_likelihood(x0, mean, log_scale, self.levels)
         return nll.flatten(1).mean(dim=1)

@@ -226,25 +226,25 @@ def test_unscaled_short_schedule_shows_its_prior_gap(digits):
 # --- broken samplers fail ------------------------------------------------------------------------
 
 
-def _ddpm_variance_doubled(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-    return ddpm_step(tables, 2 * sigma2, xt, t, eps_pred, z, clip_x0)
+def _ddpm_variance_doubled(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+    return ddpm_step(tables, 2 * sigma2, xt, t, eps_pred, z, clip_x0, prediction)
 
 
-def _ddpm_beta_as_std(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
+def _ddpm_beta_as_std(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
     # noise scale beta_t instead of sqrt(beta_t): ddpm_step takes a variance and square-roots it
-    return ddpm_step(tables, sigma2**2, xt, t, eps_pred, z, clip_x0)
+    return ddpm_step(tables, sigma2**2, xt, t, eps_pred, z, clip_x0, prediction)
 
 
-def _ddpm_t_minus_1(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-    return ddpm_step(tables, sigma2, xt, (t - 1).clamp(min=1), eps_pred, z, clip_x0)
+def _ddpm_t_minus_1(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+    return ddpm_step(tables, sigma2, xt, (t - 1).clamp(min=1), eps_pred, z, clip_x0, prediction)
 
 
-def _ddim_t_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False):
-    return ddim_step(tables, xt, (t - 1).clamp(min=1), t_prev, eps_pred, eta, z, clip_x0)
+def _ddim_t_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False, prediction="eps"):
+    return ddim_step(tables, xt, (t - 1).clamp(min=1), t_prev, eps_pred, eta, z, clip_x0, prediction)
 
 
-def _ddim_t_prev_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False):
-    return ddim_step(tables, xt, t, (t_prev - 1).clamp(min=0), eps_pred, eta, z, clip_x0)
+def _ddim_t_prev_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False, prediction="eps"):
+    return ddim_step(tables, xt, t, (t_prev - 1).clamp(min=0), eps_pred, eta, z, clip_x0, prediction)
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
@@ -306,11 +306,11 @@ def test_nonlinear_or_offset_steps_are_refused(synthetic):
     mu, cov = synthetic
     schedule = make_schedule(DiffusionConfig(T=50, beta_scaling="by_T"))
 
-    def clipped(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, True)
+    def clipped(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, True, prediction)
 
-    def offset(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, clip_x0) + 0.1
+    def offset(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, clip_x0, prediction) + 0.1
 
     with pytest.raises(ValueError, match="not affine"):
         check_sampler(schedule, mu, cov, step_fns={"ddpm": clipped})

@@ -62,6 +62,30 @@ def test_timestep_study_crosses_T_with_the_beta_range():
     assert runs["wiener-T1000"].config.model.preset == "gaussian" and runs["wiener-T1000"].config.diffusion.T == 1000
 
 
+def test_terminal_snr_study_varies_the_schedules_end_and_the_target_on_the_unscaled_T200_schedule():
+    study = load_study("studies/terminal_snr.yaml")
+    arms = expand_arms(study)
+    assert [a.label for a in arms] == ["as_is", "ztsnr_v", "v", "scaled"]
+    assert baseline_arm(study, arms) == "as_is"
+    assert study.seeds.start >= 3
+    by_arm = {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+    base = by_arm["as_is"].config
+    assert base.diffusion.T == 200 and base.diffusion.schedule == "linear" and base.diffusion.beta_scaling == "none"
+    assert not base.diffusion.zero_terminal_snr and base.objective.prediction == "eps"
+    assert base.data.name == "digits" and base.model.preset == "tiny"
+    expected = {
+        "ztsnr_v": {"diffusion.zero_terminal_snr", "objective.prediction"},
+        "v": {"objective.prediction"},
+        "scaled": {"diffusion.beta_scaling"},
+    }
+    for arm, keys in expected.items():
+        assert set(changed_keys(study, by_arm[arm])) == keys, arm
+    assert by_arm["ztsnr_v"].config.objective.prediction == "v"
+    # every arm trains its own model, and the brightness spread is what the study asks about
+    assert len({r.train_key for r in by_arm.values()}) == 4
+    assert {h.arm for h in study.hypotheses.values() if h.metric == "brightness_std_gap"} == set(expected) | {"as_is"}
+
+
 def test_darkening_plan_is_the_baseline_plus_nine_single_changes():
     study = load_study("studies/darkening_diagnosis.yaml")
     arms = expand_arms(study)
