@@ -24,6 +24,7 @@ import shutil
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import jinja2
 import matplotlib.pyplot as plt
@@ -408,6 +409,93 @@ def judge_hypotheses(data: StudyResults, baseline: str | None) -> pd.DataFrame:
     return frame
 
 
+def _estimate_text(row: dict) -> str:
+    """A row's estimate as ``quantity`` names it: a ratio against the baseline on a log scale, a
+    signed difference against it, else the arm's own value."""
+    if row["versus"] != "baseline":
+        return fmt(row["estimate"])
+    if row.get("scale") == "log":
+        text = fmt(row["estimate"])
+        return text if text == "–" else "×" + text
+    return fmt_signed(row["estimate"])
+
+
+def _ci_text(row: dict) -> str:
+    finite = math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
+    return f"{fmt(row['ci_low'])} to {fmt(row['ci_high'])}" if finite else "–"
+
+
+def _matrix_cell(row: dict) -> dict:
+    n = int(row["n"])
+    if n == 0 or not math.isfinite(row["estimate"]):
+        measured = "no finished run"
+    elif _ci_text(row) == "–":
+        measured = f"{_estimate_text(row)}, n={n}, no interval"
+    else:
+        measured = f"{_estimate_text(row)} [{_ci_text(row)}]"
+    return {
+        "arm": row["arm"],
+        "judged": True,
+        "verdict": row["verdict"],
+        "measured": measured,
+        "p_adj": _p(row["p_adjusted"]),
+        "title": row["sentence"],
+    }
+
+
+def hypothesis_matrix(judged: pd.DataFrame, arms: Sequence[str]) -> dict:
+    """The report's first screen, from the judged rows (``judge_hypotheses``): a grid of one row
+    per hypothesis and one column per arm that some hypothesis is judged on, and a summary of
+    at most three lines.
+
+    Columns follow ``arms`` (the study's order); an arm judged but no longer in the study (a
+    hypothesis naming a removed arm) comes after them, so no judged row is lost. A pair not
+    judged (a hypothesis on one arm, or versus the baseline, which is not judged against
+    itself) is a cell with ``judged: False``.
+    """
+    from .hypotheses import INCONCLUSIVE, REFUTED, SUPPORTED, expectation, quantity
+
+    records = judged.to_dict("records")
+    judged_arms = {r["arm"] for r in records}
+    columns = [a for a in arms if a in judged_arms]
+    columns += list(dict.fromkeys(r["arm"] for r in records if r["arm"] not in set(columns)))
+    by_pair = {(r["name"], r["arm"]): r for r in records}
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        first = next(r for r in records if r["name"] == name)
+        cells = [
+            _matrix_cell(by_pair[name, arm])
+            if (name, arm) in by_pair
+            else {"arm": arm, "judged": False, "title": f"{name}: not judged on {arm}"}
+            for arm in columns
+        ]
+        says = first.get("says")
+        rows.append(
+            {
+                "name": name,
+                "says": says.strip() if isinstance(says, str) else "",
+                "quantity": quantity(first),
+                "expected": expectation(first),
+                "cells": cells,
+            }
+        )
+
+    def named(verdict: str) -> list[str]:
+        # a hypothesis decided the same way on several arms is named once, with its arms
+        arms_of = {}
+        for r in records:
+            if r["verdict"] == verdict:
+                arms_of.setdefault(r["name"], []).append(r["arm"])
+        return [f"{name} on {', '.join(on)}" for name, on in arms_of.items()]
+
+    counts = Counter(r["verdict"] for r in records)
+    summary = [
+        {"verdict": v, "label": v.capitalize(), "count": counts[v], "names": named(v)} for v in (SUPPORTED, REFUTED)
+    ]
+    summary.append({"verdict": INCONCLUSIVE, "label": "Inconclusive", "count": counts[INCONCLUSIVE], "names": []})
+    return {"arms": columns, "rows": rows, "summary": summary, "total": len(records)}
+
+
 def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
     if judged.empty:
         return {
@@ -415,13 +503,11 @@ def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
             "note": "This study states no hypotheses: add a `hypotheses` block to its study file "
             "(see docs/design.md) to have each claim judged here.",
         }
-    from .hypotheses import sentence
 
     rows = []
     for row in judged.to_dict("records"):
         metric = PER_RUN.get(row["metric"])
         margin = f"±{fmt(row['value'])}" if row["expect"] == "within" else fmt(row["value"])
-        has_ci = math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
         rows.append(
             {
                 "name": row["name"],
@@ -431,12 +517,12 @@ def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
                 "definition": metric.definition if metric else "",
                 "expected": f"{row['expect']} {margin}",
                 "n": int(row["n"]),
-                "estimate": fmt_signed(row["estimate"]) if row["versus"] == "baseline" else fmt(row["estimate"]),
-                "ci": f"{fmt(row['ci_low'])} to {fmt(row['ci_high'])}" if has_ci else "–",
+                "estimate": _estimate_text(row),
+                "ci": _ci_text(row),
                 "p": _p(row["p_value"]),
                 "p_adj": _p(row["p_adjusted"]),
                 "verdict": row["verdict"],
-                "sentence": sentence(row),
+                "sentence": row["sentence"],
             }
         )
     adaptive = data.manifest.get("adaptive")
@@ -452,7 +538,12 @@ def hypotheses_context(data: StudyResults, judged: pd.DataFrame) -> dict:
             "smallest level at which some reached look crosses its boundary, so stopping early cannot inflate "
             'false positives (docs/design.md, "Adaptive seeds").'
         )
-    return {"rows": rows, "note": "", "sequential": sequential}
+    return {
+        "rows": rows,
+        "note": "",
+        "sequential": sequential,
+        "matrix": hypothesis_matrix(judged, data.arms),
+    }
 
 
 def _p(value: float) -> str:

@@ -440,3 +440,183 @@ def test_minimum_detectable_ratio_is_shown_as_a_ratio_and_capped():
     assert _mde_text(1.0, log=True) == "×2.72"
     assert _mde_text(380.0, log=True) == "> ×1,000"  # not a 165-digit number
     assert _mde_text(0.25, log=False) == "0.25"
+
+
+# ------------------------------------------------------------------ hypotheses matrix
+
+
+def _judged_row(name: str, arm: str, verdict: str, **extra) -> dict:
+    row = {
+        "name": name,
+        "arm": arm,
+        "metric": "fd",
+        "versus": "none",
+        "expect": "below",
+        "value": 20.0,
+        "n": 3,
+        "estimate": 10.0,
+        "ci_low": 9.0,
+        "ci_high": 11.0,
+        "p_value": 0.001,
+        "p_adjusted": 0.004,
+        "verdict": verdict,
+        "says": "",
+        "sentence": f"{arm}: the whole sentence of {name}.",
+        "look_n": 3,
+        "scale": "linear",
+    }
+    return {**row, **extra}
+
+
+def test_hypothesis_matrix_places_each_verdict_in_its_row_and_arm_column():
+    """Rows in the judged frame's order, columns in the study's arm order whatever the rows'
+    order, an unjudged pair as an empty cell, and a summary that counts (hypothesis, arm) rows."""
+    from harness.report import hypothesis_matrix
+
+    judged = pd.DataFrame(
+        [
+            _judged_row("darker", "c", "supported", versus="baseline", expect="above", value=0.0, says=" c is darker "),
+            _judged_row("darker", "b", "refuted", versus="baseline", expect="above", value=0.0),
+            _judged_row("only_b", "b", "supported"),
+            _judged_row("all", "a", "inconclusive", n=0, estimate=math.nan, ci_low=math.nan, ci_high=math.nan),
+            _judged_row("all", "b", "supported"),
+            _judged_row("all", "c", "inconclusive"),
+            _judged_row("gone", "removed", "inconclusive", n=0, estimate=math.nan),
+        ]
+    )
+    matrix = hypothesis_matrix(judged, ["a", "b", "c", "unjudged_arm"])
+    assert matrix["arms"] == ["a", "b", "c", "removed"]  # study order; an arm no hypothesis names has no column
+    assert [r["name"] for r in matrix["rows"]] == ["darker", "only_b", "all", "gone"]
+    grid = {r["name"]: [c["verdict"] if c["judged"] else None for c in r["cells"]] for r in matrix["rows"]}
+    assert grid == {
+        "darker": [None, "refuted", "supported", None],
+        "only_b": [None, "supported", None, None],
+        "all": ["inconclusive", "supported", "inconclusive", None],
+        "gone": [None, None, None, "inconclusive"],
+    }
+    darker = matrix["rows"][0]
+    assert darker["says"] == "c is darker" and darker["quantity"] == "fd − baseline" and darker["expected"] == "above 0"
+    assert darker["cells"][0]["title"] == "darker: not judged on a"
+    supported = darker["cells"][2]
+    assert supported["title"] == "c: the whole sentence of darker."
+    assert supported["measured"] == "+10 [9 to 11]" and supported["p_adj"] == "0.004"
+    assert matrix["rows"][2]["cells"][0]["measured"] == "no finished run"
+    assert matrix["total"] == 7
+    assert [(s["verdict"], s["count"], s["names"]) for s in matrix["summary"]] == [
+        ("supported", 3, ["darker on c", "only_b on b", "all on b"]),
+        ("refuted", 1, ["darker on b"]),
+        ("inconclusive", 3, []),
+    ]
+
+
+def test_hypothesis_matrix_of_a_log_scale_ratio_reads_as_a_ratio():
+    from harness.report import hypothesis_matrix
+
+    row = _judged_row("sharper", "a", "supported", versus="baseline", value=0.0, scale="log", estimate=0.83)
+    cell = hypothesis_matrix(pd.DataFrame([row]), ["a"])["rows"][0]["cells"][0]
+    assert cell["measured"] == "×0.83 [9 to 11]"
+
+
+# a study whose hypotheses reach all three verdicts, with markup in an arm, a name and a claim
+MARKED = "<i>noisy</i> & co"
+VERDICT_ARMS = {"base": "base", "sharp": "sharp", MARKED: "noisy"}
+VERDICT_HYPOTHESES = {
+    "sharper_than_base": {
+        "metric": "fd",
+        "versus": "baseline",
+        "expect": "below",
+        "value": 0.0,
+        "says": "a <b>sharper</b> arm & a lower FD",
+    },
+    "w1_small": {"metric": "hist_w1", "expect": "below", "value": 0.2},
+    "sharp<only>": {"metric": "hist_w1", "arm": "sharp", "expect": "below", "value": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def judged_report(tmp_path_factory) -> tuple[Path, Path]:
+    from handmade import write_run, write_study
+
+    root = tmp_path_factory.mktemp("judged")
+    write_study(root, "verdicts", list(VERDICT_ARMS), HAND_SEEDS, "base", hypotheses=VERDICT_HYPOTHESES)
+    for arm, values in VERDICT_ARMS.items():
+        for i, seed in enumerate(HAND_SEEDS):
+            quality = pd.DataFrame([{"fd": HAND_FD[values][i], "hist_w1": HAND_W1[values][i]}])
+            write_run(root, "verdicts", arm, seed, quality=quality)
+    index = build_report("verdicts", root, tmp_path_factory.mktemp("judged_reports"))
+    return root / "verdicts" / "hypotheses.parquet", index
+
+
+# what the reader sees of the matrix and the summary, read from the rendered DOM
+MATRIX_JS = """(() => {
+  const section = document.getElementById("hypotheses");
+  const table = section.querySelector("table.hyp-matrix");
+  const arms = [...table.rows[0].querySelectorAll("th[data-arm]")].map(th => th.textContent);
+  const rows = [...table.querySelectorAll("tr[data-hypothesis]")].map(tr => ({
+    name: tr.dataset.hypothesis,
+    claim: tr.querySelector("th").textContent.replace(/\\s+/g, " ").trim(),
+    cells: [...tr.querySelectorAll("td")].map(td => ({
+      arm: td.dataset.arm,
+      judged: !td.classList.contains("unjudged"),
+      word: (td.querySelector(".word") || td).textContent.trim(),
+      title: td.title,
+      background: getComputedStyle(td).backgroundColor,
+    })),
+  }));
+  const summary = [...section.querySelectorAll("ul.hyp-summary li")].map(li => ({
+    verdict: li.dataset.verdict,
+    text: li.textContent.replace(/\\s+/g, " ").trim(),
+  }));
+  const order = [...section.querySelectorAll("ul.hyp-summary, table.hyp-matrix, details, table.hypotheses")]
+    .map(e => e.tagName.toLowerCase() + "." + e.className);
+  return {arms, rows, summary, order, tags: section.querySelectorAll("i, b, only").length};
+})()"""
+
+
+@needs_chromium
+def test_hypotheses_matrix_in_chromium_matches_the_parquet(judged_report, tmp_path):
+    from browser import DevTools
+
+    parquet, index = judged_report
+    judged = pd.read_parquet(parquet)
+    verdicts = {(r.name, r.arm): r.verdict for r in judged.itertuples()}
+    assert set(verdicts.values()) == {"supported", "refuted", "inconclusive"}  # the fixture reaches each
+    with DevTools(tmp_path / "profile") as page:
+        page.navigate(index.as_uri())
+        assert page.wait_for("document.readyState === 'complete'", timeout=30)
+        seen = page.evaluate(MATRIX_JS)
+
+    # columns: every judged arm once, in the study's order; markup in names is text, not elements
+    assert seen["arms"] == [a for a in VERDICT_ARMS if a in set(judged["arm"])]
+    assert seen["tags"] == 0
+    assert [r["name"] for r in seen["rows"]] == list(VERDICT_HYPOTHESES)
+    cells = [(row["name"], cell["arm"]) for row in seen["rows"] for cell in row["cells"]]
+    assert len(cells) == len(set(cells)) == len(seen["rows"]) * len(seen["arms"])  # one cell per grid pair
+    for row in seen["rows"]:
+        for cell in row["cells"]:
+            pair = (row["name"], cell["arm"])
+            if pair in verdicts:
+                assert cell["judged"] and cell["word"] == verdicts[pair], pair
+                assert cell["title"] == judged.set_index(["name", "arm"]).loc[pair, "sentence"]
+            else:
+                assert not cell["judged"] and cell["word"] == "–" and "not judged" in cell["title"], pair
+    assert {c["arm"] for r in seen["rows"] if r["name"] == "sharp<only>" for c in r["cells"] if c["judged"]} == {
+        "sharp"
+    }
+    backgrounds = {c["word"]: c["background"] for r in seen["rows"] for c in r["cells"]}
+    assert len({backgrounds[v] for v in ("supported", "refuted", "inconclusive")}) == 3  # told apart by colour
+    claim = next(r["claim"] for r in seen["rows"] if r["name"] == "sharper_than_base")
+    assert "a <b>sharper</b> arm & a lower FD" in claim
+
+    # the summary: at most three lines whose counts are the parquet's
+    counts = judged["verdict"].value_counts()
+    lines = {line["verdict"]: line["text"] for line in seen["summary"]}
+    assert len(seen["summary"]) <= 3
+    for verdict in ("supported", "refuted"):
+        assert lines[verdict].startswith(f"{verdict.capitalize()} ({counts.get(verdict, 0)})"), lines[verdict]
+        for name, arm in (pair for pair, v in verdicts.items() if v == verdict):
+            assert name in lines[verdict] and arm in lines[verdict]
+    assert lines["inconclusive"] == f"Inconclusive: {counts.get('inconclusive', 0)} of {len(judged)} rows"
+
+    # the answers first, the sentences and the detailed table below
+    assert seen["order"] == ["ul.hyp-summary plain", "table.hyp-matrix", "details.hyp-sentences", "table.hypotheses"]
