@@ -6,7 +6,8 @@ network. What counts as a run's result comes from ``harness.results``; figures f
 ``harness.figures``; statistics from ``harness.stats``; verdicts from ``harness.hypotheses``;
 HTML from ``templates/report.html.j2``.
 
-The Hypotheses section comes first: the study's own claims, each with its verdict. Effects
+The Hypotheses section comes first and answers first: a summary of at most three lines and a
+hypothesis x arm matrix of verdicts (``hypothesis_matrix``), then the sentences and the table. Effects
 are per-seed PAIRED differences against the baseline with their 95% Student-t CI (df = n - 1);
 only an effect whose CI excludes zero gets a verdict other than "no clear effect", and a
 metrics-table star goes only to an arm that is clearly best (``stats.clear_best_arms``). Costs
@@ -426,13 +427,15 @@ def _ci_text(row: dict) -> str:
 
 
 def _matrix_cell(row: dict) -> dict:
+    from .hypotheses import NO_RUN
+
     n = int(row["n"])
     if n == 0 or not math.isfinite(row["estimate"]):
-        measured = "no finished run"
-    elif _ci_text(row) == "–":
-        measured = f"{_estimate_text(row)}, n={n}, no interval"
-    else:
+        measured = NO_RUN
+    elif math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"]):
         measured = f"{_estimate_text(row)} [{_ci_text(row)}]"
+    else:  # one seed, or every seed equal (the sign test decides): no interval to show
+        measured = f"{_estimate_text(row)}, n={n}, no interval"
     return {
         "arm": row["arm"],
         "judged": True,
@@ -486,7 +489,7 @@ def hypothesis_matrix(judged: pd.DataFrame, arms: Sequence[str]) -> dict:
         for r in records:
             if r["verdict"] == verdict:
                 arms_of.setdefault(r["name"], []).append(r["arm"])
-        return [f"{name} on {', '.join(on)}" for name, on in arms_of.items()]
+        return [f"{name} on {', '.join(sorted(on, key=columns.index))}" for name, on in arms_of.items()]
 
     counts = Counter(r["verdict"] for r in records)
     summary = [

@@ -500,7 +500,7 @@ def test_hypothesis_matrix_places_each_verdict_in_its_row_and_arm_column():
     supported = darker["cells"][2]
     assert supported["title"] == "c: the whole sentence of darker."
     assert supported["measured"] == "+10 [9 to 11]" and supported["p_adj"] == "0.004"
-    assert matrix["rows"][2]["cells"][0]["measured"] == "no finished run"
+    assert matrix["rows"][2]["cells"][0]["measured"] == "no finished run with this metric"
     assert matrix["total"] == 7
     assert [(s["verdict"], s["count"], s["names"]) for s in matrix["summary"]] == [
         ("supported", 3, ["darker on c", "only_b on b", "all on b"]),
