@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,31 @@ from ddpm_engine.training import Trainer
 
 # A forward pass costs about a third of forward + backward + optimizer step.
 FORWARD_SHARE = 1 / 3
+
+
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """The clock a cost is timed with. On the CPU, this process's CPU time: a plan made while
+    other work shares the cores (a CI run, another study) would otherwise count the time its
+    steps waited for a core, and printed estimates 30 to 500 times too long on this 2-core
+    machine. Timed on one thread (``timing_threads``), it is what a step costs a core. On a
+    GPU, wall time between synchronisations: the kernels' time is not this process's CPU time."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+@contextmanager
+def timing_threads(device: torch.device):
+    """One torch thread while timing on the CPU: CPU time summed over threads would count
+    OpenMP's spin-waiting, and one thread is what a slot of `harness run --workers N` on N
+    cores has, so the estimate is CPU time per run, the column `harness plan` prints."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -49,15 +76,18 @@ def measure_step_seconds(
         device,
         autocast_factory(device, config.train.precision, count_parameters(model)),
     )
-    trainer.train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    clock = step_clock(device)
+    with timing_threads(device):
         trainer.train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return count_parameters(model), (time.perf_counter() - start) / steps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = clock()
+        for _ in range(steps):
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = clock() - start
+    return count_parameters(model), seconds / steps
 
 
 def precision_factor(config: ExperimentConfig, data: ImageData, device: torch.device, repeats: int = 3) -> float:
@@ -72,18 +102,19 @@ def precision_factor(config: ExperimentConfig, data: ImageData, device: torch.de
     batch = torch.randn(min(config.sample.num_samples, 256), data.channels, data.image_size, data.image_size)
     t = torch.full((len(batch),), max(1, config.diffusion.T // 2), dtype=torch.long, device=device)
     seconds = []
+    clock = step_clock(device)
     for net, dtype in ((model, torch.float32), (copy.deepcopy(model).to(torch.float64), torch.float64)):
         x = batch.to(device, dtype)
-        with torch.no_grad():
+        with torch.no_grad(), timing_threads(device):
             net(x, t)  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeats):
                 net(x, t)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
+            seconds.append(clock() - start)
     return seconds[1] / max(seconds[0], 1e-9)
 
 
@@ -96,10 +127,12 @@ def reference_estimate(config: ExperimentConfig, data: ImageData, device: torch.
     reference = build_reference(config.model.preset, schedule, data.to_model_space(data.train).to(device), data.levels)
     batch = torch.randn(config.sample.num_samples, data.channels, data.image_size, data.image_size, device=device)
     t = torch.full((len(batch),), max(1, schedule.T // 2), dtype=torch.long, device=device)
-    reference(batch, t)
-    start = time.perf_counter()
-    reference(batch, t)
-    call = time.perf_counter() - start
+    clock = step_clock(device)
+    with timing_threads(device):
+        reference(batch, t)
+        start = clock()
+        reference(batch, t)
+        call = clock() - start
     T = config.diffusion.T
     sample_steps = T if config.sample.sampler == "ddpm" else min(config.sample.steps or T, T)
     grid = len(probe_timesteps(T, config.eval.probe_timesteps))
