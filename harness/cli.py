@@ -194,7 +194,7 @@ def plan(
             trains = [s for s in arm_specs if not ledger.is_finished(s.key) and s.key not in reusable]
             measures = [s for s in arm_specs if s in measured_only]  # sampled, never trained
             total += est.total_seconds * len([s for s in trains if s not in measures])
-            total += est.sample_seconds * len(measures)
+            total += est.measure_seconds * len(measures)
         if index >= PLAN_ARMS_SHOWN and not all_arms:
             continue  # a table of thousands of rows is unreadable, and rendering it took seconds
         changed = ", ".join(f"{k}={v}" for k, v in changed_keys(study, first).items()) or "(base)"

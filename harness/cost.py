@@ -12,7 +12,7 @@ import torch
 from ddpm_engine.config import ExperimentConfig
 from ddpm_engine.data import ImageData
 from ddpm_engine.device import autocast_factory
-from ddpm_engine.diagnostics import probe_timesteps
+from ddpm_engine.diagnostics import BOUND_TIMESTEPS, probe_timesteps
 from ddpm_engine.metrics import REFERENCE_NAMES
 from ddpm_engine.model import build_model, count_parameters
 from ddpm_engine.schedule import make_schedule
@@ -54,10 +54,19 @@ class Estimate:
     train_seconds: float
     sample_seconds: float
     probe_seconds: float
+    bound_seconds: float = 0.0  # the final weights' bits/dim (experiment.final_bound)
+    probes: int = 1  # how many probes probe_seconds holds
 
     @property
     def total_seconds(self) -> float:
-        return self.train_seconds + self.sample_seconds + self.probe_seconds
+        return self.train_seconds + self.sample_seconds + self.probe_seconds + self.bound_seconds
+
+    @property
+    def measure_seconds(self) -> float:
+        """A run measured from a finished training (a sampling-only arm, a re-measure): its
+        chains, the final bound and one probe, no training."""
+        one_probe = self.probe_seconds / max(1, self.probes)
+        return self.sample_seconds + self.bound_seconds + one_probe
 
 
 def measure_step_seconds(
@@ -138,7 +147,14 @@ def reference_estimate(config: ExperimentConfig, data: ImageData, device: torch.
     grid = len(probe_timesteps(T, config.eval.probe_timesteps))
     per_image = call / len(batch)
     probe_images = min(config.eval.probe_images, len(data.heldout))
-    return Estimate(0, 0.0, 0.0, call * sample_steps, per_image * grid * probe_images)
+    return Estimate(
+        0,
+        0.0,
+        0.0,
+        call * sample_steps,
+        per_image * grid * probe_images,
+        per_image * min(T, BOUND_TIMESTEPS + 1) * probe_images,
+    )
 
 
 def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, cache: dict) -> Estimate:
@@ -178,6 +194,9 @@ def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, ca
         * cache[precision_key]
         * (2 * sample_steps * config.sample.num_samples + grid * probe_images),
         probe_seconds=per_image_forward * grid * probe_images * n_probes,
+        # every L_{t-1} up to T = BOUND_TIMESTEPS + 1, else BOUND_TIMESTEPS strata
+        bound_seconds=per_image_forward * min(T, BOUND_TIMESTEPS + 1) * probe_images,
+        probes=n_probes,
     )
 
 
