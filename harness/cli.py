@@ -533,6 +533,7 @@ def _say_lost_artifacts(lost: list[RunSpec], folders: dict[str, Path]) -> None:
         f"(the store keeps them under {escape(', '.join(where))}, which does not exist: moved or deleted); "
         f"run again, each into a new MLflow run:[/] {escape(shown)}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -687,7 +688,7 @@ def _relocate_artifacts(uri: str) -> None:
     from .store import ARTIFACTS_FOLDER, relocate_artifacts
 
     for message in relocate_artifacts(uri, Path.cwd() / ARTIFACTS_FOLDER):
-        console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+        console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # paths unbroken
 
 
 def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -> None:

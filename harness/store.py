@@ -1,6 +1,7 @@
-"""The MLflow store as `harness run` finds it, looked at before any training starts.
+"""The MLflow store as `harness run` finds it, looked at before any training starts, and
+the parent's calls to it while the slots train.
 
-Two questions are answered here without importing MLflow (3 s, which the slots' start must
+These questions are answered here without importing MLflow (3 s, which the slots' start must
 not wait for), by reading the default store, a SQLite file, directly:
 
 * Is the store whole? MLflow builds its schema through alembic migrations, one statement at
@@ -12,9 +13,16 @@ not wait for), by reading the default store, a SQLite file, directly:
   ``mlflow.db.broken-<time>`` for a new store; `harness run` then rebuilds the study's
   finished runs in it from results/ (harness.reconcile).
 * Which run keys has MLflow finished? A key finished there is never trained again, even
-  when results/ lost its record of it (``finished_keys``).
+  when results/ lost its record of it (``finished_keys``), unless MLflow cannot give its
+  tables back: its artifacts folder is gone (``unreachable_artifacts``).
+* Was the project folder moved? The store records absolute artifact folders; those of a
+  moved folder are pointed at where they are now (``relocate_artifacts``).
+* Can it be written? (``probe_store``: a server that answers, a writable file, no lock held
+  for long.)
 
-Any other tracking URI (a server) is asked through MLflow's client.
+Any other tracking URI (a server) is asked through MLflow's client. While the slots train,
+the parent's MLflow calls go through ``GuardedClient``: a lock or a server that does not
+answer is waited out for a bounded time, then the failure is one line (``StoreFailure``).
 """
 
 from __future__ import annotations
