@@ -7,9 +7,15 @@ eps-MSE, grad clipping, AdamW (foreach) and diffusers' `EMAModel`. The two alter
 by round (swapping who goes first) so background load hits both; we print images/s of
 each and the ratio ours / diffusers (target >= 1.0, goal 1.3 with bf16 where it converges).
 
-    python -m benchmarks.engine_step                       # tiny, 1x8x8, batch 128, fp32
+Per image size it also prints the FLOPs of one step's forward and backward (torch's
+FlopCounterMode: convolutions and matmuls, what dominates a UNet) and the rate each
+contestant achieves, against the machine's measured fp32 matmul peak at the same threads:
+how far the step is from what the CPU can do, not only from diffusers.
+
+    python -m benchmarks.engine_step                       # tiny, 1x{8,16,28}^2, batch 128, fp32
+    python -m benchmarks.engine_step --image-sizes 16 --threads 1 --compile
     python -m benchmarks.engine_step --precision bf16
-    python -m benchmarks.engine_step --preset annotated --image-size 16 --batch 32 --rounds 3
+    python -m benchmarks.engine_step --preset annotated --image-sizes 16 --batch 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_engine import ExperimentConfig
 from ddpm_engine.device import autocast_factory
@@ -76,9 +83,9 @@ def diffusers_step(preset: str, channels: int, size: int, batch: int, precision:
     return step, count_parameters(model)
 
 
-def engine_step(preset: str, channels: int, size: int, batch: int, precision: str):
+def engine_step(preset: str, channels: int, size: int, batch: int, precision: str, compile: bool = False):
     config = ExperimentConfig.from_dict(
-        {"model": {"preset": preset}, "train": {"batch_size": batch, "precision": precision}}
+        {"model": {"preset": preset}, "train": {"batch_size": batch, "precision": precision, "compile": compile}}
     )
     model = build_model(config.model, channels, size)
     images = torch.rand(1024, channels, size, size) * 2 - 1
@@ -95,6 +102,30 @@ def engine_step(preset: str, channels: int, size: int, batch: int, precision: st
     return step, count_parameters(model)
 
 
+def step_flops(step) -> int:
+    """FLOPs of one call of ``step`` as torch counts them (forward and backward of the model;
+    the optimizer's elementwise work is not counted and is small beside the convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul rate at ``threads`` (FLOP/s, best of ``repeats``): the ceiling
+    a convolution lowered to GEMM can approach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 def seconds_per_step(step, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -102,10 +133,45 @@ def seconds_per_step(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def compare(args, size: int, peak: float) -> None:
+    """One image size: both contestants (and the compiled engine with --compile) alternating."""
+    torch.manual_seed(0)
+    shape = (args.preset, args.channels, size, args.batch)
+    steps = {
+        "ddpm_engine": engine_step(*shape, args.precision),
+        "diffusers": diffusers_step(*shape, args.diffusers_precision or args.precision),
+    }
+    if args.compile:
+        steps["ddpm_engine+compile"] = engine_step(*shape, args.precision, compile=True)
+    (_, n_ours), (_, n_theirs) = steps["ddpm_engine"], steps["diffusers"]
+    print(
+        f"\n{args.channels}x{size}x{size}, batch {args.batch}, {args.threads} thread(s); parameters: "
+        f"ddpm_engine {n_ours:,}  diffusers {n_theirs:,} ({n_theirs / n_ours:.2f}x)"
+    )
+    for step, _ in steps.values():  # warm-up: allocator, oneDNN caches, optimizer state, compile
+        seconds_per_step(step, 3)
+    flops = {name: step_flops(step) for name, (step, _) in steps.items()}
+    timings: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
+            timings[name].append(seconds_per_step(steps[name][0], args.steps_per_round))
+    median = {name: statistics.median(v) for name, v in timings.items()}
+    for name, value in median.items():
+        rate = flops[name] / value
+        print(
+            f"{name:>20}: {value * 1000:7.1f} ms/step {args.batch / value:7.0f} images/s "
+            f"{flops[name] / 1e9:6.1f} GFLOP/step {rate / 1e9:6.1f} GFLOP/s ({rate / peak:4.0%} of matmul peak) "
+            f"[median of {args.rounds} rounds, {min(timings[name]) * 1000:.1f}..{max(timings[name]) * 1000:.1f} ms]"
+        )
+    print(f"ratio ddpm_engine / diffusers images/s: {median['diffusers'] / median['ddpm_engine']:.2f}")
+    if args.compile:
+        print(f"ratio compiled / eager ddpm_engine: {median['ddpm_engine'] / median['ddpm_engine+compile']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(DIFFUSERS_CHANNELS), default="tiny")
-    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[8, 16, 28])
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
@@ -115,35 +181,16 @@ def main() -> None:
         default=None,
         help="defaults to --precision (matched); fp32 compares our bf16 with their fp32",
     )
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps-per-round", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads: a CPU slot of `harness run` has 1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    shape = (args.preset, args.channels, args.image_size, args.batch)
-    steps = {
-        "ddpm_engine": engine_step(*shape, args.precision),
-        "diffusers": diffusers_step(*shape, args.diffusers_precision or args.precision),
-    }
-    (_, n_ours), (_, n_theirs) = steps["ddpm_engine"], steps["diffusers"]
-    print(
-        f"parameters: ddpm_engine {n_ours:,}  diffusers {n_theirs:,} ({n_theirs / n_ours:.2f}x); "
-        f"{args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, {args.threads} threads"
-    )
-    for step, _ in steps.values():  # warm-up: allocator, oneDNN caches, optimizer state
-        seconds_per_step(step, 3)
-    timings: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
-            timings[name].append(seconds_per_step(steps[name][0], args.steps_per_round))
-    median = {name: statistics.median(v) for name, v in timings.items()}
-    for name, value in median.items():
-        print(
-            f"{name:>12}: {value:.4f} s/step  {args.batch / value:7.0f} images/s  "
-            f"(median of {args.rounds} rounds, range {min(timings[name]):.4f}..{max(timings[name]):.4f})"
-        )
-    print(f"ratio ddpm_engine / diffusers images/s: {median['diffusers'] / median['ddpm_engine']:.2f}")
+    peak = matmul_peak(args.threads)
+    print(f"fp32 matmul peak at {args.threads} thread(s): {peak / 1e9:.0f} GFLOP/s (2048x2048, best of 5)")
+    for size in args.image_sizes:
+        compare(args, size, peak)
 
 
 if __name__ == "__main__":

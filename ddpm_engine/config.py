@@ -13,7 +13,8 @@ import json
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .metrics import MEASURE_VERSION, REFERENCE_NAMES
 
@@ -194,6 +195,14 @@ class DiffusionConfig(_Section):
         "beta",
         description="Reverse-process variance: beta_t or the posterior beta_tilde_t (DDPM 3.2).",
     )
+    zero_terminal_snr: bool = later_knob(
+        False,
+        description="Rescale the betas so that alphabar_T = 0 exactly (Lin et al. 2023, Alg. 1): sqrt(alphabar_t) "
+        "shifted and scaled so that its last value is 0 and its first unchanged, so x_T is pure noise whatever T "
+        "and the schedule (beta_T becomes 1). Needs objective.prediction v (as Lin et al. use) or x0: from a "
+        "predicted eps, x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0 at t = T, so eps with this is an error before "
+        "anything runs.",
+    )
 
     @model_validator(mode="after")
     def _ordered_betas(self) -> DiffusionConfig:
@@ -227,6 +236,25 @@ class ObjectiveConfig(_Section):
     noise_clip: float | None = Field(
         None, gt=0.0, description="Clip the Gaussian noise to [-c, c] in training and sampling."
     )
+    input_perturbation: float = later_knob(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="DDPM-IP (Ning et al. 2023): the network's training input is x_t built with eps + "
+        "gamma xi (xi a fresh standard normal draw) while the target stays eps, so it sees inputs a "
+        "little off q(x_t) as the sampling chain gives it; 0 is off (training exactly as before). "
+        "Ning et al. use 0.1 (0.15 on CIFAR-10).",
+    )
+    prediction: Literal["eps", "x0", "v"] = later_knob(
+        "eps",
+        description="What the model's output is read as: eps (the noise, DDPM), x0 (the clean image) or v = "
+        "sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022 sec. 4). The training loss is the "
+        "distance to that target (loss, huber_delta); weighting: simple weighs every t alike in the target's space, "
+        "vlb keeps the DDPM eq. 12 weight converted to it (eps: w_t; x0: w_t SNR_t; v: w_t alphabar_t); "
+        "min_snr_gamma takes Hang et al.'s form for the target (eps: min(SNR, g) / SNR; x0: min(SNR, g); v: "
+        "min(SNR, g) / (SNR + 1)). Probes, the bound and the samplers convert the output to eps-hat and x0-hat "
+        "(ddpm_engine.diffusion), so loss_mse and the eps statistics are the predicted noise's for every target.",
+    )
 
 
 class TrainConfig(_Section):
@@ -259,6 +287,19 @@ class TrainConfig(_Section):
         "bf16_autocast says which ran).",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    t_range: tuple[int, int] | None = later_knob(
+        None,
+        description="[lo, hi]: train on t in lo..hi only (1 <= lo <= hi <= diffusion.T; t is 1-based), "
+        "uniformly or by objective.t_sampling within the range; the probes still cover every t. "
+        "None trains on every t.",
+    )
+
+    @field_validator("t_range")
+    @classmethod
+    def _ordered_t_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"[lo, hi] needs 1 <= lo <= hi (t is 1-based), got [{value[0]}, {value[1]}]")
+        return value
 
     @model_validator(mode="after")
     def _budget_is_given(self) -> TrainConfig:
@@ -287,6 +328,21 @@ class SampleConfig(_Section):
     num_samples: int = Field(128, ge=1, description="Samples drawn at the end of training.")
     batch_size: int | None = Field(None, ge=1, description="Samples per forward pass; None sizes it for the device.")
     use_ema: bool = Field(True, description="Sample with the EMA weights (when EMA is on).")
+    eps_scale: float = later_knob(
+        1.0,
+        gt=0.5,
+        le=1.5,
+        description="Epsilon Scaling (Ning et al. 2024): every sampling step uses the predicted noise "
+        "divided by this constant (their uniform schedule), in the x_0 estimate and the step alike; "
+        "1 is off. Above 1 it shrinks the noise the chain removes. Every chain of the run uses it.",
+    )
+    precision: Literal["fp32", "fp64"] = later_knob(
+        "fp32",
+        description="fp64 runs every sampling chain in float64, the model's forward included (a float64 "
+        "copy of the sampled weights, no bf16 autocast while sampling), from the same x_T and z drawn "
+        "in float32; training, probes and the bound stay as train.precision says. Not on MPS "
+        "(no float64 there).",
+    )
     seed: int = Field(
         1234,
         ge=0,
@@ -313,6 +369,13 @@ class EvalConfig(_Section):
         50, ge=2, description="Reverse steps at which a histogram is recorded (evenly spaced)."
     )
     quality: bool = Field(True, description="Compute sample quality (Frechet distance, coverage).")
+    quality_reference: Literal["split", "uncapped"] = later_knob(
+        "split",
+        description="What samples are compared with for fd, coverage, saturation and pixel_mean_gap: split, "
+        "the run's own training split (and a classifier trained on it); uncapped, the training split of the "
+        "same data without data.max_images, so arms of different max_images share one yardstick. "
+        "memorised_frac and the nearest-neighbour distances stay against the run's own training images.",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -323,6 +386,42 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _t_range_within_T(self) -> ExperimentConfig:
+        t_range = self.train.t_range
+        if t_range is not None and t_range[1] > self.diffusion.T:
+            # located at the key itself (not at the whole config): a study file's error names
+            # train.t_range and its line
+            error = PydanticCustomError(
+                "t_range_beyond_T",
+                "[lo, hi] must lie within 1..diffusion.T = {T}",
+                {"T": self.diffusion.T},
+            )
+            details = InitErrorDetails(type=error, loc=("train", "t_range"), input=list(t_range))
+            raise ValidationError.from_exception_data(type(self).__name__, [details])
+        return self
+
+    @model_validator(mode="after")
+    def _x0_recoverable_at_T(self) -> ExperimentConfig:
+        if self.diffusion.zero_terminal_snr and self.objective.prediction == "eps":
+            raise ValueError(
+                "prediction eps with diffusion.zero_terminal_snr: at alphabar_T = 0 a predicted eps says nothing "
+                "of x_0 (x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0), so sampling and the bound cannot start; "
+                "use prediction v (Lin et al. 2023 sec. 3.2) or x0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eps_scale_on_eps(self) -> ExperimentConfig:
+        if self.sample.eps_scale != 1.0 and self.objective.prediction != "eps":
+            # Epsilon Scaling divides the predicted noise; an x0 or v output would have to be
+            # turned into eps and back, which at zero terminal SNR divides by 0
+            raise ValueError(
+                f"sample.eps_scale {self.sample.eps_scale} needs objective.prediction eps "
+                f"(Ning et al. 2024 scale an eps model), not {self.objective.prediction}"
+            )
+        return self
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain JSON types."""

@@ -31,7 +31,7 @@ from PIL import Image
 
 from ddpm_engine.config import DataConfig
 from ddpm_engine.files import atomic_write
-from ddpm_engine.shapes import MAX_LEVELS, split_sizes
+from ddpm_engine.shapes import MAX_LEVELS, cap_problem, split_sizes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Bump when decoding changes, so caches written by an older decoder are not reused.
@@ -46,7 +46,13 @@ _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 class DataError(ValueError):
-    """A problem with the user's data or data config, explained in one sentence."""
+    """A problem with the user's data or data config, explained in one sentence. ``key``: the
+    config key to blame when it is not where the data are (e.g. data.max_images), so the
+    harness names it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -112,6 +118,9 @@ def load_data(config: DataConfig) -> ImageData:
     }
     images, labels, levels, name = loaders[config.name](config)
     images, levels = _apply_levels(images, levels, config)
+    too_many = cap_problem(config.max_images, images.shape[0], name)
+    if too_many:
+        raise DataError(too_many, key="data.max_images")
     if config.max_images is not None and config.max_images < images.shape[0]:
         keep = torch.randperm(images.shape[0], generator=_generator(config.split_seed))
         keep = keep[: config.max_images].sort().values
@@ -354,6 +363,9 @@ def _load_idx(config: DataConfig) -> ImageData:
             f"test images {held.shape[2]}x{held.shape[1]}; replace them with one set's files."
         )
     counts = [train.shape[0], held.shape[0]]
+    too_many = cap_problem(config.max_images, sum(counts), f"the {spec.title} files in {folder}")
+    if too_many:
+        raise DataError(too_many, key="data.max_images")
     if config.max_images is not None and config.max_images < sum(counts):
         keep = split_sizes(config.max_images, counts[1] / sum(counts))
         counts = [min(k, c) for k, c in zip(keep, counts)]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .diffusion import prior_kl_bits, q_sample, vlb_term_bits
+from .diffusion import predicted_eps, prior_kl_bits, q_sample, vlb_term_bits
 from .files import atomic_write
 from .schedule import Schedule
 
@@ -54,15 +54,19 @@ def per_t_probe(
     clip_x0: bool = False,
     chunk_size: int = 512,
     autocast=None,
+    prediction: str = "eps",
 ) -> pd.DataFrame:
     """One row per t: noise-prediction loss, bias of the predicted noise, and L_t in bits/dim.
 
-    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller.
+    ``x0`` (held-out images in [-1, 1]) and ``noise`` (same shape) are fixed by the caller. The
+    model's output is read as ``prediction`` and turned into eps-hat (diffusion.predicted_eps),
+    so loss_mse and the eps statistics mean the same for every target; ``wt`` is the weight of
+    L_{t-1} in the target's own space (Schedule.vlb_weights).
     """
     device = x0.device
     tables = schedule.on(device)
     reverse_log_variance = schedule.bound_variance(sigma).log().to(device, torch.float32)
-    wt = schedule.vlb_weights(sigma)
+    wt = schedule.vlb_weights(sigma, prediction)
     rows = []
     for t_now in timesteps:
         sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -73,9 +77,10 @@ def per_t_probe(
             xt = q_sample(tables, x0_c, t, eps_c)
             if autocast is not None:
                 with autocast():
-                    eps_pred = model(xt, t).float()
+                    output = model(xt, t).float()
             else:
-                eps_pred = model(xt, t).float()
+                output = model(xt, t).float()
+            eps_pred = predicted_eps(tables, xt, t, output, prediction)
             err = eps_pred - eps_c
             sums += torch.stack(
                 [
@@ -86,7 +91,9 @@ def per_t_probe(
                     torch.tensor(float(err.numel()), device=device),
                 ]
             ).double()
-            vlb_parts.append(vlb_term_bits(tables, x0_c, xt, t, eps_pred, reverse_log_variance, levels, clip_x0))
+            vlb_parts.append(
+                vlb_term_bits(tables, x0_c, xt, t, output, reverse_log_variance, levels, clip_x0, prediction)
+            )
         sq_err, s_pred, s_pred2, s_err, count = sums.tolist()
         pred_mean = s_pred / count
         err_mean = s_err / count
@@ -181,6 +188,70 @@ def pixel_statistics(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Te
 STAT_NAMES = ["mean", "std", "p01", "p50", "p99", "frac_out"]
 
 
+def per_pixel_std(x: torch.Tensor) -> torch.Tensor:
+    """The std of x across images at each pixel (C x H x W position; unbiased), as the root of
+    its mean square over pixels: the "per-pixel std" of Ning et al. (2024) without the bias a
+    mean of square roots has at few images. Unlike pixel_statistics' std it leaves out how the
+    pixels' means differ (a dark border against a bright centre). NaN for fewer than two images."""
+    if x.shape[0] < 2:
+        return torch.tensor(math.nan, dtype=torch.float64, device=x.device)
+    return x.detach().flatten(1).double().var(dim=0).mean().sqrt()
+
+
+def eps_rms(eps: torch.Tensor) -> torch.Tensor:
+    """||eps||_2 / sqrt(D) over a population: the root mean square of every predicted value.
+    The exposure-bias measure of Ning et al. (2024) compares ||eps_theta||_2 on sampling-chain
+    states with that on forward states; per dimension it reads 1 for a unit Gaussian."""
+    return eps.detach().double().pow(2).mean().sqrt()
+
+
+@torch.no_grad()
+def forward_eps_rms(
+    denoiser: torch.nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: list[int],
+    *,
+    chunk_size: int = 512,
+    autocast=None,
+    prediction: str = "eps",
+) -> pd.DataFrame:
+    """``t``, ``q_eps_rms``: the RMS of ``denoiser``'s predicted noise on forward states
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (DDPM eq. 4) of the images ``x0``, in their
+    dtype (an fp64 chain's float64 copy is measured in float64 too); the output is read as
+    ``prediction`` and turned into eps-hat (diffusion.predicted_eps)."""
+    tables = schedule.on(x0.device, x0.dtype)
+    rows = []
+    for t_now in timesteps:
+        total = torch.zeros((), dtype=torch.float64, device=x0.device)
+        for lo in range(0, x0.shape[0], chunk_size):
+            x0_c, eps_c = x0[lo : lo + chunk_size], noise[lo : lo + chunk_size]
+            t = torch.full((x0_c.shape[0],), t_now, dtype=torch.long, device=x0.device)
+            xt = q_sample(tables, x0_c, t, eps_c)
+            if autocast is not None:
+                with autocast():
+                    output = denoiser(xt, t).float()
+            else:
+                output = denoiser(xt, t)
+            eps_pred = predicted_eps(tables, xt, t, output, prediction)
+            total += eps_pred.double().pow(2).sum()
+        rows.append((t_now, math.sqrt(float(total) / x0.numel())))
+    return pd.DataFrame(rows, columns=["t", "q_eps_rms"])
+
+
+def forward_eps_timesteps(visited: list[int], grid: list[int]) -> list[int]:
+    """Where the predicted noise is also measured on forward states: for each t of the probe
+    grid, the chain's visited t nearest it (ties to the smaller), so every measured t has the
+    chain's value beside it; all visited t when there are no more of them than grid points."""
+    visited = sorted(t for t in set(visited) if t >= 1)
+    if len(visited) <= len(grid):
+        return visited
+    from .metrics import nearest_t
+
+    return sorted({nearest_t(visited, g) for g in grid})
+
+
 class DriftRecorder:
     """Observer for the sampler: statistics of x_t along the reverse chain, beside the same
     statistics of q(x_t) computed from held-out data with fixed noise.
@@ -205,13 +276,21 @@ class DriftRecorder:
         self.ts: list[int] = []
         self.stats: list[torch.Tensor] = []
         self.hists: dict[int, torch.Tensor] = {}
+        self.per_pixel_stds: list[torch.Tensor] = []
+        self.eps_rms: dict[int, torch.Tensor] = {}
 
     def __call__(self, t: int, x: torch.Tensor) -> None:
         stats, hist = pixel_statistics(x, self.bins)
         self.ts.append(t)
         self.stats.append(stats)
+        self.per_pixel_stds.append(per_pixel_std(x))
         if t in self.hist_ts:
             self.hists[t] = hist
+
+    def observe_eps(self, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
+        """The denoiser's output on the chain's state at t (before any eps scaling): its RMS,
+        for the exposure-bias measure against forward states (``exposure_table``)."""
+        self.eps_rms[t] = eps_rms(eps)
 
     def reference(self, t: int) -> torch.Tensor:
         """Pixels of x_t ~ q(x_t|x_0) for the held-out images (x_0 itself at t = 0)."""
@@ -230,6 +309,33 @@ class DriftRecorder:
         held_out_mean = float(pixel_statistics(self.reference_x0, 2)[0][0])
         alphabar = np.concatenate([[1.0], self.schedule.alphabar.double().cpu().numpy()])  # alphabar_0 = 1
         return np.sqrt(alphabar[np.asarray(ts, dtype=int)]) * held_out_mean
+
+    def q_per_pixel_std(self, ts: list[int]) -> np.ndarray:
+        """The per-pixel std of q(x_t) itself, exact given the held-out images: at pixel j,
+        Var(x_t) = abar_t Var(x_0[j]) + (1 - abar_t) (DDPM eq. 4, eps independent of x_0), so the
+        root of its mean over pixels is sqrt(abar_t v + 1 - abar_t), v the held-out images'
+        per-pixel variance averaged over pixels (unbiased, as the chain's). Ning et al. (2024)
+        compare with sqrt(1 - abar_t), the std of q(x_t | x_0) for ONE x_0 (v = 0): the reference
+        of their chains started from a given x_0 and measured as x_t - sqrt(abar_t) x_0. A chain
+        from N(0, I) knows no x_0, so the marginal's std is its reference: the same at large t,
+        the data's per-pixel std rather than 0 at t = 0."""
+        v = float(per_pixel_std(self.reference_x0) ** 2)
+        alphabar = np.concatenate([[1.0], self.schedule.alphabar.double().cpu().numpy()])  # alphabar_0 = 1
+        abar = alphabar[np.asarray(ts, dtype=int)]
+        return np.sqrt(abar * v + 1.0 - abar)
+
+    def exposure_table(self) -> pd.DataFrame:
+        """Per reverse step: the chain's per-pixel std (``per_pixel_std``) and that of q(x_t)
+        (``q_per_pixel_std``), and the RMS of the predicted noise on the chain's state
+        (``eps_rms``; NaN at t = 0, where nothing is predicted)."""
+        return pd.DataFrame(
+            {
+                "t": self.ts,
+                "per_pixel_std": torch.stack(self.per_pixel_stds).cpu().numpy(),
+                "q_per_pixel_std": self.q_per_pixel_std(self.ts),
+                "eps_rms": [float(self.eps_rms[t]) if t in self.eps_rms else math.nan for t in self.ts],
+            }
+        )
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The ``drift`` and ``drift_hist`` tables (t from T down to 0)."""
@@ -281,6 +387,7 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
         "hist_w1": wasserstein1(samples.flatten(), data.flatten()),
         "sample_frac_out": float((samples.abs() > 1).float().mean()),
     }
+    out.update(exposure_summary(drift))
     if {"qstart_mean", "q_mean"} <= set(drift) and len(final) and len(start):
         # after the model's first step: at t = T the chain is its start, the eps draw's noise
         own = drift.loc[drift["t"] < drift["t"].max()]
@@ -290,6 +397,36 @@ def drift_summary(drift: pd.DataFrame, samples: torch.Tensor, data: torch.Tensor
             own_final_mean_gap=float((final["qstart_mean"] - final["q_mean"]).iloc[0]),
             own_max_mean_gap=float((own["qstart_mean"] - own["q_mean"]).abs().max()) if len(own) else nan,
         )
+    return out
+
+
+EXPOSURE_METRICS = ("eps_norm_excess_end", "eps_norm_excess_mean", "chain_std_gap_end", "chain_std_gap_mean")
+
+
+def exposure_summary(drift: pd.DataFrame) -> dict[str, float]:
+    """Per-run exposure-bias measures after Ning et al. (2024) from the drift table's
+    per-t columns (docs/design.md, "Exposure bias"):
+
+    - eps_norm_excess_end / _mean: eps_rms / q_eps_rms - 1 (the predicted noise's RMS on the
+      chain's states over that on forward states at the same t) at the smallest measured t, and
+      averaged over every t of the measured range (linear between measured t);
+    - chain_std_gap_end / _mean: per_pixel_std - q_per_pixel_std at t = 0, and averaged over
+      every t < T (linear between visited t; t = T is x_T's own draw)."""
+    from .metrics import mean_over_t
+
+    out = dict.fromkeys(EXPOSURE_METRICS, math.nan)
+    if {"eps_rms", "q_eps_rms"} <= set(drift):
+        ratio = (drift["eps_rms"] / drift["q_eps_rms"]).set_axis(drift["t"]).dropna().sort_index()
+        if len(ratio):
+            out["eps_norm_excess_end"] = float(ratio.iloc[0] - 1.0)
+            out["eps_norm_excess_mean"] = mean_over_t(ratio - 1.0)
+    if {"per_pixel_std", "q_per_pixel_std"} <= set(drift):
+        gap = (drift["per_pixel_std"] - drift["q_per_pixel_std"]).set_axis(drift["t"]).sort_index()
+        chain = gap[gap.index < gap.index.max()].dropna()
+        if len(chain) and chain.index[0] == 0:
+            out["chain_std_gap_end"] = float(chain.iloc[0])
+        if len(chain):
+            out["chain_std_gap_mean"] = mean_over_t(chain)
     return out
 
 
@@ -340,9 +477,14 @@ def reference_losses(
             return frame.copy()
     frame = pd.DataFrame({"t": timesteps})
     device = reference_device(probe_x0.device)
+    # At zero terminal SNR a predicted eps gives no x_0 at t = T (the probe's L_{T-1} would be
+    # 0/0), so there the references answer in v; loss_mse is of their eps-hat either way.
+    prediction = "v" if float(schedule.alphabar[-1]) == 0.0 else "eps"
     for name in REFERENCE_NAMES:
-        reference = build_reference(name, schedule, train_x0.to(device), levels).to(device)
-        rows = per_t_probe(reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels)
+        reference = build_reference(name, schedule, train_x0.to(device), levels, prediction).to(device)
+        rows = per_t_probe(
+            reference, schedule, probe_x0, probe_noise, timesteps, sigma="beta", levels=levels, prediction=prediction
+        )
         frame[f"ref_loss_{name}"] = rows["loss_mse"].to_numpy()
     losses = frame[[f"ref_loss_{n}" for n in REFERENCE_NAMES]]
     frame["loss_best_ref"] = losses.min(axis=1)

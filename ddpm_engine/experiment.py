@@ -27,6 +27,8 @@ from .diagnostics import (
     bits_per_dim_bound,
     diffusion_bits_estimate,
     drift_summary,
+    forward_eps_rms,
+    forward_eps_timesteps,
     heldout_loss,
     per_t_probe,
     pixel_statistics,
@@ -34,13 +36,14 @@ from .diagnostics import (
     reference_losses,
     stratified_timesteps,
 )
+from .diffusion import Tables, predicted_eps
 from .metrics import PER_RUN, REFERENCE_NAMES, per_t_summary
 from .model import build_model, count_parameters
 from .objectives import gaussian_noise
 from .quality import classifier_side, load_classifier, memorisation, sample_quality
 from .recorder import NullRecorder, Recorder
 from .references import build_reference, reference_device
-from .sampling import SAMPLERS, chunked_eps
+from .sampling import SAMPLERS, chunked_eps, in_precision
 from .schedule import Schedule, make_schedule
 from .shapes import DIGITS_SIDE
 from .training import Trainer
@@ -165,11 +168,14 @@ def build(config: ExperimentConfig, device: torch.device, data: ImageData | None
     """Data (``data`` or loaded from config.data), schedule (config.diffusion), model
     (config.model, shaped by the data), trainer (config.train and config.objective) and
     probe inputs (config.eval), all on ``device``."""
+    if config.sample.precision == "fp64" and device.type == "mps":  # refused before any training
+        raise ValueError("sample.precision: fp64 needs float64, which MPS lacks: sample on the CPU or CUDA")
     data = data or load_data(config.data)
     schedule = make_schedule(config.diffusion)
     train_x0 = data.to_model_space(data.train).to(device)
     if config.model.preset in REFERENCE_NAMES:  # a reference arm: fitted, never trained
-        model = build_reference(config.model.preset, schedule, train_x0, data.levels).to(reference_device(device))
+        model = build_reference(config.model.preset, schedule, train_x0, data.levels, config.objective.prediction)
+        model = model.to(reference_device(device))
         trainer, autocast = None, None
     else:
         # The initial weights come from torch's global RNG: seeded here, just before they are drawn.
@@ -208,6 +214,7 @@ def probe(parts: RunParts) -> dict[str, float]:
         levels=parts.data.levels,
         clip_x0=False,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     bound = bits_per_dim_bound(schedule, frame, parts.probe_x0)
     bound["heldout_loss"] = heldout_loss(schedule, frame)
@@ -323,12 +330,32 @@ def sample_with_drift(parts: RunParts) -> Sampled:
     (config.sample_draw_seed): the same for every arm of a replicate, new for each replicate."""
     drift = drift_recorder(parts)
     started = time.perf_counter()
-    x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift)
+    x0 = run_sampler(parts, parts.denoiser, parts.autocast, drift, eps_callback=drift.observe_eps)
     seconds = time.perf_counter() - started
     drift_table, drift_hist = drift.tables()
     qstart = chain_drift(parts, parts.denoiser, parts.autocast, "qstart", start_x0=heldout_start(parts))
     drift_table = drift_table.merge(qstart, on="t", how="left").merge(gauss_chain_drift(parts), on="t", how="left")
+    exposure = drift.exposure_table().merge(forward_eps(parts, list(drift.eps_rms)), on="t", how="left")
+    drift_table = drift_table.merge(exposure, on="t", how="left")
     return Sampled(x0, parts.data.from_model_space(x0), drift_table, drift_hist, drift.reference_x0, seconds)
+
+
+def forward_eps(parts: RunParts, visited: list[int]) -> pd.DataFrame:
+    """``q_eps_rms``: the sampled denoiser's predicted-noise RMS on forward states q(x_t | x_0)
+    of the probe's held-out images and noise (at most eval.probe_images images), at the chain's
+    visited t nearest the probe grid (``forward_eps_timesteps``), in the chain's precision. The
+    exposure-bias measure divides the chain's own RMS (``eps_rms``) by it. Cost: one probe's
+    forward passes (the grid's t x the probe images), against the chain's T x num_samples."""
+    denoiser, autocast, dtype = in_precision(parts.denoiser, parts.autocast, parts.config.sample.precision)
+    return forward_eps_rms(
+        denoiser,
+        parts.schedule,
+        parts.probe_x0.to(dtype),
+        parts.probe_noise.to(dtype),
+        forward_eps_timesteps(visited, parts.probe_grid),
+        autocast=autocast,
+        prediction=parts.config.objective.prediction,
+    )
 
 
 def heldout_start(parts: RunParts) -> torch.Tensor:
@@ -339,17 +366,26 @@ def heldout_start(parts: RunParts) -> torch.Tensor:
 
 
 def run_sampler(
-    parts: RunParts, denoiser: torch.nn.Module, autocast, callback, start_x0: torch.Tensor | None = None
+    parts: RunParts,
+    denoiser: torch.nn.Module,
+    autocast,
+    callback,
+    start_x0: torch.Tensor | None = None,
+    eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """x_0 from config.sample's sampler with ``denoiser``, x_T and every z drawn from the
-    replicate's sampling seed (config.sample_draw_seed).
+    replicate's sampling seed (config.sample_draw_seed), its eps_scale, in its precision
+    (``sampling.in_precision``: fp64 runs the chain and a float64 copy of the denoiser; x_T
+    and z are the float32 draws, cast).
 
     x_T ~ N(0, I) by default; with ``start_x0`` (num_samples images in model space) x_T ~
     q(x_T | x_0) = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps (DDPM eq. 4), eps being the very
     draw that is x_T without it, and the generator then gives the same z: the two chains differ
-    only in where they start."""
+    only in where they start. ``eps_callback(t, x_t, eps)`` sees the denoiser's predicted noise
+    (its output read as objective.prediction) at every visited t, before eps_scale divides it."""
     config, data, device = parts.config, parts.data, parts.device
     sc = config.sample
+    denoiser, autocast, dtype = in_precision(denoiser, autocast, sc.precision)
     generator = torch.Generator(device=device).manual_seed(config.sample_draw_seed)
     chunk_size = sc.batch_size or sample_chunk_size(device, data.channels * data.image_size**2)
     shape = (sc.num_samples, data.channels, data.image_size, data.image_size)
@@ -359,18 +395,42 @@ def run_sampler(
             raise ValueError(f"start_x0 must have shape {shape}, got {tuple(start_x0.shape)}")
         abar_T = float(parts.schedule.alphabar[-1])
         x_T = math.sqrt(abar_T) * start_x0.to(device, x_T.dtype) + math.sqrt(1.0 - abar_T) * x_T
+    eps = chunked_eps(denoiser, chunk_size, autocast)
+    if eps_callback is not None:
+        eps = observed_eps(eps, eps_callback, parts.schedule.on(device, dtype), config.objective.prediction)
     return SAMPLERS[sc.sampler](
-        chunked_eps(denoiser, chunk_size, autocast),
-        x_T,
+        eps,
+        x_T.to(dtype),
         parts.schedule,
         generator=generator,
         noise_clip=config.objective.noise_clip,
         clip_x0=sc.clip_x0,
         sigma=config.diffusion.sigma,
+        prediction=config.objective.prediction,
         steps=sc.steps,
         eta=sc.eta,
+        eps_scale=sc.eps_scale,
         callback=callback,
     )
+
+
+def observed_eps(
+    denoiser: Callable,
+    eps_callback: Callable[[int, torch.Tensor, torch.Tensor], None],
+    tables: Tables,
+    prediction: str = "eps",
+) -> Callable:
+    """``denoiser`` that also shows every (t, x_t, eps-hat) it computes to ``eps_callback``; the
+    output, read as ``prediction``, is converted to eps-hat for the callback only (the sampler
+    gets it as it is)."""
+
+    def observed(x: torch.Tensor, t: int) -> torch.Tensor:
+        output = denoiser(x, t)
+        t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_callback(t, x, predicted_eps(tables, x, t_vec, output, prediction))
+        return output
+
+    return observed
 
 
 CHAIN_STATS = ("mean", "std", "frac_out")  # what the drift table keeps of the extra chains
@@ -394,8 +454,10 @@ def gauss_chain_drift(parts: RunParts) -> pd.DataFrame:
     only the data's mean and covariance does), not the model's share: the training set's exact
     optimum departs from it more than trained UNets do. Cheap: a linear map per step."""
     device = reference_device(parts.device)
+    train_x0 = parts.data.to_model_space(parts.data.train).to(device)
+    # it answers in the run's target, which run_sampler reads the output as
     gaussian = build_reference(
-        "gaussian", parts.schedule, parts.data.to_model_space(parts.data.train).to(device), parts.data.levels
+        "gaussian", parts.schedule, train_x0, parts.data.levels, parts.config.objective.prediction
     )
     return chain_drift(parts, gaussian.to(device), None, "gauss_chain")
 
@@ -430,6 +492,7 @@ def measure(
         images_per_s=float(np.median([r["images_per_s"] for r in train_rows])) if train_rows else float("nan"),
         train_seconds=train_seconds,
         sample_seconds=sampled.seconds,
+        seconds_per_sample=sampled.seconds / parts.config.sample.num_samples,
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak_memory_mb(parts.device),
         resumed_from_step=float(resumed_from),
@@ -467,6 +530,7 @@ def final_bound(parts: RunParts, probed: dict[str, float]) -> dict[str, float]:
         sigma=parts.config.diffusion.sigma,
         levels=parts.data.levels,
         autocast=parts.autocast,
+        prediction=parts.config.objective.prediction,
     )
     middle, se = diffusion_bits_estimate(rows["vlb_bits"].to_numpy(), sizes)
     return {"bpd": probed["prior_bits"] + probed["l0_bits"] + middle, "diffusion_bits": middle, "bpd_se": se}
@@ -479,16 +543,31 @@ def quality_summary(parts: RunParts, x0: torch.Tensor) -> dict[str, float]:
     config, data = parts.config, parts.data
     if not config.eval.quality:
         return dict.fromkeys(QUALITY_KEYS, math.nan)
+    reference = quality_reference(config, data)
     classifier = None
-    if data.train_labels is not None:
+    if reference.train_labels is not None:
         # digits upsampled by image_size carry no more than their 8x8: classify them there
-        native = DIGITS_SIDE if data.name == "digits" else None
-        side = classifier_side(data.image_size, native)
-        classifier = load_classifier(data.train, data.train_labels, data.levels, config.data.cache_dir, side)
+        native = DIGITS_SIDE if reference.name == "digits" else None
+        side = classifier_side(reference.image_size, native)
+        classifier = load_classifier(
+            reference.train, reference.train_labels, reference.levels, config.data.cache_dir, side
+        )
+    out = sample_quality(
+        x0.float().cpu(), reference.to_model_space(reference.train).float(), classifier, levels=data.levels
+    )
+    # memorisation is of the run's own training images, whatever the yardstick of quality
     train = data.to_model_space(data.train).float()
-    out = sample_quality(x0.float().cpu(), train, classifier, levels=data.levels)
     out.update(memorisation(x0.float().cpu(), train, data.to_model_space(data.heldout).float()))
     return out
+
+
+def quality_reference(config: ExperimentConfig, data: ImageData) -> ImageData:
+    """The data samples are judged against (eval.quality_reference): the run's own split, or
+    with ``uncapped`` the same data loaded without data.max_images, so that arms trained on
+    100 or 1,797 digits are measured by one classifier against one set of images."""
+    if config.eval.quality_reference == "uncapped" and config.data.max_images is not None:
+        return load_data(config.data.model_copy(update={"max_images": None}))
+    return data
 
 
 def record(

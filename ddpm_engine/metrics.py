@@ -31,8 +31,17 @@ Better = Literal["lower", "higher", "zero"]
 # 1: up to 2026-11-29 (one evaluation draw shared by every seed). 2: per-replicate draws.
 # 3: drift split by intervention (own_* and start_*), memorised_frac, signed shortfall_t_small,
 # the best reference (loss_best_ref) in place of "loss_floor". 4: saturation split by end
-# (sat_low_* black, sat_high_* white).
-MEASURE_VERSION = 4
+# (sat_low_* black, sat_high_* white). 5: loss_t_le_10 (the loss over the smallest t, for
+# train.t_range specialists), seconds_per_sample, the exposure-bias measures after Ning et
+# al. 2024 (the predicted noise's RMS on chain against forward states, eps_norm_excess_*; the
+# chain's per-pixel std against q(x_t)'s, chain_std_gap_*), the brightness spread
+# (brightness_std, ref_brightness_std, brightness_std_gap) and the per-t wt in the space of
+# objective.prediction.
+MEASURE_VERSION = 5
+
+# loss_t_le_10 averages the per-t loss over t = 1..SMALL_T_MAX: the range a small-t specialist
+# (train.t_range [1, 10]) is trained on, in the region where the seed's loss shortfall lies.
+SMALL_T_MAX = 10
 
 # The summary of a run is the single row of this table (and its final MLflow scalars).
 PER_RUN_TABLE = "quality"
@@ -105,8 +114,8 @@ DECLARED: list[Metric] = [
     _m("per_t", "t", "", None, "timestep (1..T)"),
     _m("per_t", "alphabar", "", None, "alphabar_t"),
     _m("per_t", "snr", "", None, "alphabar_t / (1 - alphabar_t)"),
-    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma"),
-    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images"),
+    _m("per_t", "wt", "", None, "DDPM eq. 12 weight of L_t for the run's sigma, in the space of the run's objective.prediction (eps: eq. 12 itself)"),
+    _m("per_t", "loss_mse", "MSE", "lower", "per-dimension MSE of the predicted noise on held-out images (eps-hat, converted from the model's output when it predicts x0 or v)"),
     _m("per_t", "eps_pred_mean", "", "zero", "mean of the predicted noise (ideal 0)"),
     _m("per_t", "eps_pred_std", "", None, "std of the predicted noise (1 where the noise is identifiable from x_t)"),
     _m("per_t", "err_mean", "", "zero", "mean of predicted minus true noise"),
@@ -146,6 +155,10 @@ DECLARED: list[Metric] = [
     _m("drift", "gauss_chain_mean", "pixel", None, "mean pixel of x_t when the data's Gaussian (Wiener) denoiser runs through the same sampler from the same x_T and noise: a reference curve, not the model's share", "experiment.gauss_chain_drift"),
     _m("drift", "gauss_chain_std", "pixel", None, "pixel std of that Gaussian-denoiser chain (a reference curve)", "experiment.gauss_chain_drift"),
     _m("drift", "gauss_chain_frac_out", "", None, "fraction of the Gaussian-denoiser chain's pixels outside [-1, 1] (a reference curve)", "experiment.gauss_chain_drift"),
+    _m("drift", "per_pixel_std", "pixel", None, "std across the sampled images of x_t at each pixel (unbiased), as the root of its mean square over pixels (Ning et al. 2024's per-pixel std; unlike std, it leaves out how the pixels' means differ)", "diagnostics.DriftRecorder"),
+    _m("drift", "q_per_pixel_std", "pixel", None, "the same of q(x_t) itself, exact given the held-out images: sqrt(alphabar_t v + 1 - alphabar_t), v their per-pixel variance averaged over pixels (DDPM eq. 4); sqrt(1 - alphabar_t), Ning et al.'s reference, is that of q(x_t | x_0) for one x_0 (v = 0)", "diagnostics.DriftRecorder"),
+    _m("drift", "eps_rms", "", None, "root mean square of the predicted noise on the sampled chain's x_t (eps-hat, the network's output read as objective.prediction, before sample.eps_scale divides it): ||eps_theta||_2 / sqrt(D) over the samples; NaN at t = 0", "diagnostics.DriftRecorder"),
+    _m("drift", "q_eps_rms", "", None, "the same RMS on forward states q(x_t | x_0) of the probe's held-out images and noise, at the visited t nearest each probe-grid t (NaN at other t); eps_rms / q_eps_rms is Ning et al. 2024's exposure-bias ratio", "experiment.forward_eps"),
     # ---- drift_hist: one row per reverse step x bin
     _m("drift_hist", "t", "", None, "reverse step"),
     _m("drift_hist", "bin_lo", "pixel", None, "bin lower edge"),
@@ -162,6 +175,7 @@ DECLARED: list[Metric] = [
     _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss", scale="log"),
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
+    _m("quality", "loss_t_le_10", "MSE", "lower", f"mean of loss_mse over every t from 1 to {SMALL_T_MAX} (linear between probed t; to T when T < {SMALL_T_MAX}; final probe): the loss over the smallest t, where the seed's shortfall lies and a train.t_range [1, 10] specialist is trained", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_small_minus_mid", "MSE", "lower", "loss_mse(smallest t) - loss_mse(t nearest T/2): positive when the model is worse at small t than mid t (F1)", "metrics.per_t_summary"),
     _m("quality", "best_ref_t_small", "MSE", "lower", "loss_best_ref at the smallest probed t (final probe): an upper bound on the irreducible loss there", "metrics.per_t_summary", scale="log"),
     _m("quality", "shortfall_t_small", "MSE", "lower", "loss_mse - loss_best_ref at the smallest probed t, signed: above 0 the model is short of what a parameter-free reference already gets; below 0 it beats the best reference (an upper bound on the irreducible loss, not the loss itself)", "metrics.per_t_summary"),
@@ -178,6 +192,10 @@ DECLARED: list[Metric] = [
     _m("quality", "final_std_gap", "pixel", "zero", "pixel std of the final samples - that of the held-out data", "diagnostics.drift_summary"),
     _m("quality", "hist_w1", "pixel", "lower", "Wasserstein-1 of final pixel values vs held-out data", "diagnostics.drift_summary", group=_DRIFT, label="histogram W1", scale="log"),
     _m("quality", "sample_frac_out", "", "lower", "fraction of final sample pixels outside [-1, 1]", "diagnostics.drift_summary"),
+    _m("quality", "eps_norm_excess_end", "", "zero", "eps_rms / q_eps_rms - 1 at the smallest measured t (t = 1 for ancestral sampling): above 0 the network predicts more noise on its own chain's states than on forward states q(x_t) (Ning et al. 2024's exposure bias)", "diagnostics.exposure_summary", group=_DRIFT, label="eps norm excess (end)"),
+    _m("quality", "eps_norm_excess_mean", "", "zero", "eps_rms / q_eps_rms - 1 averaged over every t of the measured range (linear between measured t)", "diagnostics.exposure_summary"),
+    _m("quality", "chain_std_gap_end", "pixel", "zero", "per_pixel_std - q_per_pixel_std at t = 0: the final samples' per-pixel std against the held-out images'", "diagnostics.exposure_summary"),
+    _m("quality", "chain_std_gap_mean", "pixel", "zero", "per_pixel_std - q_per_pixel_std averaged over every t < T (linear between visited t): above 0 the chain's states spread more than q(x_t)'s (Ning et al. 2024's exposure bias, against the marginal's std)", "diagnostics.exposure_summary", group=_DRIFT, label="chain std gap (mean)"),
     _m("quality", "sat_frac", "", None, "fraction of sample pixels at the lowest or highest of the data's levels after rounding and clipping (as a viewer sees them)", "quality.sample_quality", group=_DRIFT, label="saturated fraction"),
     _m("quality", "ref_sat_frac", "", None, "the same fraction for the training images (already on the levels)", "quality.sample_quality", exact=True),
     _m("quality", "sat_gap", "", "zero", "sat_frac - ref_sat_frac: positive = samples more saturated than the data (F3)", "quality.sample_quality"),
@@ -188,6 +206,9 @@ DECLARED: list[Metric] = [
     _m("quality", "ref_sat_high_frac", "", None, "the same fraction for the training images", "quality.sample_quality", exact=True),
     _m("quality", "sat_high_gap", "", "zero", "sat_high_frac - ref_sat_high_frac: positive = more white pixels than the data (too bright at the foreground)", "quality.sample_quality", group=_DRIFT, label="white-pixel gap"),
     _m("quality", "pixel_mean_gap", "pixel", "zero", "mean pixel of the samples - mean pixel of the training images", "quality.sample_quality"),
+    _m("quality", "brightness_std", "pixel", None, "std over the samples of each image's mean pixel (unclipped, model space): how much the samples differ in overall brightness", "quality.sample_quality"),
+    _m("quality", "ref_brightness_std", "pixel", None, "the same std over the training images", "quality.sample_quality", exact=True),
+    _m("quality", "brightness_std_gap", "pixel", "zero", "brightness_std - ref_brightness_std: below 0 the samples' brightness spreads less than the data's, crowding around medium brightness (Lin et al. 2023: a schedule that leaves signal at t = T)", "quality.sample_quality", group=_DRIFT, label="brightness spread gap"),
     _m("quality", "fd", "", "lower", "Frechet distance in the features of the classifier of the data set's labels (trained once on its training split); downsampled pixels for data without labels", "quality.sample_quality", group=_QUALITY, label="Fréchet distance", scale="log"),
     _m("quality", "coverage", "", "higher", "fraction of the data set's classes produced by at least 20% of their fair share (its classifier's predictions; NaN without labels)", "quality.sample_quality", group=_QUALITY, label="class coverage"),
     _m("quality", "class_entropy", "bits", "higher", "entropy of the predicted-class histogram of the samples (the data set's classifier; NaN without labels)", "quality.sample_quality"),
@@ -200,6 +221,7 @@ DECLARED: list[Metric] = [
     _m("quality", "images_per_s", "images/s", "higher", "median training throughput", "experiment", cost=True, group=_COST, label="images/s"),
     _m("quality", "train_seconds", "s", "lower", "wall time until the final probe", "experiment", cost=True),
     _m("quality", "sample_seconds", "s", "lower", "wall time of sampling", "experiment", cost=True),
+    _m("quality", "seconds_per_sample", "s/sample", "lower", "sample_seconds / sample.num_samples: the sampler's cost of one image, comparable across sample counts", "experiment", cost=True, scale="log"),
     _m("quality", "seconds", "s", "lower", "wall time of the run in the engine", "experiment", cost=True, group=_COST, label="seconds"),
     _m("quality", "peak_memory_mb", "MB", "lower", "peak device memory (CUDA only; NaN on CPU)", "device", cost=True),
     _m("quality", "resumed_from_step", "step", None, "step the run resumed from (0 if it started fresh)", "experiment"),
@@ -252,6 +274,19 @@ def mean_over_t(curve: pd.Series) -> float:
     return float(np.interp(every, ts, curve.to_numpy(float)).mean())
 
 
+def interpolated_to(curve: pd.Series, t_max: int) -> pd.Series:
+    """The per-t curve cut at ``t_max``, with its linear interpolation at ``t_max`` itself when
+    that t was not probed (so a mean over t <= t_max counts every t up to it)."""
+    import numpy as np
+    import pandas as pd
+
+    head = curve[curve.index <= t_max]
+    if t_max in curve.index or curve.index[-1] < t_max:
+        return head
+    end = float(np.interp(t_max, curve.index.to_numpy(float), curve.to_numpy(float)))
+    return pd.concat([head, pd.Series([end], index=[t_max])])
+
+
 def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     """Per-run numbers from the per-t rows of ONE probe (the final one): the seed's
     observations as metrics. F1: loss at the smallest t against mid t. F2: the largest
@@ -260,6 +295,7 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
     model's signed shortfall at the smallest t and the fraction of t where it is above it."""
     names = (
         "loss_t_small",
+        "loss_t_le_10",
         "loss_t_mid",
         "loss_small_minus_mid",
         "best_ref_t_small",
@@ -282,6 +318,8 @@ def per_t_summary(per_t: pd.DataFrame) -> dict[str, float]:
             loss_t_mid=float(loss[t_mid]),
             loss_small_minus_mid=float(loss[t_small] - loss[t_mid]),
         )
+    if loss is not None and not loss.empty and loss.index[0] <= SMALL_T_MAX:
+        out["loss_t_le_10"] = mean_over_t(interpolated_to(loss, SMALL_T_MAX))
     if loss is not None and not loss.empty and "loss_best_ref" in frame and frame["loss_best_ref"].notna().any():
         best = frame["loss_best_ref"].reindex(loss.index)
         t_small = int(loss.index[0])

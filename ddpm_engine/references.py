@@ -7,11 +7,13 @@ a model worse than the per-pixel Bayes denoiser at small t loses to a lookup tab
 a bug or a capacity problem, not the irreducible noise.
 
 Every reference is an ``nn.Module`` with the model's call signature,
-``forward(x_t: N x C x H x W, t: LongTensor[N], 1-based) -> eps_hat (float32)``, so the probe
-(``diagnostics.per_t_probe``), the samplers and every diagnostic accept it. The fitted
-statistics are buffers, never parameters. Each predicts x_0 (``posterior_mean``) and turns it
-into eps with eq. 4 solved for eps, eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (DDPM
-eq. 4). They compute in float64, because 1 - abar_t is ~1e-4 at t = 1 and that division
+``forward(x_t: N x C x H x W, t: LongTensor[N], 1-based) -> eps_hat`` (float32, float64 for a
+float64 x_t: a chain run in fp64, ``sampling.in_precision``), so the probe
+(``diagnostics.per_t_probe``), the samplers and every diagnostic accept it; built with
+``prediction`` x0 or v it answers in that target instead, as a model trained on it would. The
+fitted statistics are buffers, never parameters. Each predicts x_0 (``posterior_mean``) and
+turns it into eps with eq. 4 solved for eps, eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
+(DDPM eq. 4). They compute in float64, because 1 - abar_t is ~1e-4 at t = 1 and that division
 amplifies float32 rounding of x_0 a hundredfold; float64 is not available on MPS, so run
 them on the CPU or CUDA there.
 
@@ -33,14 +35,22 @@ CHUNK_ELEMENTS = 1 << 22
 _LOG_FLOOR = 1e-12
 
 
+def output_dtype(x_t: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 x_t (an fp64 chain keeps its precision), else float32."""
+    return torch.float64 if x_t.dtype == torch.float64 else torch.float32
+
+
 class _Reference(nn.Module):
     """Shared plumbing: per-row alphabar lookup, float64 compute, x_0 -> eps (DDPM eq. 4)."""
 
-    def __init__(self, schedule: Schedule, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, schedule: Schedule, chunk_elements: int = CHUNK_ELEMENTS, prediction: str = "eps"):
         super().__init__()
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        if prediction not in ("eps", "x0", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}")
         self.chunk_elements = int(chunk_elements)
+        self.prediction = prediction
         self.T = schedule.T
         self.register_buffer("alphabar", schedule.alphabar.to(torch.float64).clone())
 
@@ -65,7 +75,11 @@ class _Reference(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x_t.to(self.alphabar.device, torch.float64).flatten(1)
         abar = self._abar(t, x.shape[0])
-        return self._eps(x, abar).view(x_t.shape).to(x_t.device, torch.float32)
+        if self.prediction == "eps":
+            out = self._eps(x, abar)
+        else:
+            out = target_from_x0(x, self._x0(x, abar), abar, self.prediction)
+        return out.view(x_t.shape).to(x_t.device, output_dtype(x_t))
 
     def _eps(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         # DDPM eq. 4 solved for eps: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)
@@ -74,6 +88,18 @@ class _Reference(nn.Module):
     def _x0(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         """E[x_0 | x_t] for flattened float64 x (n, D) and per-row abar (n, 1)."""
         raise NotImplementedError
+
+
+def target_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The target ``prediction`` implied by x_t and an estimate of x_0, in float64: eps from DDPM
+    eq. 4, v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022 sec. 4). ``abar`` is
+    alphabar_t per row, broadcast against x_t; at abar = 0 eps is x_t and v is -x_0."""
+    if prediction == "x0":
+        return x0
+    eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    if prediction == "eps":
+        return eps
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
 
 
 def _as_training_matrix(train_x0: torch.Tensor) -> torch.Tensor:
@@ -102,8 +128,15 @@ class PixelwiseDenoiser(_Reference):
     O(N D levels) time and memory, chunked over the query images.
     """
 
-    def __init__(self, schedule: Schedule, train_x0: torch.Tensor, levels: int, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(schedule, chunk_elements)
+    def __init__(
+        self,
+        schedule: Schedule,
+        train_x0: torch.Tensor,
+        levels: int,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        prediction: str = "eps",
+    ):
+        super().__init__(schedule, chunk_elements, prediction)
         if levels < 2:
             raise ValueError(f"levels must be at least 2, got {levels}")
         train = _as_training_matrix(train_x0)
@@ -151,8 +184,9 @@ class GaussianDenoiser(_Reference):
         train_x0: torch.Tensor,
         max_full_dim: int = 4096,
         chunk_elements: int = CHUNK_ELEMENTS,
+        prediction: str = "eps",
     ):
-        super().__init__(schedule, chunk_elements)
+        super().__init__(schedule, chunk_elements, prediction)
         train = _as_training_matrix(train_x0)
         n, d = train.shape
         self.full = d <= max_full_dim
@@ -222,8 +256,10 @@ class EmpiricalDenoiser(_Reference):
     chunks of the training set with a running log-sum-exp.
     """
 
-    def __init__(self, schedule: Schedule, train_x0: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(schedule, chunk_elements)
+    def __init__(
+        self, schedule: Schedule, train_x0: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS, prediction: str = "eps"
+    ):
+        super().__init__(schedule, chunk_elements, prediction)
         train = _as_training_matrix(train_x0).to(torch.float32)
         self.register_buffer("train_images", train.clone())
         self.register_buffer("train_sq_norms", (train.to(torch.float64) ** 2).sum(1))
@@ -265,8 +301,8 @@ class MedianDenoiser(_Reference):
     chunked over the query images.
     """
 
-    def __init__(self, schedule: Schedule, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(schedule, chunk_elements)
+    def __init__(self, schedule: Schedule, chunk_elements: int = CHUNK_ELEMENTS, prediction: str = "eps"):
+        super().__init__(schedule, chunk_elements, prediction)
 
     def posterior_mean(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         x = self._images(x_t)
@@ -276,8 +312,7 @@ class MedianDenoiser(_Reference):
         x = self._images(x_t)
         abar = self._abar(t, x.shape[0]).view(-1, 1, 1, 1)
         x0 = self._median_x0(x, abar.view(-1, 1))
-        # DDPM eq. 4 solved for eps
-        return ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).to(x_t.device, torch.float32)
+        return target_from_x0(x, x0, abar, self.prediction).to(x_t.device, output_dtype(x_t))
 
     def _images(self, x_t: torch.Tensor) -> torch.Tensor:
         if x_t.dim() != 4:
@@ -286,7 +321,10 @@ class MedianDenoiser(_Reference):
 
     def _median_x0(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        scaled = x / abar.sqrt().view(-1, 1, 1, 1)  # undo the signal scaling of eq. 4
+        signal = abar.sqrt().view(-1, 1, 1, 1)
+        # undo the signal scaling of eq. 4; at zero terminal SNR's t = T x_t holds no signal to
+        # unscale, and the middle of the data range, 0, stands for x_0
+        scaled = torch.where(signal > 0, x / signal, torch.zeros_like(x))
         out = torch.empty_like(scaled)
         step = _rows_per_chunk(9 * c * h * w, self.chunk_elements)
         for lo in range(0, n, step):
@@ -305,16 +343,19 @@ REFERENCES: dict[str, type[_Reference]] = {
 }
 
 
-def build_reference(name: str, schedule: Schedule, train_x0: torch.Tensor, levels: int) -> nn.Module:
-    """The reference ``name`` fitted on ``train_x0`` (training images in model space [-1, 1])."""
+def build_reference(
+    name: str, schedule: Schedule, train_x0: torch.Tensor, levels: int, prediction: str = "eps"
+) -> nn.Module:
+    """The reference ``name`` fitted on ``train_x0`` (training images in model space [-1, 1]),
+    answering in the target ``prediction`` (eps, x0 or v)."""
     if name == "pixelwise":
-        return PixelwiseDenoiser(schedule, train_x0, levels)
+        return PixelwiseDenoiser(schedule, train_x0, levels, prediction=prediction)
     if name == "gaussian":
-        return GaussianDenoiser(schedule, train_x0)
+        return GaussianDenoiser(schedule, train_x0, prediction=prediction)
     if name == "empirical":
-        return EmpiricalDenoiser(schedule, train_x0)
+        return EmpiricalDenoiser(schedule, train_x0, prediction=prediction)
     if name == "median":
-        return MedianDenoiser(schedule)
+        return MedianDenoiser(schedule, prediction=prediction)
     raise ValueError(f"unknown reference denoiser {name!r}; choose one of {sorted(REFERENCES)}")
 
 

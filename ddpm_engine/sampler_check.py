@@ -10,8 +10,10 @@ shrink as T grows, and a schedule whose q(x_T) is not N(0, I) shows its prior ga
 
 The propagation uses the real step functions of ``sampling`` (or ``step_fns`` overrides), so
 a bug in them shows up here. Unclipped, a step is affine with scalar coefficients,
-x_prev = a x_t + c eps_pred + s z, and a, c, s are read off each visited step by evaluating
-it on 1-element probes. ``clip_x0`` makes the step nonlinear, so the check covers the
+x_prev = a x_t + c out + s z (out: the denoiser's output, eps or the target ``prediction``
+names), and a, c, s are read off each visited step by evaluating it on 1-element probes. The
+exact denoiser gives the same chain in every target; at zero terminal SNR only x0 and v can
+express it at t = T. ``clip_x0`` makes the step nonlinear, so the check covers the
 unclipped sampler only.
 
 All A_t share the eigenvectors V of Sigma, so with V computed once (float64) the chain stays
@@ -43,11 +45,13 @@ FULL_COVARIANCE_MAX_DIM = 1024
 TABLE_COLUMNS = (
     "schedule",
     "beta_scaling",
+    "zero_terminal_snr",
     "T",
     "sigma",
     "sampler",
     "steps",
     "eta",
+    "eps_scale",
     "prior_mean_gap",
     "max_mean_gap",
     "max_std_gap",
@@ -69,6 +73,22 @@ def _eps_gains(eigvals: torch.Tensor, abar: float | torch.Tensor) -> torch.Tenso
     Written this way nothing divides by sqrt(1 - abar), which is tiny at t = 1.
     """
     return (1 - abar) ** 0.5 / (abar * eigvals + (1 - abar))
+
+
+def _prediction_gains(eigvals: torch.Tensor, abar, prediction: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(G, k) with the exact ``prediction`` of N(mu, Sigma) = G (x_t - sqrt(abar) mu) + k mu in
+    the eigenbasis (G: one gain per eigenvector). eps: G from ``_eps_gains``, k = 0. x0: the
+    Wiener gain sqrt(abar) lambda / (abar lambda + 1 - abar), k = 1. v = sqrt(abar) eps -
+    sqrt(1 - abar) x_0 (Salimans & Ho 2022 sec. 4): G = sqrt(abar (1 - abar)) (1 - lambda) /
+    (abar lambda + 1 - abar), k = -sqrt(1 - abar)."""
+    denominator = abar * eigvals + (1 - abar)
+    if prediction == "eps":
+        return _eps_gains(eigvals, abar), 0.0
+    if prediction == "x0":
+        return abar**0.5 * eigvals / denominator, 1.0
+    if prediction == "v":
+        return (abar * (1 - abar)) ** 0.5 * (1 - eigvals) / denominator, -((1 - abar) ** 0.5)
+    raise ValueError(f"unknown prediction {prediction!r}")
 
 
 def gaussian_eps_map(
@@ -119,7 +139,13 @@ def _probe(step: Callable[..., torch.Tensor], n: int, where: Callable[[int], str
 
 
 def _chain_steps(
-    schedule: Schedule, sampler: str, sigma: str, steps: int | None, eta: float, step_fns: dict[str, Callable]
+    schedule: Schedule,
+    sampler: str,
+    sigma: str,
+    steps: int | None,
+    eta: float,
+    step_fns: dict[str, Callable],
+    prediction: str = "eps",
 ) -> tuple[list[int], torch.Tensor]:
     """The visited t (T first, 0 last) and the (a, c, s) of each step between them (n x 3)."""
     # float64 tables: the check is of the formulas, not of float32 round-off
@@ -131,7 +157,9 @@ def _chain_steps(
         sigma2 = schedule.reverse_variance(sigma).to(torch.float64)
         tv = torch.tensor(ts).repeat_interleave(P)
         coef = _probe(
-            lambda x, e, z: step_fns["ddpm"](tables, sigma2, x, tv, e, z, False), T, lambda j: f"ddpm step t={ts[j]}"
+            lambda x, e, z: step_fns["ddpm"](tables, sigma2, x, tv, e, z, False, prediction=prediction),
+            T,
+            lambda j: f"ddpm step t={ts[j]}",
         )
         return ts + [0], coef
     if sampler == "ddim":
@@ -140,7 +168,7 @@ def _chain_steps(
         tv = torch.tensor(ts).repeat_interleave(P)
         tn = torch.tensor(nxt).repeat_interleave(P)
         coef = _probe(
-            lambda x, e, z: step_fns["ddim"](tables, x, tv, tn, e, eta, z, False),
+            lambda x, e, z: step_fns["ddim"](tables, x, tv, tn, e, eta, z, False, prediction=prediction),
             len(ts),
             lambda j: f"ddim step {ts[j]}->{nxt[j]}",
         )
@@ -157,17 +185,23 @@ def check_sampler(
     sigma: str = "beta",
     steps: int | None = None,
     eta: float = 0.0,
+    eps_scale: float = 1.0,
     step_fns: dict[str, Callable] | None = None,
+    prediction: str = "eps",
 ) -> dict:
     """Run the reverse chain of ``sampler`` in closed form with the exact denoiser of N(mu, cov).
 
     ``mu`` is the flattened data mean (D,), ``cov`` its D x D covariance, or a (D,) vector of
     variances for a diagonal covariance. ``sigma`` is the DDPM reverse variance (beta or
-    beta_tilde); ``steps`` (None: T) and ``eta`` are DDIM's. ``step_fns`` overrides the step
+    beta_tilde); ``steps`` (None: T) and ``eta`` are DDIM's; ``eps_scale`` divides the exact
+    denoiser's eps at every step as the samplers do (Epsilon Scaling, ``sampling.scale_eps``),
+    which keeps the step affine: c becomes c / eps_scale. ``step_fns`` overrides the step
     functions, {"ddpm": f, "ddim": f} with the signatures of ``ddpm_step`` / ``ddim_step``
-    (one t per row, as theirs). Unclipped sampler only: clip_x0 makes the step nonlinear.
+    (one t per row, as theirs, and their ``prediction`` keyword). Unclipped sampler only:
+    clip_x0 makes the step nonlinear. ``prediction`` is what the denoiser outputs (eps, x0,
+    v); at zero terminal SNR (alphabar_T = 0) eps cannot give x_0 at t = T and is refused.
 
-    From x_T ~ N(0, I), each step x' = a x + c eps + s z with eps = A x + b gives
+    From x_T ~ N(0, I), each step x' = a x + c p + s z with the prediction p = A x + b gives
     mean' = M mean + c b, cov' = M cov M^T + s^2 I, M = a I + c A; all of it is diagonal in the
     eigenbasis of cov. At every visited t (T first, 0 last) the chain's per-pixel mean and
     std are compared with q(x_t) (DDPM eq. 4), and at t = 0 with the data N(mu, cov).
@@ -185,6 +219,13 @@ def check_sampler(
     carried prior gap flags a wrong step even where the std gaps are small; the std gaps are
     what the discretisation (T, steps, sigma) costs.
     """
+    if prediction == "eps" and float(schedule.alphabar[-1]) == 0.0:
+        raise ValueError(
+            "prediction eps at zero terminal SNR: x_0 = (x_T - eps) / sqrt(alphabar_T) is 0/0 at t = T; use v or x0"
+        )
+    if eps_scale != 1.0 and prediction != "eps":
+        # c / eps_scale below scales the step's eps coefficient; an x0 or v prediction enters elsewhere
+        raise ValueError(f"eps_scale {eps_scale} needs prediction eps, not {prediction!r}")
     fns = {"ddpm": ddpm_step, "ddim": ddim_step, **(step_fns or {})}
     mu = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
     cov = torch.as_tensor(cov, dtype=torch.float64)
@@ -201,18 +242,19 @@ def check_sampler(
         raise ValueError(f"cov must be ({D}, {D}) or ({D},), got {tuple(cov.shape)}")
     mu_e = mu if V is None else V.T @ mu  # mu in the eigenbasis
 
-    ts, coef = _chain_steps(schedule, sampler, sigma, steps, eta, fns)
+    ts, coef = _chain_steps(schedule, sampler, sigma, steps, eta, fns, prediction)
     # alphabar at each visited t, with alphabar_0 = 1 for the final x_0
     abars = torch.cat([schedule.alphabar, torch.ones(1, dtype=torch.float64)])[torch.tensor(ts) - 1]
 
     # the chain in the eigenbasis, one row per visited t: mean_e and the variances var_e.
-    # Per step: M = a I + c A (its eigenvalues m) and c b = -c A sqrt(abar) mu, since
-    # eps = A (x - sqrt(abar) mu); computed for all steps at once, the loop only accumulates.
+    # Per step: M = a I + c A (its eigenvalues m) and c b = -c A sqrt(abar) mu + c k mu, since
+    # p = A (x - sqrt(abar) mu) + k mu; computed for all steps at once, the loop only accumulates.
     a, c, s = (col[:, None] for col in coef.unbind(1))
+    c = c / eps_scale  # the sampler steps with eps / eps_scale
     abar = abars[:-1, None]
-    gains = _eps_gains(eigvals[None, :], abar)  # eigenvalues of A_t, one row per step
+    gains, k = _prediction_gains(eigvals[None, :], abar, prediction)  # eigenvalues of A_t, one row per step
     m = a + c * gains
-    shift = -c * gains * abar.sqrt() * mu_e
+    shift = -c * gains * abar.sqrt() * mu_e + c * k * mu_e
     mean_e = torch.zeros(len(ts), D, dtype=torch.float64)
     var_e = torch.ones(len(ts), D, dtype=torch.float64)
     for j in range(len(ts) - 1):
@@ -263,12 +305,16 @@ def fit_gaussian(train_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, st
     return mu, diag, f"diagonal covariance (D = {D} > {FULL_COVARIANCE_MAX_DIM}; pixel correlations ignored)"
 
 
-def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig, train_x0: torch.Tensor) -> dict:
+def check_config(
+    diffusion_config: DiffusionConfig, sample_config: SampleConfig, train_x0: torch.Tensor, prediction: str = "eps"
+) -> dict:
     """``check_sampler`` for an experiment's diffusion and sample configs, with the Gaussian
-    fitted to ``train_x0`` (N x C x H x W in model space [-1, 1]).
+    fitted to ``train_x0`` (N x C x H x W in model space [-1, 1]) and its denoiser answering in
+    ``prediction`` (objective.prediction).
 
-    The result also carries schedule, T, sigma (None for ddim), sampler, steps (the number of
-    visited steps for ddim, None for ddpm), eta (None for ddpm) and ``approximation`` (full or
+    The result also carries schedule, beta_scaling, zero_terminal_snr, T, sigma (None for ddim),
+    sampler, steps (the number of visited steps for ddim, None for ddpm), eta (None for ddpm),
+    eps_scale and ``approximation`` (full or
     diagonal covariance); ``TABLE_COLUMNS`` picks one summary row out of it. The check is of
     the unclipped sampler whatever ``sample_config.clip_x0`` says.
     """
@@ -284,15 +330,19 @@ def check_config(diffusion_config: DiffusionConfig, sample_config: SampleConfig,
         sigma=diffusion_config.sigma,
         steps=sample_config.steps,
         eta=sample_config.eta,
+        eps_scale=sample_config.eps_scale,
+        prediction=prediction,
     )
     result.update(
         schedule=diffusion_config.schedule,
         beta_scaling=diffusion_config.beta_scaling,
+        zero_terminal_snr=diffusion_config.zero_terminal_snr,
         T=diffusion_config.T,
         sigma=None if is_ddim else diffusion_config.sigma,
         sampler=sampler,
         steps=len(ddim_timesteps(diffusion_config.T, sample_config.steps or diffusion_config.T)) if is_ddim else None,
         eta=sample_config.eta if is_ddim else None,
+        eps_scale=sample_config.eps_scale,
         approximation=approximation,
     )
     return result

@@ -46,6 +46,21 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return (1 - alphabar[1:] / alphabar[:-1]).clamp(max=max_beta)
 
 
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Alg. 1: the betas whose sqrt(alphabar_t) is the original one shifted so
+    that its last value is 0 and scaled so that its first is unchanged, an affine map
+    s -> (s - s_T) s_1 / (s_1 - s_T). alphabar_T is then exactly 0 (beta_T = 1: x_T holds no
+    trace of x_0), where every usual schedule stops short of it (alphabar_T = 0.13 at T = 200
+    with betas 1e-4..0.02, 4e-5 at T = 1000) and a model trained on it meets at t = T a
+    signal it never saw when sampling starts from N(0, I)."""
+    sqrt_abar = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    alphabar = ((sqrt_abar - last) * (first / (first - last))) ** 2
+    # alpha_t = alphabar_t / alphabar_{t-1} (DDPM eq. 4), alpha_1 = alphabar_1
+    alphas = torch.cat([alphabar[:1], alphabar[1:] / alphabar[:-1]])
+    return 1.0 - alphas
+
+
 class Schedule:
     """All per-t constants of the forward and reverse processes (float64, index t-1).
 
@@ -55,8 +70,10 @@ class Schedule:
     def __init__(self, betas: torch.Tensor):
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError("betas must be a 1-D tensor with at least 2 entries")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("every beta_t must lie in (0, 1)")
+        # beta_T = 1 is zero terminal SNR (zero_terminal_snr_betas); a 1 before T would zero
+        # alphabar_t for every later t and leave nothing to denoise from there on
+        if not bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) or not 0 < float(betas[-1]) <= 1:
+            raise ValueError("every beta_t must lie in (0, 1), and beta_T in (0, 1] (1: zero terminal SNR)")
         self.betas = betas.to(torch.float64)
         self.T = self.betas.shape[0]
         self.alphas = 1.0 - self.betas
@@ -100,13 +117,25 @@ class Schedule:
         """Signal-to-noise ratio alphabar_t / (1 - alphabar_t)."""
         return self.alphabar / (1 - self.alphabar)
 
-    def vlb_weights(self, sigma: str) -> torch.Tensor:
-        """DDPM eq. 12: w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)).
+    def vlb_weights(self, sigma: str, prediction: str = "eps") -> torch.Tensor:
+        """w_t with L_{t-1} = w_t E||target - prediction||^2 for the model's target.
 
-        L_{t-1} = w_t E||eps - eps_theta||^2; L_simple (eq. 14) drops these weights.
+        eps: DDPM eq. 12, w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alphabar_t)); L_simple
+        (eq. 14) drops these weights. x0: the posterior means (eq. 7) differ by
+        coef_x0 (x_0 - x0_hat), so w_t = coef_x0^2 / (2 sigma_t^2), eq. 12 times SNR_t. v:
+        x_0 - x0_hat = -sqrt(1 - alphabar_t) (v - v_hat) (Salimans & Ho 2022 sec. 4), so eq. 12
+        times alphabar_t. At zero terminal SNR (alpha_T = 0) the eps weight of t = T is infinite,
+        as eps carries nothing of x_0 there; the x0 and v weights stay finite.
         """
         var = self.reverse_variance(sigma)
-        return self.betas**2 / (2 * var * self.alphas * (1 - self.alphabar))
+        if prediction == "eps":
+            return self.betas**2 / (2 * var * self.alphas * (1 - self.alphabar))
+        x0_weights = self.posterior_mean_coef_x0**2 / (2 * var)
+        if prediction == "x0":
+            return x0_weights
+        if prediction == "v":
+            return x0_weights * (1 - self.alphabar)
+        raise ValueError(f"unknown prediction {prediction!r}")
 
     def on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The per-t tables cast once to ``dtype`` on ``device``, for the hot loops."""
@@ -137,4 +166,6 @@ def make_schedule(config: DiffusionConfig) -> Schedule:
         betas = cosine_betas(config.T, config.cosine_s, config.max_beta)
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}")
+    if config.zero_terminal_snr:
+        betas = zero_terminal_snr_betas(betas)
     return Schedule(betas=betas)

@@ -38,6 +38,19 @@ def split_sizes(count: int, heldout_fraction: float) -> tuple[int, int]:
     return count - held, held
 
 
+def cap_problem(max_images: int | None, available: int, source: str) -> str | None:
+    """Why data.max_images cannot be met by ``source``, which holds ``available`` images (every
+    image the cap applies to: training and held out together), or None. A cap above the
+    source's size would silently use every image, and a study of data-set sizes would then
+    compare two arms trained on the same data."""
+    if max_images is None or max_images <= available:
+        return None
+    return (
+        f"{max_images:,} images asked for, but there are {available:,} in {source} (training and held out "
+        "together); lower it, or leave max_images unset to use them all"
+    )
+
+
 def digits_extent(config: DataConfig) -> tuple[int, int]:
     """(images, side) of the digits as ``config`` loads them, known without loading them."""
     images = DIGITS_IMAGES if config.max_images is None else min(DIGITS_IMAGES, config.max_images)
@@ -53,6 +66,10 @@ def problems(
     such as Fashion-MNIST, ignore data.heldout_fraction); else data.heldout_fraction says."""
     found: list[tuple[str, str]] = []
     data, quality = config.data, config.eval.quality
+    if data.name == "digits":  # their size is known without loading them; other sources check as they load
+        too_many = cap_problem(data.max_images, DIGITS_IMAGES, "the digits")
+        if too_many:
+            found.append(("data.max_images", too_many))
     if data.levels is not None and data.levels > MAX_LEVELS:
         found.append(
             (

@@ -85,7 +85,11 @@ class Trainer:
         self.ema = EMA(model, tc.ema_decay) if tc.ema_decay is not None else None
         self.objective = Objective(config.objective, schedule, config.diffusion.sigma, levels, device)
         self.t_sampler = TimestepSampler(
-            schedule.T, config.objective.t_sampling, config.objective.importance_history, device
+            schedule.T,
+            config.objective.t_sampling,
+            config.objective.importance_history,
+            device,
+            t_range=config.train.t_range,
         )
         self.generator = torch.Generator(device=device).manual_seed(tc.seed)
         self.step = 0
@@ -112,12 +116,15 @@ class Trainer:
         x0 = self.images[idx.to(self.device)]
         t, importance = self.t_sampler.sample(tc.batch_size, gen)
         eps = gaussian_noise(x0.shape, gen, self.device, self.config.objective.noise_clip)
+        # DDPM-IP's xi comes after eps from the same generator, and only when it is on: with it
+        # off the generator's stream, hence every batch, is what it was before the knob existed
+        xi = gaussian_noise(x0.shape, gen, self.device, None) if self.config.objective.input_perturbation else None
         self.model.train()
         if self.autocast is not None:
             with self.autocast():
-                rows = self.objective.row_losses(self.forward_model, x0, t, eps)
+                rows = self.objective.row_losses(self.forward_model, x0, t, eps, xi)
         else:
-            rows = self.objective.row_losses(self.forward_model, x0, t, eps)
+            rows = self.objective.row_losses(self.forward_model, x0, t, eps, xi)
         loss = (rows * importance).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

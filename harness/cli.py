@@ -103,7 +103,8 @@ def preflight_data(study: Study, specs: list[RunSpec], embedded: bool = True) ->
                 try:
                     data = loaded[key] = load_data(spec.config.data)
                 except DataError as error:
-                    fail_input(_located(study, spec, ["data.path", "data.name"], str(error)))
+                    keys = [error.key] if error.key else []
+                    fail_input(_located(study, spec, [*keys, "data.path", "data.name"], str(error)))
                 held = data.heldout.shape[0]  # the loaded split, whichever rule made it
                 extents[key] = (data.train.shape[0] + held, data.image_size, held)
         for dotted, reason in problems(spec.config, *extents[key]):

@@ -60,6 +60,33 @@ def measure_step_seconds(
     return count_parameters(model), (time.perf_counter() - start) / steps
 
 
+def precision_factor(config: ExperimentConfig, data: ImageData, device: torch.device, repeats: int = 3) -> float:
+    """How many times a sampling forward pass of this model costs in config.sample.precision
+    what it costs in float32: 1 for fp32; for fp64 timed here on one batch, since it depends
+    on the device (here 4x on one CPU thread for the tiny UNet; far more on consumer GPUs)."""
+    if config.sample.precision == "fp32":
+        return 1.0
+    import copy
+
+    model = build_model(config.model, data.channels, data.image_size).to(device).eval()
+    batch = torch.randn(min(config.sample.num_samples, 256), data.channels, data.image_size, data.image_size)
+    t = torch.full((len(batch),), max(1, config.diffusion.T // 2), dtype=torch.long, device=device)
+    seconds = []
+    for net, dtype in ((model, torch.float32), (copy.deepcopy(model).to(torch.float64), torch.float64)):
+        x = batch.to(device, dtype)
+        with torch.no_grad():
+            net(x, t)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                net(x, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds[1] / max(seconds[0], 1e-9)
+
+
 def reference_estimate(config: ExperimentConfig, data: ImageData, device: torch.device) -> Estimate:
     """A reference arm trains nothing: fit it, time one call on a sampling batch, and scale
     by the sampler's steps (plus one probe over the grid)."""
@@ -95,6 +122,9 @@ def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, ca
     if signature not in cache:
         cache[signature] = measure_step_seconds(config, data, device)
     params, step = cache[signature]
+    precision_key = ("sample precision", config.sample.precision, *signature)
+    if precision_key not in cache:
+        cache[precision_key] = precision_factor(config, data, device)
     per_image_forward = step * FORWARD_SHARE / config.train.batch_size
     T = config.diffusion.T
     sample_steps = T if config.sample.sampler == "ddpm" else min(config.sample.steps or T, T)
@@ -108,8 +138,12 @@ def estimate(config: ExperimentConfig, data: ImageData, device: torch.device, ca
         step_seconds=step,
         train_seconds=step * steps,
         # two chains of the model: from N(0, I), and from q(x_T | x_0) for the drift split
-        # (ddpm_engine.experiment.sample_with_drift); the Gaussian reference chain is a linear map
-        sample_seconds=2 * per_image_forward * sample_steps * config.sample.num_samples,
+        # (ddpm_engine.experiment.sample_with_drift), plus the predicted noise on forward states
+        # at the probe grid (experiment.forward_eps), all in the sampling precision; the Gaussian
+        # reference chain is a linear map
+        sample_seconds=per_image_forward
+        * cache[precision_key]
+        * (2 * sample_steps * config.sample.num_samples + grid * probe_images),
         probe_seconds=per_image_forward * grid * probe_images * n_probes,
     )
 

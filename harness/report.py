@@ -469,6 +469,7 @@ def sampler_check_rows(data: StudyResults) -> list[dict]:
     for row in frame.to_dict("records"):
         shown = {k: (f"{v:.4f}" if isinstance(v, float) and k.endswith("gap") else v) for k, v in row.items()}
         shown.update({k: "–" for k in ("sigma", "steps") if row.get(k) is None or row.get(k) != row.get(k)})
+        shown.setdefault("eps_scale", 1.0)  # checks written before sample.eps_scale existed
         rows.append(shown)
     return rows
 

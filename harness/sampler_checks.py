@@ -28,7 +28,7 @@ def combinations(specs: list[RunSpec]) -> dict[str, list[RunSpec]]:
         key = (
             c.data.model_dump_json()
             + c.diffusion.model_dump_json()
-            + c.sample.model_dump_json(include={"sampler", "steps", "eta"})
+            + c.sample.model_dump_json(include={"sampler", "steps", "eta", "eps_scale"})
         )
         groups.setdefault(key, []).append(spec)
     return groups
@@ -48,7 +48,10 @@ def sampler_check_table(specs: list[RunSpec], data: dict | None = None) -> pd.Da
         if key not in data:
             data[key] = load_data(config.data)
         images = data[key]
-        result = check_config(config.diffusion, config.sample, images.to_model_space(images.train))
+        # any target the arm may use gives the exact denoiser's chain; eps has none at zero terminal SNR
+        result = check_config(
+            config.diffusion, config.sample, images.to_model_space(images.train), config.objective.prediction
+        )
         row = {column: result[column] for column in TABLE_COLUMNS}
         row["approximation"] = result.get("approximation", "")
         row["arms"] = ", ".join(dict.fromkeys(s.arm.label for s in group))

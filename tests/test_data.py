@@ -122,6 +122,17 @@ def test_max_images_and_levels_override() -> None:
     assert set(torch.unique(binary.train).tolist()) == {0, 1}
 
 
+def test_max_images_beyond_the_digits_is_an_error_naming_the_key() -> None:
+    """The cap counts every image the source holds before the split (the digits: 1,797). A cap
+    above it used to load every image silently: a data-set-size study would have trained two
+    'sizes' on the same data."""
+    every = load_data(DataConfig(name="digits", max_images=1797))
+    assert every.train.shape[0] + every.heldout.shape[0] == 1797
+    with pytest.raises(DataError, match="1,798 images asked for, but there are 1,797 in digits") as caught:
+        load_data(DataConfig(name="digits", max_images=1798))
+    assert caught.value.key == "data.max_images"
+
+
 def test_split_keeps_one_image_on_each_side() -> None:
     tiny = load_data(DataConfig(name="digits", max_images=2, heldout_fraction=0.01))
     assert (tiny.train.shape[0], tiny.heldout.shape[0]) == (1, 1)
@@ -141,6 +152,15 @@ def test_image_folder_native(rgb_folder: Path, cache_dir: Path) -> None:
     a_png = torch.from_numpy(np.array(_rgb(12, 12, 0))).permute(2, 0, 1)
     everything = torch.cat([loaded.train, loaded.heldout])
     assert any(torch.equal(image, a_png) for image in everything)
+
+
+def test_max_images_beyond_an_image_folder_is_an_error(rgb_folder: Path, cache_dir: Path) -> None:
+    """An image folder's size is its count of images (five here)."""
+    loaded = load_data(_folder_config(rgb_folder, cache_dir, max_images=5))
+    assert loaded.train.shape[0] + loaded.heldout.shape[0] == 5
+    with pytest.raises(DataError, match="6 images asked for, but there are 5 in image_folder:faces") as caught:
+        load_data(_folder_config(rgb_folder, cache_dir, max_images=6))
+    assert caught.value.key == "data.max_images"
 
 
 def test_image_folder_resize_and_grey(rgb_folder: Path, cache_dir: Path) -> None:
@@ -604,6 +624,14 @@ def test_idx_max_images_caps_each_part_by_its_share(idx_folder: Path) -> None:
     assert set(data.heldout[:, 0, 0, 0].tolist()) <= set(range(100, 104))
     assert set(data.train[:, 0, 0, 0].tolist()) <= set(range(12))
     assert data.train_labels.tolist() == [i % 10 for i in data.train[:, 0, 0, 0].tolist()]
+
+
+def test_idx_max_images_beyond_both_files_together_is_an_error(idx_folder: Path) -> None:
+    """For the IDX sets the cap covers both files (16 images here; Fashion-MNIST: 70,000)."""
+    assert load_data(DataConfig(name="mnist", path=str(idx_folder), max_images=16)).train.shape[0] == 12
+    with pytest.raises(DataError, match="17 images asked for, but there are 16 in the MNIST files") as caught:
+        load_data(DataConfig(name="mnist", path=str(idx_folder), max_images=17))
+    assert caught.value.key == "data.max_images"
 
 
 def test_idx_resize_levels_and_channels(idx_folder: Path) -> None:

@@ -74,3 +74,32 @@ def test_design_doc_is_generated_from_the_registry():
     assert design_doc.render(text) == text, "docs/design.md is out of date: run `python -m harness.design_doc`"
     for name in PER_RUN:
         assert f"| `{name}` |" in text
+
+
+def test_loss_t_le_10_is_the_mean_loss_over_every_t_up_to_10():
+    """Its definition: the mean of loss_mse over t = 1..10, linear between probed t."""
+    import pandas as pd
+
+    from ddpm_engine.metrics import SMALL_T_MAX, per_t_summary
+
+    def summary(ts, losses):
+        return per_t_summary(pd.DataFrame({"t": ts, "loss_mse": losses}))["loss_t_le_10"]
+
+    assert SMALL_T_MAX == 10
+    every = list(range(1, 21))
+    curve = [1.0 / t for t in every]  # probed at every t: the plain mean of the first ten
+    assert summary(every, curve) == pytest.approx(sum(curve[:10]) / 10)
+    # a sparse grid (T = 1000's starts 1, 2, 3, 4, 6, 9, 13): a line stays a line, t = 1..10
+    sparse = [1, 2, 3, 4, 6, 9, 13, 500]
+    assert summary(sparse, [float(t) for t in sparse]) == pytest.approx(5.5)
+    # t = 10 interpolated between 9 and 13, not cut at 9 (whose mean would be 5.0)
+    assert summary([1, 9, 13], [1.0, 9.0, 13.0]) == pytest.approx(5.5)
+    assert summary([1, 2, 3], [3.0, 3.0, 6.0]) == pytest.approx(4.0)  # T = 3: over 1..3
+    assert math.isnan(summary([20, 40], [1.0, 2.0]))  # no probed t at or below 10
+
+
+def test_the_engine_emits_loss_t_le_10_and_seconds_per_sample(emitted):
+    _, result = emitted
+    final = result.tables["per_t"].query(f"step == {result.tables['per_t']['step'].max()}").set_index("t")
+    assert result.summary["loss_t_le_10"] == pytest.approx(final.loc[1:10, "loss_mse"].mean())  # T = 12: all probed
+    assert result.summary["seconds_per_sample"] == pytest.approx(result.summary["sample_seconds"] / 8)

@@ -1,5 +1,6 @@
-"""Precision: which CPUs count as doing bf16 in hardware, what `auto` picks there, and that
-bf16 autocast trains the tiny UNet to the same loss as fp32 (within seed noise)."""
+"""Precision: which CPUs count as doing bf16 in hardware, what `auto` picks there, that
+bf16 autocast trains the tiny UNet to the same loss as fp32 (within seed noise), and that
+sample.precision fp64 runs the sampling chain, model included, in float64."""
 
 from __future__ import annotations
 
@@ -211,3 +212,108 @@ def test_bf16_autocast_trains_to_the_fp32_loss_within_seed_noise():
     # 0.3684, 0.3629, 0.3630 (spread 0.0055); bf16 from seed 0 0.3682, 0.0002 from fp32's 0.3684.
     # Half the seed spread leaves bf16's rounding ten times the room it took.
     assert abs(bf16 - fp32[0]) <= 0.5 * seed_spread, report
+
+
+# --- sample.precision: the chain in float64 ---------------------------------------------------------
+
+
+def test_fp64_runs_the_whole_chain_model_included_in_float64_and_differs_from_fp32_by_rounding_only(one_thread):
+    """The tiny UNet sampled in fp64: every state the sampler visits and every forward pass is
+    float64 (a float64 copy; the trained weights stay float32), from the same float32 draws as
+    fp32. The two chains then differ by rounding alone: not at all at x_T, far below the
+    samples' own scale at x_0."""
+    from ddpm_engine.config import DiffusionConfig
+    from ddpm_engine.sampling import sample
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(base_channels=8, time_embed_dim=16), 1, 8).eval()
+    forward_dtypes = []
+    model.register_forward_hook(lambda module, args, out: forward_dtypes.append((args[0].dtype, out.dtype)))
+    schedule = make_schedule(DiffusionConfig(T=50, beta_scaling="by_T"))
+    chains = {}
+    for precision in ("fp32", "fp64"):
+        states = []
+        out = sample(
+            model,
+            schedule,
+            (8, 1, 8, 8),
+            generator=torch.Generator().manual_seed(1),
+            device=torch.device("cpu"),
+            precision=precision,
+            observer=lambda t, x, states=states: states.append(x),
+        )
+        chains[precision] = states + [out]
+    assert {x.dtype for x in chains["fp64"]} == {torch.float64}
+    assert {x.dtype for x in chains["fp32"]} == {torch.float32}
+    assert forward_dtypes[:50] == [(torch.float32, torch.float32)] * 50  # the hook travels with the copy
+    assert forward_dtypes[50:] == [(torch.float64, torch.float64)] * 50
+    assert next(model.parameters()).dtype == torch.float32
+    assert torch.equal(chains["fp64"][0], chains["fp32"][0].double())  # the same x_T
+    final64, final32 = chains["fp64"][-1], chains["fp32"][-1].double()
+    difference = float((final64 - final32).abs().max())
+    assert 0 < difference < 1e-5 * float(final64.abs().max()) + 1e-6
+
+
+def test_fp64_sampling_through_the_engine_keeps_the_wiener_chain_within_rounding(monkeypatch, tmp_path, one_thread):
+    """config.sample.precision reaches every chain of a run (engine path: run_sampler): the
+    digits' Wiener denoiser over T = 1000 ancestral steps, fp32 against fp64 from the same draws."""
+    import pandas as pd
+
+    from ddpm_engine.experiment import build, run_sampler
+
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr("ddpm_engine.experiment.reference_losses", lambda *a, **k: pd.DataFrame({"t": []}))
+    finals, eps_dtypes = {}, {}
+    for precision in ("fp32", "fp64"):
+        config = ExperimentConfig.from_dict(
+            {"model": {"preset": "gaussian"}, "sample": {"num_samples": 32, "precision": precision}}
+        )
+        parts = build(config, torch.device("cpu"))
+        seen = set()
+        finals[precision] = run_sampler(
+            parts,
+            parts.denoiser,
+            None,
+            lambda t, x, seen=seen: seen.add(x.dtype),
+            eps_callback=lambda t, x, e, seen=seen: seen.add(e.dtype),
+        )
+        eps_dtypes[precision] = seen
+    assert eps_dtypes == {"fp32": {torch.float32}, "fp64": {torch.float64}}
+    difference = float((finals["fp64"] - finals["fp32"].double()).abs().max())
+    assert 0 < difference < 1e-4  # 8e-6 observed over the 1000 steps
+
+
+def test_fp64_sampling_is_refused_on_mps_before_anything_is_built():
+    from ddpm_engine.experiment import build
+
+    config = ExperimentConfig.from_dict({"sample": {"precision": "fp64"}})
+    with pytest.raises(ValueError, match="fp64"):
+        build(config, torch.device("mps"))
+
+
+@pytest.mark.parametrize("values", [{"precision": "fp16"}, {"eps_scale": 0.5}, {"eps_scale": 1.6}, {"eps_scale": True}])
+def test_sampling_knobs_outside_their_range_are_refused(values):
+    from ddpm_engine.config import SampleConfig
+
+    with pytest.raises(ValueError):
+        SampleConfig(**values)
+
+
+def test_the_plan_prices_fp64_sampling_by_the_timed_precision_factor(one_thread):
+    """harness plan's estimate scales the sampling of an fp64 arm (both chains and the forward
+    states) by the float64/float32 forward-time ratio it times once per model; training is
+    unchanged. The ratio is pinned here (a timing is no unit test); its wiring is what is checked."""
+    from ddpm_engine.config import DataConfig
+    from harness.cost import estimate
+
+    data = load_data(DataConfig())
+    fp32 = ExperimentConfig.from_dict({"train": {"steps": 10}, "sample": {"num_samples": 8}})
+    fp64 = ExperimentConfig.from_dict({"train": {"steps": 10}, "sample": {"num_samples": 8, "precision": "fp64"}})
+    cache: dict = {}
+    plain = estimate(fp32, data, torch.device("cpu"), cache)
+    signature = next(k for k in cache if k[0] == "sample precision")
+    cache[("sample precision", "fp64", *signature[2:])] = 4.0
+    dearer = estimate(fp64, data, torch.device("cpu"), cache)
+    assert cache[signature] == 1.0
+    assert dearer.train_seconds == plain.train_seconds and dearer.probe_seconds == plain.probe_seconds
+    assert dearer.sample_seconds == pytest.approx(4.0 * plain.sample_seconds)

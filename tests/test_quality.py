@@ -246,6 +246,32 @@ def test_saturation_splits_into_black_and_white_that_add_up():
     assert (bright["sat_low_frac"], bright["sat_high_frac"]) == (0.0, 1.0)
 
 
+def _images_with_means(means: list[float], seed: int) -> torch.Tensor:
+    """4x4 images whose mean pixel is exactly ``means[i]``: that value plus a pattern of mean 0."""
+    pattern = torch.randn(len(means), 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pattern = 0.3 * (pattern - pattern.mean(dim=(1, 2, 3), keepdim=True))
+    return torch.tensor(means, dtype=torch.float64).view(-1, 1, 1, 1) + pattern
+
+
+def test_brightness_spread_is_the_std_of_the_per_image_means():
+    """Per-image means 0, 0.1, 0.2, 0.3 have std sqrt(((0.15^2 + 0.05^2) 2) / 3) = 0.1291 (n - 1);
+    samples whose means are -0.2 and 0.2 (half each) against them: std 0.2 sqrt(8/7) = 0.2138.
+    The pattern inside each image (its pixel contrast) counts for nothing."""
+    from ddpm_engine.quality import brightness_spread
+
+    reference = _images_with_means([0.0, 0.1, 0.2, 0.3], seed=0)
+    assert brightness_spread(reference) == pytest.approx(math.sqrt((0.15**2 + 0.05**2) * 2 / 3), rel=1e-12)
+    samples = _images_with_means([-0.2, 0.2] * 4, seed=1)
+    out = sample_quality(samples.float(), reference.float(), None, levels=256)
+    assert out["brightness_std"] == pytest.approx(0.2 * math.sqrt(8 / 7), rel=1e-6)
+    assert out["ref_brightness_std"] == pytest.approx(0.1291, abs=1e-4)
+    assert out["brightness_std_gap"] == pytest.approx(out["brightness_std"] - out["ref_brightness_std"])
+    # every image equally bright: no spread, however different the pictures; a shift of all: none either
+    assert brightness_spread(_images_with_means([0.1] * 5, seed=2)) == pytest.approx(0.0, abs=1e-15)
+    assert brightness_spread(reference - 0.5) == pytest.approx(brightness_spread(reference), rel=1e-12)
+    assert math.isnan(brightness_spread(reference[:1]))
+
+
 # ---------------------------------------------------------------------------------------
 # Memorisation
 # ---------------------------------------------------------------------------------------
@@ -438,3 +464,34 @@ def test_quality_summary_uses_the_labels_of_any_source():
     assert labelled_out["coverage"] > 0.5 and math.isfinite(labelled_out["confidence"])
     assert math.isnan(plain_out["coverage"]) and math.isfinite(plain_out["fd"])
     assert labelled_out["fd"] != plain_out["fd"]
+
+
+def test_quality_reference_uncapped_judges_every_max_images_by_the_full_split():
+    """eval.quality_reference: uncapped measures samples of a run on 100 digits against the
+    training split of all 1,797 (its images and its classifier), as the run on all of them is
+    measured; memorisation stays against the run's own 90 training images."""
+    from types import SimpleNamespace
+
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.data import load_data
+    from ddpm_engine.experiment import quality_summary
+
+    uncapped = ExperimentConfig.from_dict({"data": {"max_images": 100}, "eval": {"quality_reference": "uncapped"}})
+    split = ExperimentConfig.from_dict({"data": {"max_images": 100}})
+    capped, full = load_data(uncapped.data), load_data(ExperimentConfig().data)
+    assert capped.train.shape[0] == 90
+    samples = full.to_model_space(full.heldout[:64])  # real digits: coverage and fd are those of data
+    expected = sample_quality(
+        samples,
+        full.to_model_space(full.train),
+        load_classifier(full.train, full.train_labels, 17, None),
+        levels=17,
+    )
+    by_uncapped = quality_summary(SimpleNamespace(config=uncapped, data=capped), samples)
+    by_split = quality_summary(SimpleNamespace(config=split, data=capped), samples)
+    for name in ("fd", "coverage", "ref_sat_frac", "pixel_mean_gap"):
+        assert by_uncapped[name] == pytest.approx(expected[name]), name
+    assert by_split["fd"] != pytest.approx(expected["fd"])  # against its own 90 images: another number
+    assert by_split["ref_sat_frac"] != pytest.approx(expected["ref_sat_frac"])
+    for name in ("memorised_frac", "nn_train_dist", "nn_heldout_ratio"):
+        assert by_uncapped[name] == by_split[name], name

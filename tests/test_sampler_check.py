@@ -18,7 +18,7 @@ from ddpm_engine.sampler_check import (
     fit_gaussian,
     gaussian_eps_map,
 )
-from ddpm_engine.sampling import ddim_step, ddpm_step, sample
+from ddpm_engine.sampling import ddim_step, ddim_timesteps, ddpm_step, sample
 from ddpm_engine.schedule import make_schedule
 
 
@@ -114,8 +114,10 @@ class _AffineEps(torch.nn.Module):
         dict(sampler="ddpm", sigma="beta"),
         dict(sampler="ddpm", sigma="beta_tilde"),
         dict(sampler="ddim", steps=10, eta=0.5),
+        dict(sampler="ddpm", sigma="beta", eps_scale=1.2),
+        dict(sampler="ddim", steps=10, eta=0.5, eps_scale=0.8),
     ],
-    ids=["ddpm-beta", "ddpm-beta_tilde", "ddim10-eta0.5"],
+    ids=["ddpm-beta", "ddpm-beta_tilde", "ddim10-eta0.5", "ddpm-eps_scale1.2", "ddim10-eps_scale0.8"],
 )
 def test_closed_form_matches_monte_carlo_of_the_real_sampler(options):
     mu, cov = _random_gaussian(4, seed=4)
@@ -131,6 +133,7 @@ def test_closed_form_matches_monte_carlo_of_the_real_sampler(options):
         sigma=options.get("sigma", "beta"),
         ddim_steps=options.get("steps"),
         eta=options.get("eta", 0.0),
+        eps_scale=options.get("eps_scale", 1.0),
         chunk_size=N,
     ).reshape(N, 4)
     result = check_sampler(schedule, mu, cov, **options)
@@ -223,25 +226,25 @@ def test_unscaled_short_schedule_shows_its_prior_gap(digits):
 # --- broken samplers fail ------------------------------------------------------------------------
 
 
-def _ddpm_variance_doubled(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-    return ddpm_step(tables, 2 * sigma2, xt, t, eps_pred, z, clip_x0)
+def _ddpm_variance_doubled(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+    return ddpm_step(tables, 2 * sigma2, xt, t, eps_pred, z, clip_x0, prediction)
 
 
-def _ddpm_beta_as_std(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
+def _ddpm_beta_as_std(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
     # noise scale beta_t instead of sqrt(beta_t): ddpm_step takes a variance and square-roots it
-    return ddpm_step(tables, sigma2**2, xt, t, eps_pred, z, clip_x0)
+    return ddpm_step(tables, sigma2**2, xt, t, eps_pred, z, clip_x0, prediction)
 
 
-def _ddpm_t_minus_1(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-    return ddpm_step(tables, sigma2, xt, (t - 1).clamp(min=1), eps_pred, z, clip_x0)
+def _ddpm_t_minus_1(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+    return ddpm_step(tables, sigma2, xt, (t - 1).clamp(min=1), eps_pred, z, clip_x0, prediction)
 
 
-def _ddim_t_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False):
-    return ddim_step(tables, xt, (t - 1).clamp(min=1), t_prev, eps_pred, eta, z, clip_x0)
+def _ddim_t_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False, prediction="eps"):
+    return ddim_step(tables, xt, (t - 1).clamp(min=1), t_prev, eps_pred, eta, z, clip_x0, prediction)
 
 
-def _ddim_t_prev_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False):
-    return ddim_step(tables, xt, t, (t_prev - 1).clamp(min=0), eps_pred, eta, z, clip_x0)
+def _ddim_t_prev_minus_1(tables, xt, t, t_prev, eps_pred, eta, z, clip_x0=False, prediction="eps"):
+    return ddim_step(tables, xt, t, (t_prev - 1).clamp(min=0), eps_pred, eta, z, clip_x0, prediction)
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
@@ -303,11 +306,11 @@ def test_nonlinear_or_offset_steps_are_refused(synthetic):
     mu, cov = synthetic
     schedule = make_schedule(DiffusionConfig(T=50, beta_scaling="by_T"))
 
-    def clipped(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, True)
+    def clipped(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, True, prediction)
 
-    def offset(tables, sigma2, xt, t, eps_pred, z, clip_x0=False):
-        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, clip_x0) + 0.1
+    def offset(tables, sigma2, xt, t, eps_pred, z, clip_x0=False, prediction="eps"):
+        return ddpm_step(tables, sigma2, xt, t, eps_pred, z, clip_x0, prediction) + 0.1
 
     with pytest.raises(ValueError, match="not affine"):
         check_sampler(schedule, mu, cov, step_fns={"ddpm": clipped})
@@ -340,6 +343,94 @@ def test_check_config_row(digits):
     ]
     assert len(chain) == 1001 and chain["t"].iloc[0] == 1000 and chain["t"].iloc[-1] == 0
     assert len(ddim["chain"]) == 51
+    # Epsilon Scaling reaches the check: the closed form of the scaled sampler, not the plain one
+    scaled = check_config(DiffusionConfig(), SampleConfig(eps_scale=1.02), x0)
+    assert scaled["eps_scale"] == 1.02 and ddpm["eps_scale"] == 1.0
+    direct = check_sampler(make_schedule(DiffusionConfig()), mu, cov, eps_scale=1.02)
+    assert scaled["final_std_gap"] == pytest.approx(direct["final_std_gap"], rel=1e-12)
+    plain = check_config(DiffusionConfig(), SampleConfig(), x0)
+    assert scaled["final_std_gap"] > plain["final_std_gap"] + 0.005  # less noise removed: wider samples
+
+
+# --- Epsilon Scaling in the samplers (Ning et al. 2024) ---------------------------------------------
+
+
+class _FixedEps(torch.nn.Module):
+    """Predicts the same eps tensor whatever x_t and t, so a step has a closed form."""
+
+    def __init__(self, eps: torch.Tensor):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, t):
+        return self.eps.expand_as(x).clone()
+
+
+def _first_step(sampler: str, eps_scale: float, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_T, x after the first step, the final x_0) of ``sample`` with a fixed eps, seed 0."""
+    schedule = make_schedule(DiffusionConfig(T=10))
+    eps = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    seen = []
+    out = sample(
+        _FixedEps(eps),
+        schedule,
+        (3, 1, 2, 2),
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        sampler=sampler,
+        eps_scale=eps_scale,
+        observer=lambda t, x: seen.append(x.clone()),
+        **options,
+    )
+    return seen[0], seen[1], out
+
+
+def test_eps_scale_one_leaves_the_sampler_bit_identical_to_plain_algorithm_2():
+    """With the scale at 1 the chain is, bit for bit, the unscaled chain written out with
+    ddpm_step / ddim_step (the samplers as they were before the knob): no division happens."""
+    schedule = make_schedule(DiffusionConfig(T=10))
+    eps = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    _, _, out = _first_step("ddpm", 1.0)
+    gen = torch.Generator().manual_seed(0)
+    tables, sigma2 = schedule.on("cpu"), schedule.reverse_variance("beta").float()
+    x = torch.randn((3, 1, 2, 2), generator=gen)
+    for t in range(10, 0, -1):
+        z = torch.randn(x.shape, generator=gen)
+        x = ddpm_step(tables, sigma2, x, torch.full((3,), t), eps.expand_as(x).clone(), z)
+    assert torch.equal(out, x)
+    _, _, out = _first_step("ddim", 1.0, ddim_steps=5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 1, 2, 2), generator=gen)
+    visited = ddim_timesteps(10, 5)
+    for t, t_next in zip(visited, visited[1:] + [0]):
+        z = torch.randn(x.shape, generator=gen)
+        x = ddim_step(tables, x, torch.full((3,), t), torch.full((3,), t_next), eps.expand_as(x).clone(), 0.0, z)
+    assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("scale", [0.8, 1.3])
+def test_eps_scale_divides_the_predicted_noise_in_one_step_by_hand(scale):
+    """One step, written out from the schedule in float64: DDPM Algorithm 2 and DDIM eq. 12
+    (eta = 0.5, eq. 16) with eps / scale in place of eps, in the x_0 estimate and the direction."""
+    schedule = make_schedule(DiffusionConfig(T=10))
+    eps = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(9)).double() / scale
+    gen = torch.Generator().manual_seed(0)
+    x_T, z = torch.randn((3, 1, 2, 2), generator=gen).double(), torch.randn((3, 1, 2, 2), generator=gen).double()
+    beta, alpha, abar = (float(v[-1]) for v in (schedule.betas, schedule.alphas, schedule.alphabar))
+    ddpm = (x_T - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha) + math.sqrt(beta) * z  # Algorithm 2, line 4
+    start, after, _ = _first_step("ddpm", scale)
+    torch.testing.assert_close(start.double(), x_T)
+    torch.testing.assert_close(after.double(), ddpm, atol=1e-6, rtol=1e-6)
+
+    abar_prev = float(schedule.alphabar[ddim_timesteps(10, 5)[1] - 1])
+    x0 = (x_T - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    sigma = 0.5 * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    ddim = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma**2) * eps + sigma * z
+    _, after, _ = _first_step("ddim", scale, ddim_steps=5, eta=0.5)
+    torch.testing.assert_close(after.double(), ddim, atol=1e-6, rtol=1e-6)
+    # and the scale is not ignored: the unscaled step lands elsewhere
+    _, plain, _ = _first_step("ddpm", 1.0)
+    assert (plain.double() - ddpm).abs().max() > 1e-3
 
 
 def test_large_images_use_a_diagonal_covariance():

@@ -19,6 +19,7 @@ def test_every_question_of_the_seed_research_has_a_study():
         "time_embedding_ablation",
         "objective_ablation",
         "darkening_diagnosis",
+        "error_accumulation",
     } <= names
 
 
@@ -61,6 +62,30 @@ def test_timestep_study_crosses_T_with_the_beta_range():
     assert runs["wiener-T1000"].config.model.preset == "gaussian" and runs["wiener-T1000"].config.diffusion.T == 1000
 
 
+def test_terminal_snr_study_varies_the_schedules_end_and_the_target_on_the_unscaled_T200_schedule():
+    study = load_study("studies/terminal_snr.yaml")
+    arms = expand_arms(study)
+    assert [a.label for a in arms] == ["as_is", "ztsnr_v", "v", "scaled"]
+    assert baseline_arm(study, arms) == "as_is"
+    assert study.seeds.start >= 3
+    by_arm = {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+    base = by_arm["as_is"].config
+    assert base.diffusion.T == 200 and base.diffusion.schedule == "linear" and base.diffusion.beta_scaling == "none"
+    assert not base.diffusion.zero_terminal_snr and base.objective.prediction == "eps"
+    assert base.data.name == "digits" and base.model.preset == "tiny"
+    expected = {
+        "ztsnr_v": {"diffusion.zero_terminal_snr", "objective.prediction"},
+        "v": {"objective.prediction"},
+        "scaled": {"diffusion.beta_scaling"},
+    }
+    for arm, keys in expected.items():
+        assert set(changed_keys(study, by_arm[arm])) == keys, arm
+    assert by_arm["ztsnr_v"].config.objective.prediction == "v"
+    # every arm trains its own model, and the brightness spread is what the study asks about
+    assert len({r.train_key for r in by_arm.values()}) == 4
+    assert {h.arm for h in study.hypotheses.values() if h.metric == "brightness_std_gap"} == set(expected) | {"as_is"}
+
+
 def test_darkening_plan_is_the_baseline_plus_nine_single_changes():
     study = load_study("studies/darkening_diagnosis.yaml")
     arms = expand_arms(study)
@@ -84,6 +109,46 @@ def test_darkening_plan_is_the_baseline_plus_nine_single_changes():
     for arm, keys in expected.items():
         assert set(changed_keys(study, by_arm[arm])) == keys, arm
     assert by_arm["annotated"].config.model.preset == "annotated"
+
+
+def test_error_accumulation_trains_twice_and_measures_three_sampling_arms_from_the_baseline():
+    study = load_study("studies/error_accumulation.yaml")
+    arms = expand_arms(study)
+    assert [a.label for a in arms] == ["baseline", "fp64", "eps_scale", "eps_scale_large", "ddpm_ip"]
+    assert study.adaptive is not None and study.adaptive.start >= 3
+    runs = {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+    base = runs["baseline"].config
+    assert base.data.name == "digits" and base.model.preset == "tiny" and base.diffusion.T == 1000
+    assert base.sample.precision == "fp32" and base.sample.eps_scale == 1.0 and base.objective.input_perturbation == 0.0
+    expected = {
+        "fp64": {"sample.precision": "fp64"},
+        "eps_scale": {"sample.eps_scale": 1.005},
+        "eps_scale_large": {"sample.eps_scale": 1.05},
+        "ddpm_ip": {"objective.input_perturbation": 0.1},
+    }
+    for arm, changes in expected.items():
+        assert changed_keys(study, runs[arm]) == changes, arm
+    # sampling-only arms are measured from the baseline's training; DDPM-IP trains its own
+    for arm in ("fp64", "eps_scale", "eps_scale_large"):
+        assert runs[arm].train_key == runs["baseline"].train_key and runs[arm].key != runs["baseline"].key
+    assert runs["ddpm_ip"].train_key != runs["baseline"].train_key
+    # the new knobs at their defaults stay out of the keys: the baseline is the other digits
+    # studies' baseline run for run, so their finished trainings are found and reused
+    ours = {r.seed: r.key for r in expand(study) if r.arm.label == "baseline"}
+    objective = {
+        r.seed: r.key
+        for r in expand(load_study("studies/objective_ablation.yaml"))
+        if r.arm.label == "baseline" and r.seed in ours
+    }
+    assert ours == objective
+    # every new measure is asked about, and the log's "1000 steps, in float32"
+    claims = {(h.metric, h.arm) for h in study.hypotheses.values()}
+    assert {("eps_norm_excess_end", "baseline"), ("chain_std_gap_mean", "baseline")} <= claims
+    assert {
+        ("final_mean_gap", "fp64"),
+        ("eps_norm_excess_end", "eps_scale"),
+        ("eps_norm_excess_end", "ddpm_ip"),
+    } <= claims
 
 
 # The run keys of the shipped studies before the lifecycle redesign (computed at commit
@@ -213,3 +278,89 @@ def test_a_later_knob_at_its_default_leaves_run_and_train_keys_as_before(monkeyp
     assert "new_knob" in Experiment(train={"new_knob": 0.5}).training_dict()["train"]
     # a field that is not a later knob is in the key whatever its value
     assert "steps" in before.key_dict()["train"]
+
+
+# ---------------------------------------------------------------- the research log's studies (issue 23)
+
+
+def first_seed_runs(name: str) -> dict:
+    study = load_study(STUDY_DIR / f"{name}.yaml")
+    assert study.adaptive is not None and study.adaptive.start >= 3
+    return {r.arm.label: r for r in expand(study) if r.seed == study.seed_list[0]}
+
+
+def test_capacity_ladder_differs_only_in_width_at_about_0_1_0_5_and_2M_with_8M_defined_for_gpus():
+    from ddpm_engine.config import ExperimentConfig
+    from ddpm_engine.model import build_model, count_parameters
+    from harness.spec import apply_overrides
+
+    study = load_study(STUDY_DIR / "capacity_ladder.yaml")
+    runs = first_seed_runs("capacity_ladder")
+    assert list(runs) == ["w8", "w24", "w48"] and baseline_arm(study, expand_arms(study)) == "w24"
+
+    def params(config) -> int:
+        return count_parameters(build_model(config.model, 1, 8))
+
+    sizes = {arm: params(run.config) for arm, run in runs.items()}
+    assert 0.08e6 < sizes["w8"] < 0.15e6 and 0.4e6 < sizes["w24"] < 0.6e6 and 1.5e6 < sizes["w48"] < 2.5e6
+    gpu_rung = ExperimentConfig.from_dict(apply_overrides(study.base, study.ablations["width"]["w104"]))
+    assert 6.5e6 < params(gpu_rung) < 9.5e6
+    for arm, run in runs.items():  # the same time embedding, steps and everything else
+        assert set(changed_keys(study, run)) <= {"model.base_channels"}, arm
+        model = run.config.model
+        assert (model.time_mlp, model.time_embed_dim, tuple(model.channel_mults)) == ("shared", 192, (1, 2, 2))
+    assert len({r.config.train.model_dump_json() for r in runs.values()}) == 1
+
+
+def test_dataset_size_caps_the_digits_and_judges_quality_on_all_of_them():
+    runs = first_seed_runs("dataset_size")
+    assert {arm: r.config.data.max_images for arm, r in runs.items()} == {
+        "n100": 100,
+        "n300": 300,
+        "n1000": 1000,
+        "all": None,
+    }
+    assert {r.config.eval.quality_reference for r in runs.values()} == {"uncapped"}
+    assert len({r.config.train.model_dump_json() for r in runs.values()}) == 1  # equal steps
+    metrics = {h.metric for h in load_study(STUDY_DIR / "dataset_size.yaml").hypotheses.values()}
+    assert {"heldout_loss", "fd", "coverage", "memorised_frac"} <= metrics
+
+
+def test_small_t_specialist_trains_on_t_1_to_10_beside_the_generalist_and_two_references():
+    runs = first_seed_runs("small_t_specialist")
+    assert list(runs) == ["generalist", "specialist", "pixelwise", "median"]
+    assert runs["generalist"].config.train.t_range is None
+    assert runs["specialist"].config.train.t_range == (1, 10)
+    assert set(changed_keys(load_study(STUDY_DIR / "small_t_specialist.yaml"), runs["specialist"])) == {"train.t_range"}
+    assert runs["pixelwise"].config.model.preset == "pixelwise" and runs["median"].config.model.preset == "median"
+    # the generalist is timestep_ablation's T1000 run: found there, not trained again
+    assert runs["generalist"].key in SHIPPED_KEYS["timestep_ablation"]
+
+
+def test_sampling_steps_arms_share_one_training_per_seed():
+    runs = first_seed_runs("sampling_steps")
+    samplers = {arm: (r.config.sample.sampler, r.config.sample.steps) for arm, r in runs.items()}
+    assert samplers == {
+        "ancestral": ("ddpm", None),
+        "ddim250": ("ddim", 250),
+        "ddim50": ("ddim", 50),
+        "ddim10": ("ddim", 10),
+    }
+    assert len({r.train_key for r in runs.values()}) == 1 and len({r.key for r in runs.values()}) == 4
+    assert runs["ancestral"].key in SHIPPED_KEYS["timestep_ablation"]  # trained there already
+    study = load_study(STUDY_DIR / "sampling_steps.yaml")
+    assert len({r.train_key for r in expand(study)}) == len(study.seed_list)  # one training per seed
+
+
+def test_plan_says_the_sampling_arms_are_measured_only(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from harness import cli
+    from harness.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.console, "width", 200)  # one line per arm: a wrapped cell splits the words
+    result = CliRunner().invoke(app, ["plan", str(STUDY_DIR / "sampling_steps.yaml"), "--no-measure", "--no-check"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert out.count("(+8 measured only)") == 3 and "8 to train" in out and "24 to measure" in out

@@ -164,6 +164,37 @@ CASES = {
         "base.data.max_images",
         "2 images leave 1 for training",
     ),
+    "t_range_beyond_T": (
+        HEADER + "base:\n  diffusion: {T: 100}\n  train: {t_range: [1, 200]}\n",
+        ":5:",
+        "base.train.t_range",
+        "[lo, hi] must lie within 1..diffusion.T = 100 (got [1, 200])",
+    ),
+    "t_range_reversed": (
+        HEADER + "ablations:\n  range:\n    all: {}\n    small_t: {train.t_range: [10, 1]}\n",
+        ":6:",
+        "ablations.range.small_t.train.t_range",
+        "needs 1 <= lo <= hi",
+    ),
+    "t_range_from_zero": (
+        HEADER + "base:\n  train:\n    t_range: [0, 10]\n",
+        ":5:",
+        "base.train.t_range",
+        "needs 1 <= lo <= hi (t is 1-based)",
+    ),
+    "t_range_beyond_the_T_of_a_level": (
+        HEADER + "base:\n  train: {t_range: [1, 10]}\nablations:\n  T:\n    T1000: {diffusion.T: 1000}\n"
+        "    T5: {diffusion.T: 5}\n",
+        ":8:",
+        "ablations.T.T5",
+        "train.t_range: [lo, hi] must lie within 1..diffusion.T = 5",
+    ),
+    "max_images_beyond_the_digits": (
+        HEADER + "base:\n  data: {max_images: 5000}\n",
+        ":4:",
+        "base.data.max_images",
+        "5,000 images asked for, but there are 1,797 in the digits (training and held out together)",
+    ),
     "one_sample_for_quality": (
         HEADER + "base:\n  sample: {num_samples: 1}\n",
         ":4:",
@@ -312,3 +343,28 @@ def test_a_missing_data_folder_given_with_set_is_named_at_the_set_option(tmp_pat
     result = CliRunner().invoke(app, ["plan", str(path), "--no-measure", "--set", "data.path=/nonexistent/b"])
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "error: --set: data.path: data.path /nonexistent/b does not exist" in out
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_max_images_beyond_an_image_folder_is_named_at_its_line(tmp_path, monkeypatch, command):
+    """An image folder's size is known once it is read: the cap is checked then, before any
+    training, and named at data.max_images (not at data.path, where other data errors go)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "four"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    path = tmp_path / "folder.yaml"
+    path.write_text(
+        HEADER + f"base:\n  data:\n    name: image_folder\n    path: {folder}\n    cache_dir: {tmp_path / 'cache'}\n"
+        "    max_images: 10\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [command, str(path)] + (["--no-measure"] if command == "plan" else []))
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"{path}:8:" in out.replace(" ", "") and "base.data.max_images" in out
+    assert "10 images asked for, but there are 4 in image_folder:four" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()

@@ -134,6 +134,44 @@ def test_a_few_hundred_steps_lower_the_probe_loss_at_every_probed_t():
     assert math.isfinite(result.summary["bpd"])
 
 
+@pytest.mark.parametrize("t_sampling", ["uniform", "importance"])
+def test_training_with_a_t_range_never_draws_t_outside_it(t_sampling):
+    """train.t_range [3, 7]: every row the objective is handed during training has t in 3..7,
+    in both t_sampling modes (importance past its warm-up), and every t of the range comes up."""
+    config = small_config(
+        train={"t_range": [3, 7], "batch_size": 16},
+        objective={"t_sampling": t_sampling, "importance_history": 2},
+    )
+    data = load_data(config.data)
+    schedule = make_schedule(config.diffusion)
+    model = build_model(config.model, data.channels, data.image_size)
+    trainer = Trainer(config, model, schedule, data.to_model_space(data.train[:64]), data.levels, torch.device("cpu"))
+    drawn: list[torch.Tensor] = []
+    row_losses = trainer.objective.row_losses
+
+    def spy(model, x0, t, eps):
+        drawn.append(t.clone())
+        return row_losses(model, x0, t, eps)
+
+    trainer.objective.row_losses = spy
+    for _ in range(12):
+        trainer.train_step()
+    t = torch.cat(drawn)
+    assert len(t) == 12 * 16 and set(t.tolist()) == {3, 4, 5, 6, 7}
+    p = trainer.t_sampler.probabilities()
+    assert torch.all(p[:2] == 0) and torch.all(p[7:] == 0)
+    if t_sampling == "importance":  # warmed up: drawn by the losses, not uniformly
+        assert not torch.allclose(p[2:7], torch.full((5,), 0.2, dtype=torch.float64))
+
+
+def test_a_t_range_leaves_the_probe_grid_whole():
+    """A specialist trained on t in 1..5 is still probed at every t of the grid (T = 50: all t)."""
+    specialist = run_experiment(small_config(train={"t_range": [1, 5]}), MemoryRecorder(), device="cpu")
+    final = specialist.tables["per_t"].query("step == 40")
+    assert final["t"].tolist() == probe_timesteps(50, 40) == list(range(1, 51))
+    assert final["loss_mse"].notna().all()
+
+
 def test_budget_by_images_and_seconds():
     by_images = run_experiment(
         small_config(train={"budget_by": "images", "budget_images": 320, "batch_size": 32}),
