@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -754,7 +755,9 @@ def _open_tracking(study: Study, results: Path, scheduler):
     except BaseException:
         scheduler.abort()
         raise
-    return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client, experiment_id
+    # synchronous: the parent trains nothing, and a failing store is met at the call (RunTracker)
+    track = partial(RunTracker, client, experiment_id, results=results, commit=commit, synchronous=True)
+    return track, client, experiment_id
 
 
 def _stop_for_store(study: Study, specs: list[RunSpec], results: Path, failure: Exception, outcomes: list) -> None:

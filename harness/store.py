@@ -516,8 +516,8 @@ TRANSIENT = re.compile(
 )
 ERRNO = re.compile(r"\[Errno -?\d+\] [^'\"()\[\]]+")
 # MLflow logs a failed call with its traceback before it raises (a second copy of what
-# GuardedClient says in one line), and its asynchronous logger logs each failed batch
-MLFLOW_ERROR_LOGGERS = ("mlflow.store.db.utils", "mlflow.utils.async_logging.async_logging_queue")
+# GuardedClient says in one line)
+MLFLOW_ERROR_LOGGERS = ("mlflow.store.db.utils",)
 
 
 class StoreFailure(Exception):
@@ -576,7 +576,9 @@ class GuardedClient:
 
     MLflow's HTTP client would retry a request for about four minutes by itself
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7, doubling waits): here it tries once, unless the
-    environment says otherwise, so that the wait above is the bound."""
+    environment says otherwise, so that the wait above is the bound. Only calls made through
+    it are guarded: its trackers log metrics synchronously (tracking.RunTracker), since a batch
+    handed to MLflow's asynchronous logger fails in a thread of MLflow's, past any bound."""
 
     def __init__(self, client, uri: str, wait: float | None = None):
         self._client, self.uri = client, uri

@@ -163,17 +163,34 @@ def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
 
 
 class RunTracker:
-    """The Recorder of one run: MLflow metrics (batched, asynchronous) and Parquet tables.
+    """The Recorder of one run: MLflow metrics and Parquet tables.
+
+    Metrics go through MLflow's asynchronous logger where the tracker is called from the
+    training loop itself (a distributed worker): a write never holds up a step. With
+    ``synchronous`` (the local parent, which trains nothing) each batch is written before the
+    call returns: a store that fails is then seen at the call that met it, within the bound
+    of a ``store.GuardedClient``, rather than in MLflow's logging threads, which log each
+    failed batch with a traceback, report it only to whoever waits for it and, at exit, wait
+    out the lock once more for every batch still queued.
 
     With a ``store.GuardedClient`` (the local parent's), a store that fails for good is not a
     crash: the MLflow half of each call is skipped from then on, the Parquet half (tables, the
     `runs` row) goes on, and ``store_failure`` says why; the scheduler stops the slots at their
     checkpoints and the next `harness run` writes the records into MLflow (harness.reconcile)."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, spec: RunSpec, results: Path, commit: str = ""):
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        spec: RunSpec,
+        results: Path,
+        commit: str = "",
+        synchronous: bool = False,
+    ):
         self.client, self.experiment_id, self.spec = client, experiment_id, spec
         self.results = Path(results)
         self.commit = commit or git_commit()
+        self.synchronous = synchronous
         self.run_id: str | None = None
         self.started = time.time()
         self.paths: list[Path] = []
@@ -256,7 +273,7 @@ class RunTracker:
         metrics = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
         if metrics and self.run_id is not None:
             with suppress(StoreFailure):
-                self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+                self.log_metrics(metrics)
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.paths.append(write_table(self.results, self.study, name, self.spec.key, frame))
@@ -267,8 +284,13 @@ class RunTracker:
                 self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
             metrics = curve_metrics(name, frame, int(time.time() * 1000))
             for i in range(0, len(metrics), METRIC_BATCH):
-                batch = metrics[i : i + METRIC_BATCH]
-                self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+                self.log_metrics(metrics[i : i + METRIC_BATCH])
+
+    def log_metrics(self, metrics: list[Metric]) -> None:
+        if self.synchronous:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        else:
+            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
 
     def image(self, name: str, pixels: np.ndarray) -> None:
         folder = self.results / self.study / name

@@ -11,16 +11,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from harness.plan import expand
 from harness.reconcile import LOGGED_ROWS_TAG, parquet_rows
 from harness.spec import load_study
-from harness.store import GuardedClient, StoreFailure, sqlite_path
+from harness.store import GuardedClient, StoreFailure
 
 # `short` ends while `long` trains: the store fails before short's end is recorded in MLflow
 STUDY = """\
@@ -57,26 +59,46 @@ def runs_row(cwd: Path, key: str) -> dict | None:
         return None
 
 
-def wait_until_both_train(uri: str, specs, proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Both runs have training points in MLflow: the parent has recorded their start (MLflow
-    runs made, params, the dataset input) and is past every call before their ends."""
-    keys = {s.key for s in specs}
-    store, client = sqlite_path(uri), None
+def wait_until_both_started(cwd: Path, short, long, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Both runs' `runs` rows say running: the parent has made their MLflow runs (tags,
+    params) and is recording their events. Read from Parquet: no MLflow call here competes
+    with the parent's for the store."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail("harness run ended early:\n" + proc.stdout.read() + proc.stderr.read())
-        # the harness makes the store: a client made here before would make one of its own
-        if client is None and (store is None or store.exists()):
-            client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name("s") if client is not None else None
-        if experiment is not None:
-            runs = client.search_runs([experiment.experiment_id])
-            training = {r.data.tags.get("run_key") for r in runs if client.get_metric_history(r.info.run_id, "loss")}
-            if keys <= training:
-                return
-        time.sleep(0.5)
-    pytest.fail("the runs did not start training in time")
+        rows = [runs_row(cwd, spec.key) for spec in (short, long)]
+        if all(row is not None and row["status"] == "running" for row in rows):
+            return
+        assert rows[0] is None or rows[0]["status"] == "running", f"{short.name} ended before the store failed"
+        time.sleep(0.05)
+    pytest.fail("the runs did not start in time")
+
+
+def wait_until_trained(cwd: Path, spec, timeout: float = 600) -> None:
+    """The run's checkpoint is at its last step: its slot is past training, and a stop
+    request can no longer interrupt it (the engine asks only between training steps)."""
+    path = cwd / "results" / "s" / "checkpoints" / spec.train_key / "last.pt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (
+            path.exists()
+            and torch.load(path, map_location="cpu", weights_only=False)["step"] >= spec.config.train.steps
+        ):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{spec.name} did not finish training in time")
+
+
+@contextmanager
+def paused(proc: subprocess.Popen):
+    """The `harness run` parent stopped (SIGSTOP) while its slots go on: it records nothing
+    until resumed, so what it meets then does not depend on how fast the slots were."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
@@ -131,7 +153,11 @@ def free_port() -> int:
 
 
 class LockHolder:
-    """Another process in an exclusive transaction on the SQLite store."""
+    """Another process in an exclusive transaction on the SQLite store. Taken while the parent
+    runs (a parent paused inside a write would hold the lock itself); from then on the parent's
+    next MLflow call waits for the lock, so it records nothing more before the pause."""
+
+    pause_first = False
 
     def __init__(self, cwd: Path):
         self.store = cwd / "mlflow.db"
@@ -165,6 +191,8 @@ class ReadOnlyFolder:
     """The store's folder made read-only (SQLite cannot write its journal beside the store).
     As root the harness runs without the capability to write into read-only folders."""
 
+    pause_first = True  # the parent's next write would fail at once
+
     def __init__(self, cwd: Path):
         if os.geteuid() == 0 and shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: a read-only folder is writable")
@@ -185,6 +213,8 @@ class ReadOnlyFolder:
 
 class DyingServer:
     """A tracking server killed while the runs train, then started again on its store."""
+
+    pause_first = True  # a refused connection fails within the 2 s bound
 
     def __init__(self, cwd: Path):
         self.folder, self.port = cwd / "server", free_port()
@@ -214,8 +244,16 @@ def test_a_store_failing_while_slots_train_stops_them_cleanly(tmp_path, failure)
     command = [*store.prefix, sys.executable, "-m", "harness.cli", "run", "s.yaml", "--no-report", "--workers", "2"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_both_train(uri, [short, long], proc)
-        store.fail()
+        wait_until_both_started(tmp_path, short, long, proc)
+        # the store fails while the parent has recorded neither run's end; it meets the failure
+        # once short is past training, so that short finishes and long stops at a checkpoint
+        if not store.pause_first:
+            store.fail()
+        with paused(proc):
+            if store.pause_first:
+                store.fail()
+            assert runs_row(tmp_path, short.key)["status"] == "running"
+            wait_until_trained(tmp_path, short)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -257,6 +295,43 @@ def test_a_store_failing_while_slots_train_stops_them_cleanly(tmp_path, failure)
     finally:
         if isinstance(store, DyingServer):
             stop_server(store.server)
+
+
+@pytest.mark.slow
+def test_a_lock_met_by_training_metrics_alone_stops_the_run(tmp_path):
+    """A run in the middle of its training gives the parent nothing to record but metric
+    points: the lock must be met by those writes. Logged through MLflow's asynchronous
+    logger, each batch failed in MLflow's threads (an error line each) and nothing stopped
+    the run before its 20,000 steps were done."""
+    (tmp_path / "s.yaml").write_text(STUDY)
+    long = next(s for s in expand(load_study(tmp_path / "s.yaml")) if s.arm.label == "long")
+    store = LockHolder(tmp_path)
+    command = [sys.executable, "-m", "harness.cli", "run", "s.yaml", "--no-report", "--arm", "long", "--workers", "1"]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=harness_env({}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while (runs_row(tmp_path, long.key) or {}).get("status") != "running":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the run did not start:\n" + proc.stdout.read() + proc.stderr.read())
+            time.sleep(0.05)
+        store.fail()
+        # MLflow's own wait for the lock (20 s) and the 2 s bound, with room for a loaded machine
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        store.heal()
+    assert proc.returncode == 2, stdout + stderr
+    assert stderr.count("error:") == 1 and "Traceback" not in stdout + stderr, stderr
+    assert "Failed to log run data" not in stdout + stderr, stderr
+    out = " ".join((stdout + stderr).split())
+    assert store.expected() in out, out
+    assert "1 run(s) stopped at their checkpoints" in out and "0 finished run(s)" in out, out
+    assert runs_row(tmp_path, long.key)["status"] == "interrupted"
+    assert (tmp_path / "results" / "s" / "checkpoints" / long.train_key / "last.pt").exists()
 
 
 def test_a_server_that_stops_answering_is_one_store_failure_naming_it(monkeypatch):
