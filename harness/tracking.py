@@ -356,8 +356,9 @@ class RunTracker:
     def record_history(self) -> None:
         """Tag the run with the Parquet rows its metric history covers (reconcile.LOGGED_ROWS_TAG),
         after the points are stored: a run that never lost any is tagged at once; a resumed one
-        (its earlier attempt's asynchronous logger lost what it held when it was killed), one
-        whose batches MLflow failed to store, and one that replaced the key's earlier run (a
+        (its earlier attempt was killed with points not yet stored: events its parent had not
+        recorded, batches an asynchronous logger held), one whose batches MLflow's asynchronous
+        logger failed to store, and one that replaced the key's earlier run (a
         re-measure streams no training points) first get each point their history lacks.
         Tagged after FINISHED, so a kill in between leaves a run reconcile looks at again."""
         from .reconcile import LOGGED_ROWS_TAG, add_missing_points, parquet_rows
