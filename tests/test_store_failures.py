@@ -4,6 +4,7 @@ no traceback; the slots stop at their checkpoints, the finished run's Parquet ta
 the next `harness run` with a working store writes what MLflow lacks from them."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -263,6 +264,8 @@ def test_a_store_failing_while_slots_train_stops_them_cleanly(tmp_path, failure)
     assert proc.returncode == 2, stdout + stderr
     assert "Traceback" not in stdout + stderr, stdout + stderr
     assert stderr.count("error:") == 1, stderr
+    # nothing else at error level: MLflow's logging threads once logged each failed batch
+    assert not re.search(r"\bERROR\b", stderr), stderr
     assert store.expected() in out, out
     assert "while runs were training: 1 run(s) stopped at their checkpoints" in out, out
     # the finished run's tables are kept; the long one stopped at a checkpoint and resumes
@@ -326,7 +329,7 @@ def test_a_lock_met_by_training_metrics_alone_stops_the_run(tmp_path):
         store.heal()
     assert proc.returncode == 2, stdout + stderr
     assert stderr.count("error:") == 1 and "Traceback" not in stdout + stderr, stderr
-    assert "Failed to log run data" not in stdout + stderr, stderr
+    assert not re.search(r"\bERROR\b", stderr), stderr
     out = " ".join((stdout + stderr).split())
     assert store.expected() in out, out
     assert "1 run(s) stopped at their checkpoints" in out and "0 finished run(s)" in out, out
