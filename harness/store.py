@@ -534,12 +534,31 @@ def failure_cause(error: BaseException) -> str:
     "(sqlite3.OperationalError) attempt to write a readonly database"."""
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    database = _database_error(error)
+    if database is not None:
+        # the driver's own words: SQLAlchemy's text can open with its own remark instead
+        # ("(raised as a result of Query-invoked autoflush; ...)", the lock on a later line)
+        first_line = (str(database).strip().splitlines() or [""])[0]
+        return f"({type(database).__module__}.{type(database).__name__}) {first_line}"[:300]
     text = str(error)
     errno = ERRNO.search(text)
     if errno is not None:  # MLflow's HTTP errors wrap urllib3's, which wrap the system's
         return errno.group(0).strip()
     line = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     return line[:300]
+
+
+def _database_error(error: BaseException) -> BaseException | None:
+    """The database driver's exception behind ``error`` (MLflow wraps SQLAlchemy's, which
+    keeps the driver's as ``orig``), if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        orig = getattr(error, "orig", None)
+        if isinstance(orig, BaseException):
+            return orig
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def describe_failure(uri: str, error: BaseException, waited: float) -> str:

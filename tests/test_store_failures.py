@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from harness.plan import expand
 from harness.reconcile import LOGGED_ROWS_TAG, parquet_rows
@@ -156,7 +157,9 @@ def free_port() -> int:
 class LockHolder:
     """Another process in an exclusive transaction on the SQLite store. Taken while the parent
     runs (a parent paused inside a write would hold the lock itself); from then on the parent's
-    next MLflow call waits for the lock, so it records nothing more before the pause."""
+    next MLflow call waits for the lock, so it records nothing more before the pause. The
+    holder starts beforehand and locks on a line from the test: taking the lock is then a
+    matter of milliseconds, not of a Python start."""
 
     pause_first = False
 
@@ -164,20 +167,24 @@ class LockHolder:
         self.store = cwd / "mlflow.db"
         self.env: dict[str, str] = {}
         self.prefix: list[str] = []
-        self.holder = None
-
-    def fail(self):
+        # it connects only when told: a connection made now would create an empty mlflow.db
         self.holder = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                "import sqlite3, time\n"
+                "import sqlite3, sys, time\n"
+                "sys.stdin.readline()\n"
                 f"db = sqlite3.connect({str(self.store)!r}, isolation_level=None)\n"
                 "db.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(600)\n",
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+
+    def fail(self):
+        self.holder.stdin.write("lock\n")
+        self.holder.stdin.flush()
         assert self.holder.stdout.readline().strip() == "locked"
 
     def expected(self) -> str:
@@ -355,3 +362,34 @@ def test_a_server_that_stops_answering_is_one_store_failure_naming_it(monkeypatc
         client.get_experiment_by_name("s")
     assert later.value is first.value
     assert client.tracking_uri == uri  # attributes pass through
+
+
+def test_a_lock_met_in_the_middle_of_a_write_is_named_as_the_lock(tmp_path):
+    """Another process holding the write lock (readers still read): MLflow reads the run, then
+    SQLAlchemy's autoflush meets the lock, and its message opens with a remark about the
+    autoflush, the lock on a later line. The failure still names the lock and its holder."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plain = MlflowClient(tracking_uri=uri)
+    run_id = plain.create_run(plain.create_experiment("s")).info.run_id
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, time\n"
+            f"db = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        client = GuardedClient(MlflowClient(tracking_uri=uri), uri, wait=1.0)
+        with pytest.raises(StoreFailure) as failure:
+            client.log_batch(run_id, metrics=[Metric("loss", 0.5, 0, 1)])  # MLflow waits 20 s for the lock
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(failure.value)
+    assert message.startswith(f"the MLflow store {tmp_path / 'mlflow.db'} is locked by process {holder.pid} ("), message
+    assert "autoflush" in str(failure.value.__cause__)  # the case this is about
