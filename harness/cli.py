@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -372,14 +373,18 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     sampler check is recorded after them."""
     from .scheduler import LocalScheduler, slot_devices
 
-    done_in_mlflow = _check_tracking_store(study)
+    done_in_mlflow, lost_in_mlflow = _check_tracking_store(study)
     done_in_mlflow -= _repair(study, specs, results, measure=True)
     ledger = ledger_of(results, study)
     todo, skipped = ledger.todo(specs, rerun=rerun, retry_failed=retry_failed, chosen=chosen)
     todo = [s for s in todo if s.key not in ran_here]
+    remeasured: list[RunSpec] = []
     if not rerun:  # a key MLflow finished is restored from it below, never trained again
         todo = [s for s in todo if s.key not in done_in_mlflow]
-        todo += _outdated(study, ledger.outdated(specs, chosen), results, ran_here)
+        remeasured = _outdated(study, ledger.outdated(specs, chosen), results, ran_here)
+        todo += remeasured
+    lost = [s for s in todo if s.key in lost_in_mlflow]  # finished in MLflow, which cannot give them back
+    _say_lost_artifacts(lost, lost_in_mlflow)
     claims, todo, held = _claim(study, results, todo, rerun)  # held while this function runs
     waiting = [spec for spec, who in held if who.study and who.study != study.study]
     try:
@@ -396,7 +401,15 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
             slots = slot_devices(device, workers, runs=len(todo))
         except ValueError as error:
             fail_input(error)
-        scheduler = LocalScheduler(todo, results, slots, fresh_keys={s.key for s in todo} if rerun else set())
+        scheduler = LocalScheduler(
+            todo,
+            results,
+            slots,
+            fresh_keys={s.key for s in todo} if rerun else set(),
+            # a re-measured run gets a new MLflow run: logging into the old one gave each final
+            # metric twice at the same step
+            replaced_keys={s.key for s in remeasured + lost},
+        )
         scheduler.start()  # slots never touch MLflow: they start training while MLflow loads
         make_tracker, client, experiment_id = _open_tracking(study, results, scheduler)
         held_text = f", {len(held)} held by another process" if held else ""
@@ -407,11 +420,13 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
         )
         _reconcile(client, experiment_id, specs, results, claims, todo + adopted, scheduler)
         if adopted:
-            _adopt(adopted, reusable, results, client, experiment_id)
+            _adopt(adopted, reusable, results, client, experiment_id, scheduler)
         if any(why == RunState.FAILED for _, why in skipped):
             console.print("[yellow]failed runs are not retried without --retry-failed[/]")
         outcomes = _run_with_progress(scheduler, todo, make_tracker) if todo else []
         ran_here.update(s.key for s in todo)
+        if scheduler.store_failure is not None:
+            _stop_for_store(study, specs, results, scheduler.store_failure, outcomes)
         _stop_if_disk_full(study, outcomes)
         # after the runs: the parent must record the slots' first events at once (a run killed
         # early must already have its MLflow run to resume), and only the report needs this
@@ -507,6 +522,23 @@ def _copy_trainings(study: Study, todo: list[RunSpec], results: Path) -> None:
         )
 
 
+def _say_lost_artifacts(lost: list[RunSpec], folders: dict[str, Path]) -> None:
+    """Keys MLflow finished whose artifacts folder is gone and which results/ does not hold:
+    nothing can restore them, so they run again (measured from a checkpoint where one is on
+    disk), each into a new MLflow run; never "finished" without their tables."""
+    if not lost:
+        return
+    where = sorted({str(folders[s.key].parent.parent) for s in lost})
+    shown = ", ".join(s.name for s in lost[:8]) + (" ..." if len(lost) > 8 else "")
+    console.print(
+        f"[yellow]{len(lost)} run(s) MLflow finished have neither tables in results/ nor their MLflow artifacts "
+        f"(the store keeps them under {escape(', '.join(where))}, which does not exist: moved or deleted); "
+        f"run again, each into a new MLflow run:[/] {escape(shown)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _say_shared_trainings(todo: list[RunSpec]) -> None:
     """Runs of this study that differ only in how they are measured train once."""
     groups: dict[str, list[RunSpec]] = {}
@@ -522,14 +554,21 @@ def _say_shared_trainings(todo: list[RunSpec]) -> None:
         )
 
 
-def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client, experiment_id: str) -> None:
-    """Finished runs of other studies with the same run key, made this study's (harness.reuse)."""
+def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client, experiment_id: str, scheduler) -> None:
+    """Finished runs of other studies with the same run key, made this study's (harness.reuse).
+    An MLflow store that fails meanwhile stops the started slots and is one line, exit 2: an
+    adoption cut short leaves its key pending, adopted again next time."""
     from .reuse import adopt
+    from .store import StoreFailure
     from .tracking import git_commit
 
     commit = git_commit()
     for spec in specs:
-        adopt(client, experiment_id, spec, results, sources[spec.key], commit)
+        try:
+            adopt(client, experiment_id, spec, results, sources[spec.key], commit)
+        except StoreFailure as failure:
+            scheduler.abort()
+            fail_input(ValueError(f"{failure} while adopting runs of other studies; run again once it works"))
     shown = ", ".join(f"{spec.name} ({sources[spec.key]})" for spec in specs[:10]) + (" ..." if len(specs) > 10 else "")
     console.print(
         f"reused {len(specs)} finished run(s) from other studies instead of training them: {escape(shown)}",
@@ -614,10 +653,12 @@ def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) ->
     write_sampler_checks(results, study.study, sampler_check_table(specs))
 
 
-def _check_tracking_store(study: Study) -> set[str]:
+def _check_tracking_store(study: Study) -> tuple[set[str], dict[str, Path]]:
     """Before any training: a half-made SQLite store repaired or replaced (harness.store),
-    said in one message; then the run keys of the study the store has finished."""
-    from .store import check_store, finished_keys, probe_store, tracking_uri
+    said in one message, and pointed at the artifacts of a moved project folder; then the run
+    keys of the study the store has finished with its artifacts at hand, and those whose
+    artifact folder is gone (with the folder)."""
+    from .store import check_store, finished_keys, probe_store, tracking_uri, unreachable_artifacts
 
     uri = tracking_uri()
     try:
@@ -627,12 +668,14 @@ def _check_tracking_store(study: Study) -> set[str]:
         fail_input(error)
     if found.message:
         console.print(f"[yellow]{escape(found.message)}[/]")
+    _relocate_artifacts(uri)
     # the first contact through MLflow's client: its default is minutes of retries per request
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {name: os.environ.get(name) for name in quick}
     os.environ.update({name: value for name, value in quick.items() if saved[name] is None})
     try:
-        return finished_keys(uri, study.study)
+        lost = unreachable_artifacts(uri, study.study)
+        return finished_keys(uri, study.study) - set(lost), lost
     except Exception as error:  # noqa: BLE001 - an unknown scheme, a refused database URL
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         fail_input(ValueError(f"cannot use the MLflow tracking store {uri}: {type(error).__name__}: {first_line}"))
@@ -642,17 +685,29 @@ def _check_tracking_store(study: Study) -> set[str]:
                 os.environ.pop(name, None)
 
 
+def _relocate_artifacts(uri: str) -> None:
+    """A moved project folder: the store pointed at its artifacts where they are now, said."""
+    from .store import ARTIFACTS_FOLDER, relocate_artifacts
+
+    for message in relocate_artifacts(uri, Path.cwd() / ARTIFACTS_FOLDER):
+        console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # paths unbroken
+
+
 def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -> None:
     """MLflow and results/ mended from each other for the keys not run now (harness.reconcile).
     A write that fails stops the started slots (and exits 2); any other failure is said and
     the study goes on: the runs are recorded either way."""
     from .reconcile import reconcile
+    from .store import StoreFailure
 
     try:
         reconcile(client, experiment_id, specs, results, claims, {s.key for s in todo}, console.print)
     except OSError:
         scheduler.abort()
         raise
+    except StoreFailure as failure:  # the store the runs are to be recorded in: nothing would be
+        scheduler.abort()
+        fail_input(ValueError(f"{failure} while mending it from {results}; run again once it works"))
     except Exception as error:  # noqa: BLE001 - mending is a service, not a precondition
         console.print(
             f"[yellow]could not reconcile MLflow with {escape(str(results))}: {type(error).__name__}: "
@@ -678,13 +733,19 @@ def _stop_if_disk_full(study: Study, outcomes: list) -> None:
 
 def _open_tracking(study: Study, results: Path, scheduler):
     """(a RunTracker factory, the MLflow client, the study's experiment id); an unusable store
-    stops the started slots (their runs resume next time) and is bad input, exit 2."""
+    stops the started slots (their runs resume next time) and is bad input, exit 2. The client
+    waits out a lock or a server that does not answer for a bounded time, then fails in one
+    line (``store.GuardedClient``); the scheduler then stops the slots (``_stop_for_store``)."""
+    from .store import GuardedClient, StoreFailure
     from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
-        client = make_client()
+        client = GuardedClient(make_client(), tracking_uri())
         experiment_id = ensure_experiment(client, study.study, study.question)
         commit = git_commit()
+    except StoreFailure as failure:
+        scheduler.abort()
+        fail_input(ValueError(str(failure)))
     except Exception as error:  # a wrong MLFLOW_TRACKING_URI is bad input, not a crash
         scheduler.abort()
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
@@ -694,7 +755,25 @@ def _open_tracking(study: Study, results: Path, scheduler):
     except BaseException:
         scheduler.abort()
         raise
-    return (lambda spec: RunTracker(client, experiment_id, spec, results, commit)), client, experiment_id
+    # synchronous: the parent trains nothing, and a failing store is met at the call (RunTracker)
+    track = partial(RunTracker, client, experiment_id, results=results, commit=commit, synchronous=True)
+    return track, client, experiment_id
+
+
+def _stop_for_store(study: Study, specs: list[RunSpec], results: Path, failure: Exception, outcomes: list) -> None:
+    """The MLflow store failed for good while runs trained: the slots stopped at their
+    checkpoints, every run's end is in results/ (Parquet), and the next `harness run` writes
+    into MLflow what it lacks (harness.reconcile). The runs' states, then one line, exit 2."""
+    _print_summary(specs, ledger_of(results, study))
+    finished = sum(o.state is RunState.FINISHED for o in outcomes)
+    stopped = sum(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes)
+    fail_input(
+        ValueError(
+            f"{failure}, while runs were training: {stopped} run(s) stopped at their checkpoints and resume "
+            f"at the next `harness run`; {finished} finished run(s) are kept in {results / study.study} and "
+            "written to MLflow from there once the store works"
+        )
+    )
 
 
 def _warn_few_seeds(n: int) -> None:
@@ -932,6 +1011,10 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
                         progress.console.print(
                             f"[yellow]note[/] {escape(spec.name)} ({spec.key}): {escape(outcome.reason)}"
                         )
+            elif kind == "store_failed":
+                from .progress import STORE_FAILED
+
+                progress.console.print(f"[yellow]{escape(STORE_FAILED.format(payload[0]))}[/]")
 
         scheduler.on_event = on_event
         return _run_until_done(scheduler, make_tracker, progress.console)
@@ -1069,6 +1152,9 @@ def report(
             )
         except DistributedError as error:
             fail_input(error)
+    from .store import tracking_uri
+
+    _relocate_artifacts(tracking_uri())
     _repair(study, specs, results, measure=False)
     _build_report(study.study, results, reports)
 

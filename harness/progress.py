@@ -9,6 +9,9 @@ from typing import Callable
 
 from .plan import RunSpec
 
+# said when the MLflow store fails for good while runs train (harness.scheduler)
+STORE_FAILED = "{}: checkpointing the running runs and stopping; their records go on into results/"
+
 
 class PlainProgress:
     def __init__(
@@ -37,6 +40,8 @@ class PlainProgress:
             seconds = self.clock() - self.run_started.pop(spec.key, self.clock())
             note = f": {outcome.reason}" if outcome.reason else ""  # a finished run's reason: what else happened
             self.emit(f"{outcome.state} {spec.name} ({spec.key}) in {seconds:.0f} s{note} [{self.done}/{self.total}]")
+        elif kind == "store_failed":
+            self.emit(STORE_FAILED.format(payload[0]))
         if self.clock() - self.last_line >= self.interval:
             self.emit(self.status_line())
 

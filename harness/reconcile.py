@@ -40,6 +40,7 @@ from .claims import KeyClaims
 from .ledger import PRECEDENCE, Ledger, from_mlflow
 from .lifecycle import RunState
 from .plan import RunSpec
+from .store import local_folder
 from .tables import ARTIFACT_FOLDERS, write_table
 from .tracking import CURVE_METRICS, METRIC_BATCH, RunTracker, curve_metrics, dataset_input
 
@@ -236,10 +237,14 @@ def rebuild_in_mlflow(
 
 def needs_mending(run, rows: str | None = None) -> bool:
     """Whether a finished key's MLflow run must be created or completed from results/: it is
-    missing, not FINISHED, without its summary, or (given the Parquet ``rows``) its history
+    missing, not FINISHED, without its summary, its artifacts folder is gone (a project folder
+    moved without them, a deleted mlartifacts/), or (given the Parquet ``rows``) its history
     was never seen to cover them (a resume after a kill loses the points its async logger
     held; runs of older code have no tag and are looked at once)."""
     if run is None or run.info.status != "FINISHED" or SUMMARY_SENTINEL not in run.data.metrics:
+        return True
+    folder = local_folder(run.info.artifact_uri or "")
+    if folder is not None and not folder.exists():
         return True
     return rows is not None and run.data.tags.get(LOGGED_ROWS_TAG) != rows
 
@@ -292,11 +297,12 @@ def reconcile(
                 if missing:
                     mended.missing[spec.key] = missing
             else:
+                broken = needs_mending(run)  # before: mending brings back its artifacts folder
                 run_id, added = rebuild_in_mlflow(client, experiment_id, spec, results, run, commit)
                 mended.points += added
                 if run is None:
                     mended.rebuilt.append(spec)
-                elif added or needs_mending(run):  # a run only looked at and found whole is not news
+                elif added or broken:  # a run only looked at and found whole is not news
                     mended.completed.append(spec)
                 row = ledger.row(spec.key)
                 if row.get("mlflow_run_id") != run_id:  # the finished row names the run it has now
@@ -328,5 +334,5 @@ def _say(mended: Mended, study: str, results: Path, log: Callable[[str], None]) 
     if mended.completed:
         log(
             f"completed {len(mended.completed)} MLflow run(s) of {study} from {where} "
-            f"({mended.points} metric points added in all): they were not marked finished or lacked metric points"
+            f"({mended.points} metric points added in all): they were not marked finished, or lacked metric points or artifacts"
         )

@@ -73,6 +73,7 @@ def restore_tables(client, run, results: Path, study: str, key: str, folders: li
     and only if the copy itself reads; returns the folders restored."""
     if run is None:
         return []
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per table drowns the messages
     present = {a.path for a in client.list_artifacts(run.info.run_id)}
     restored = []
     for name in folders:
@@ -147,14 +148,15 @@ def repair_study(
         if not lost:
             continue
         what = f"{', '.join(lost)} of {spec.name} {'is' if len(lost) == 1 else 'are'} {_how(results, study, spec.key, lost)}"
+        what += f" and {_no_copy(run)}"
         if not measure:
             log(
-                f"[yellow]{what} and MLflow has no copy: the report shows the run without "
+                f"[yellow]{what}: the report shows the run without "
                 f"{'it' if len(lost) == 1 else 'them'} (`harness run` measures it again)[/]"
             )
             continue
         then = "measured again from its checkpoint" if measurable(results, spec) else "trained again (no checkpoint)"
-        log(f"[yellow]{what} and MLflow has no copy: {then}[/]")
+        log(f"[yellow]{what}: {then}[/]")
         import pandas as pd
 
         from .tables import write_table
@@ -172,6 +174,18 @@ def repair_study(
         )
         again.add(spec.key)
     return again
+
+
+def _no_copy(run) -> str:
+    """Why MLflow gives no copy back: its run's artifacts folder is gone (a project folder
+    moved without them: harness.store.relocate_artifacts points the store at them where they
+    are), or the run lacks the table."""
+    from .store import local_folder
+
+    folder = local_folder(run.info.artifact_uri or "") if run is not None else None
+    if folder is not None and not folder.exists():
+        return f"MLflow's copy is not in {folder}, where its store keeps it (moved or deleted)"
+    return "MLflow has no copy"
 
 
 def _how(results: Path, study: str, key: str, folders: list[str]) -> str:

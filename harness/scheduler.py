@@ -3,7 +3,8 @@
 Each slot owns one device (a CUDA GPU, or a share of the CPU threads) and runs the engine;
 the parent process is the single writer to MLflow and Parquet, fed by an event queue. A
 slot that dies takes only its current run down (recorded as failed); Ctrl-C asks every slot
-to checkpoint and stop.
+to checkpoint and stop, and so does an MLflow store that fails for good (the runs' Parquet
+records go on, ``store_failure`` says why).
 """
 
 from __future__ import annotations
@@ -164,11 +165,14 @@ class LocalScheduler:
         slots: list[tuple[str, int]],
         fresh_keys: set[str] = frozenset(),
         on_event: Callable[[str, RunSpec, tuple], None] | None = None,
+        replaced_keys: set[str] = frozenset(),
     ):
         self.specs = sorted(specs, key=estimated_cost, reverse=True)
         self.by_key = {s.key: s for s in specs}
         self.results, self.slots = Path(results), slots
-        self.fresh_keys = set(fresh_keys)
+        self.fresh_keys = set(fresh_keys)  # run from scratch: checkpoints removed, a new MLflow run
+        self.replaced_keys = set(replaced_keys)  # a new MLflow run, checkpoints kept (a re-measure)
+        self.store_failure: Exception | None = None  # the MLflow store failed for good: slots stopped
         self.on_event = on_event or (lambda kind, spec, payload: None)
         self.ctx = mp.get_context("spawn")
         self.stop = self.ctx.Event()
@@ -284,6 +288,7 @@ class LocalScheduler:
             except OSError as error:  # results/ cannot be written (full, read-only): nothing more can be recorded
                 self._abandon(current, trackers, error)
                 raise
+            self._watch_store(self.by_key[event[1]], trackers[event[1]])
         if self.stop_at_once:
             self._end_at_once(current, trackers)
         for proc in self.procs.values():
@@ -316,6 +321,16 @@ class LocalScheduler:
                 self.on_event("ended", self.by_key[key], (self.outcomes[key].outcome,))
         current.clear()
 
+    def _watch_store(self, spec: RunSpec, tracker: RunTracker) -> None:
+        """After an event: an MLflow store that failed for good (``RunTracker.store_failure``,
+        shared by the trackers) stops the slots at their checkpoints, as a Ctrl-C does. The runs
+        go on being recorded in Parquet until they end; MLflow gets them at the next `harness run`."""
+        failure = tracker.store_failure
+        if failure is not None and self.store_failure is None:
+            self.store_failure = failure
+            self.request_stop()
+            self.on_event("store_failed", spec, (failure,))
+
     def _abandon(self, current: dict[int, str], trackers: dict[str, RunTracker], error: OSError) -> None:
         """Stop the slots at once after the parent failed to write; each running run is marked
         failed with the reason where it still can be (MLflow may live on another disk)."""
@@ -335,7 +350,7 @@ class LocalScheduler:
         spec, tracker = self.by_key[key], trackers[key]
         if kind == "started":
             current[event[2]] = key
-            tracker.start(fresh=key in self.fresh_keys)
+            tracker.start(fresh=key in self.fresh_keys or key in self.replaced_keys)
         elif kind == "not_started":
             self.outcomes[key] = RunOutcome(spec)
         elif kind == "scalars":
@@ -354,6 +369,7 @@ class LocalScheduler:
     def _end(self, spec: RunSpec, tracker: RunTracker, outcome: Outcome) -> None:
         tracker.end(outcome)
         self.outcomes[spec.key] = RunOutcome(spec, outcome)
+        self._watch_store(spec, tracker)
         if self.tasks is not None:
             self._release(spec, outcome.state)
         if outcome.state is RunState.FAILED and DISK_FULL in outcome.reason:

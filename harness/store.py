@@ -1,6 +1,7 @@
-"""The MLflow store as `harness run` finds it, looked at before any training starts.
+"""The MLflow store as `harness run` finds it, looked at before any training starts, and
+the parent's calls to it while the slots train.
 
-Two questions are answered here without importing MLflow (3 s, which the slots' start must
+These questions are answered here without importing MLflow (3 s, which the slots' start must
 not wait for), by reading the default store, a SQLite file, directly:
 
 * Is the store whole? MLflow builds its schema through alembic migrations, one statement at
@@ -12,9 +13,16 @@ not wait for), by reading the default store, a SQLite file, directly:
   ``mlflow.db.broken-<time>`` for a new store; `harness run` then rebuilds the study's
   finished runs in it from results/ (harness.reconcile).
 * Which run keys has MLflow finished? A key finished there is never trained again, even
-  when results/ lost its record of it (``finished_keys``).
+  when results/ lost its record of it (``finished_keys``), unless MLflow cannot give its
+  tables back: its artifacts folder is gone (``unreachable_artifacts``).
+* Was the project folder moved? The store records absolute artifact folders; those of a
+  moved folder are pointed at where they are now (``relocate_artifacts``).
+* Can it be written? (``probe_store``: a server that answers, a writable file, no lock held
+  for long.)
 
-Any other tracking URI (a server) is asked through MLflow's client.
+Any other tracking URI (a server) is asked through MLflow's client. While the slots train,
+the parent's MLflow calls go through ``GuardedClient``: a lock or a server that does not
+answer is waited out for a bounded time, then the failure is one line (``StoreFailure``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import sqlite3
@@ -29,7 +38,7 @@ import tempfile
 import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 # Tables every MLflow tracking store has had since MLflow 1.0: a store without one is half made.
@@ -297,8 +306,108 @@ def finished_keys(uri: str, study: str) -> set[str]:
             return keys
 
 
+ARTIFACTS_FOLDER = "mlartifacts"  # beside the default store: tracking.artifact_location
+
+
+def local_folder(location: str) -> Path | None:
+    """The folder of a local artifact location (a file:// URI or a plain path), else None."""
+    if location.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    return Path(location) if location.startswith("/") else None
+
+
+def relocate_artifacts(uri: str, here: Path) -> list[str]:
+    """Point the SQLite store at the artifacts of a moved project folder.
+
+    MLflow records absolute artifact locations: each experiment's folder and, per run, the
+    folder under it. Once the project folder is moved, the store still names the old place:
+    MLflow finds no copy of any table there (which read as "MLflow has no copy"), and every new
+    run's artifacts would be written to the old path, making it again outside the project. An
+    experiment laid out as the harness makes it (``<old>/mlartifacts/<study>``, see
+    tracking.artifact_location) whose folder no longer exists is pointed, with its runs, at
+    ``here/<study>`` (``here`` the project's mlartifacts). Returns one message per experiment
+    moved, saying from where to where and how many runs' artifacts are there."""
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return []
+    messages = []
+    try:
+        with closing(sqlite3.connect(path, timeout=store_wait())) as db:
+            experiments = db.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
+            for experiment_id, name, location in experiments:
+                old = local_folder(location or "")
+                new = Path(here) / name
+                if old is None or old.name != name or old.parent.name != ARTIFACTS_FOLDER or old == new:
+                    continue
+                if old.exists():
+                    continue
+                new_location = new.as_uri() if location.startswith("file:") else str(new)
+                runs = db.execute(
+                    "SELECT run_uuid FROM runs WHERE experiment_id = ? AND substr(artifact_uri, 1, length(?)) = ?",
+                    (experiment_id, location, location),
+                ).fetchall()
+                with db:  # one transaction: the experiment and its runs move together
+                    db.execute(
+                        "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                        (new_location, experiment_id),
+                    )
+                    db.execute(
+                        "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, length(?) + 1) "
+                        "WHERE experiment_id = ? AND substr(artifact_uri, 1, length(?)) = ?",
+                        (new_location, location, experiment_id, location, location),
+                    )
+                found = sum((new / run_id).is_dir() for (run_id,) in runs)
+                text = (
+                    f"the MLflow store {path} kept the artifacts of study {name} under {old}, which no longer "
+                    f"exists (the project folder was moved): it now points at {new}, where {found} of its "
+                    f"{len(runs)} run(s) have theirs"
+                )
+                if found < len(runs):
+                    text += f"; the artifacts of the other {len(runs) - found} are in neither place"
+                messages.append(text)
+    except sqlite3.Error:  # a store MLflow will say more about (check_store has looked at it)
+        return messages
+    return messages
+
+
+def unreachable_artifacts(uri: str, study: str) -> dict[str, Path]:
+    """Run keys of ``study`` whose FINISHED MLflow run keeps its artifacts in a local folder
+    that does not exist (moved or deleted), each with that folder: MLflow cannot give their
+    tables back. Only a SQLite store is looked at (a server keeps its own artifacts)."""
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return {}
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT tags.value, runs.artifact_uri FROM runs "
+                "JOIN experiments ON experiments.experiment_id = runs.experiment_id "
+                "JOIN tags ON tags.run_uuid = runs.run_uuid AND tags.key = 'run_key' "
+                "WHERE experiments.name = ? AND runs.status = 'FINISHED' AND runs.lifecycle_stage = 'active'",
+                (study,),
+            ).fetchall()
+    except sqlite3.Error:
+        return {}
+    out: dict[str, Path] = {}
+    reachable: set[str] = set()
+    for key, location in rows:
+        folder = local_folder(location or "")
+        if folder is not None and not folder.exists():
+            out.setdefault(key, folder)
+        else:
+            reachable.add(key)
+    return {key: folder for key, folder in out.items() if key not in reachable}
+
+
 LOCK_WAIT_SECONDS = 30.0  # another process's write (MLflow's own, `mlflow ui`) ends within seconds
 SERVER_TIMEOUT_SECONDS = 5.0
+
+
+def store_wait() -> float:
+    """Seconds a lock or a server that does not answer is waited out (``DDPM_ABLATE_STORE_WAIT``)."""
+    return float(os.environ.get("DDPM_ABLATE_STORE_WAIT", LOCK_WAIT_SECONDS))
 
 
 def probe_store(uri: str) -> None:
@@ -333,7 +442,7 @@ def probe_store(uri: str) -> None:
         raise ValueError(
             f"the MLflow store {path} is read-only: make it writable, or set MLFLOW_TRACKING_URI to another store"
         )
-    wait = float(os.environ.get("DDPM_ABLATE_STORE_WAIT", LOCK_WAIT_SECONDS))
+    wait = store_wait()
     try:
         with closing(sqlite3.connect(path, timeout=wait)) as db:
             db.execute("BEGIN IMMEDIATE")  # waits up to ``wait`` for another writer to finish
@@ -390,5 +499,129 @@ def holders(path: Path) -> str:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             command = ""
+        command = " ".join(command.split())  # a `python -c` program spans lines: the message is one
         found.append(f"process {pid} ({command[:80]})" if command else f"process {pid}")
     return ", ".join(found)
+
+
+# ------------------------------------------------------------------ MLflow calls while slots train
+
+# What a store says while it is busy or out of reach, rather than refusing the request: SQLite's
+# lock (MLflow waits 20 s for it per call, then raises "database is locked"), a server that is
+# down, restarting or overloaded.
+TRANSIENT = re.compile(
+    r"database (?:table )?is locked|busy|connection|timed? ?out|max retries|temporarily unavailable|"
+    r"\b(?:429|502|503|504)\b",
+    re.I,
+)
+ERRNO = re.compile(r"\[Errno -?\d+\] [^'\"()\[\]]+")
+# MLflow logs a failed call with its traceback before it raises (a second copy of what
+# GuardedClient says in one line)
+MLFLOW_ERROR_LOGGERS = ("mlflow.store.db.utils",)
+
+
+class StoreFailure(Exception):
+    """An MLflow call the store failed for good: refused it, or was still locked or did not
+    answer after ``store_wait()`` seconds. The message is one line naming the store and why."""
+
+
+def transient(error: BaseException) -> bool:
+    return TRANSIENT.search(str(error)) is not None
+
+
+def failure_cause(error: BaseException) -> str:
+    """The system's or the store's own reason, one line: "[Errno 111] Connection refused",
+    "(sqlite3.OperationalError) attempt to write a readonly database"."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    database = _database_error(error)
+    if database is not None:
+        # the driver's own words: SQLAlchemy's text can open with its own remark instead
+        # ("(raised as a result of Query-invoked autoflush; ...)", the lock on a later line)
+        first_line = (str(database).strip().splitlines() or [""])[0]
+        return f"({type(database).__module__}.{type(database).__name__}) {first_line}"[:300]
+    text = str(error)
+    errno = ERRNO.search(text)
+    if errno is not None:  # MLflow's HTTP errors wrap urllib3's, which wrap the system's
+        return errno.group(0).strip()
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return line[:300]
+
+
+def _database_error(error: BaseException) -> BaseException | None:
+    """The database driver's exception behind ``error`` (MLflow wraps SQLAlchemy's, which
+    keeps the driver's as ``orig``), if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        orig = getattr(error, "orig", None)
+        if isinstance(orig, BaseException):
+            return orig
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_failure(uri: str, error: BaseException, waited: float) -> str:
+    cause = failure_cause(error)
+    path = sqlite_path(uri)
+    if path is not None and re.search(r"locked|busy", cause, re.I):
+        return f"the MLflow store {path} is locked by {holders(path) or 'another process'} (waited {waited:.0f} s)"
+    if uri.startswith(("http://", "https://")) and transient(error):
+        return f"the MLflow tracking server {uri} stopped answering ({cause}; waited {waited:.0f} s)"
+    return f"the MLflow store {path or uri} failed: {cause}"
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def quiet_mlflow_errors() -> None:
+    """Leave MLflow's own error logs (tracebacks) out: the caller says each failure in one line."""
+    for name in MLFLOW_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropErrors) for f in logger.filters):
+            logger.addFilter(_DropErrors())
+
+
+class GuardedClient:
+    """The MlflowClient of the process that records runs while slots train (the single writer,
+    harness.scheduler). A call the store cannot take now, because another process holds its
+    lock or the server does not answer, is tried again for up to ``store_wait()`` seconds; a
+    call it refuses or still cannot take raises StoreFailure, one line naming the store and the
+    cause (and a lock's holder). From then on every call raises that failure at once
+    (``failure``): the store is not waited for again per event, results/ keeps the records and
+    the next `harness run` writes them into MLflow (harness.reconcile).
+
+    MLflow's HTTP client would retry a request for about four minutes by itself
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7, doubling waits): here it tries once, unless the
+    environment says otherwise, so that the wait above is the bound. Only calls made through
+    it are guarded: its trackers log metrics synchronously (tracking.RunTracker), since a batch
+    handed to MLflow's asynchronous logger fails in a thread of MLflow's, past any bound."""
+
+    def __init__(self, client, uri: str, wait: float | None = None):
+        self._client, self.uri = client, uri
+        self.wait = store_wait() if wait is None else wait
+        self.failure: StoreFailure | None = None
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(10.0, self.wait))))
+        quiet_mlflow_errors()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        return partial(self.call, attribute) if callable(attribute) else attribute
+
+    def call(self, method, *args, **kwargs):
+        if self.failure is not None:
+            raise self.failure
+        started = time.monotonic()
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - whatever the store raised becomes one line
+                waited = time.monotonic() - started
+                if transient(error) and waited < self.wait:
+                    time.sleep(min(1.0, self.wait - waited))
+                    continue
+                self.failure = StoreFailure(describe_failure(self.uri, error, waited))
+                raise self.failure from error

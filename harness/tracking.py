@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from .lifecycle import Outcome, RunState
 from .plan import RunSpec, flat_config
-from .store import prepare_store, tracking_uri
+from .store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
 from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -44,7 +45,7 @@ def artifact_location(study: str) -> str | None:
     ./mlruns folder makes a plain `mlflow ui` pick the (refused) file store instead of
     mlflow.db. A tracking server chooses its own artifact root."""
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("sqlite:"):
-        return (Path.cwd() / "mlartifacts" / study).as_uri()
+        return (Path.cwd() / ARTIFACTS_FOLDER / study).as_uri()
     return None
 
 
@@ -162,37 +163,68 @@ def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
 
 
 class RunTracker:
-    """The Recorder of one run: MLflow metrics (batched, asynchronous) and Parquet tables."""
+    """The Recorder of one run: MLflow metrics and Parquet tables.
 
-    def __init__(self, client: MlflowClient, experiment_id: str, spec: RunSpec, results: Path, commit: str = ""):
+    Metrics go through MLflow's asynchronous logger where the tracker is called from the
+    training loop itself (a distributed worker): a write never holds up a step. With
+    ``synchronous`` (the local parent, which trains nothing) each batch is written before the
+    call returns: a store that fails is then seen at the call that met it, within the bound
+    of a ``store.GuardedClient``, rather than in MLflow's logging threads, which log each
+    failed batch with a traceback, report it only to whoever waits for it and, at exit, wait
+    out the lock once more for every batch still queued.
+
+    With a ``store.GuardedClient`` (the local parent's), a store that fails for good is not a
+    crash: the MLflow half of each call is skipped from then on, the Parquet half (tables, the
+    `runs` row) goes on, and ``store_failure`` says why; the scheduler stops the slots at their
+    checkpoints and the next `harness run` writes the records into MLflow (harness.reconcile)."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        spec: RunSpec,
+        results: Path,
+        commit: str = "",
+        synchronous: bool = False,
+    ):
         self.client, self.experiment_id, self.spec = client, experiment_id, spec
         self.results = Path(results)
         self.commit = commit or git_commit()
+        self.synchronous = synchronous
         self.run_id: str | None = None
         self.started = time.time()
         self.paths: list[Path] = []
         self.pending: list = []
         self.resumed = False  # the key's MLflow run was reopened: an earlier attempt logged into it
+        self.superseded = False  # earlier MLflow runs of the key were replaced by this one
+        self.lost_points = False  # a batch of metrics MLflow failed to store asynchronously
+
+    @property
+    def store_failure(self) -> StoreFailure | None:
+        """Why the MLflow store stopped taking this run's records, if it did."""
+        return getattr(self.client, "failure", None)
 
     @property
     def study(self) -> str:
         return self.spec.study
 
-    def start(self, fresh: bool = False) -> str:
+    def start(self, fresh: bool = False) -> str | None:
         """Create the key's MLflow run, or reopen the one a previous attempt left behind, and
-        record the key as running. With ``fresh`` (a --rerun), earlier runs of the key are
-        deleted: one run per key."""
+        record the key as running. With ``fresh`` (a --rerun, a re-measure) a new run replaces
+        the key's earlier ones: one run per key."""
         self.started = time.time()
-        self.open_mlflow_run(fresh)
+        with suppress(StoreFailure):
+            self.open_mlflow_run(fresh)
         self.write_runs_row(RunState.RUNNING)
         return self.run_id
 
     def open_mlflow_run(self, fresh: bool = False) -> str:
-        """The MLflow half of ``start``: the key's run created (tags, params) or reopened."""
+        """The MLflow half of ``start``: the key's run created (tags, params) or reopened; with
+        ``fresh`` a new one, and the earlier ones superseded (``supersede``)."""
         existing = find_mlflow_run(self.client, self.experiment_id, self.spec.key)
+        earlier = []
         if existing is not None and fresh:
-            for run in self.client.search_runs([self.experiment_id], f"tags.run_key = '{self.spec.key}'"):
-                self.client.delete_run(run.info.run_id)
+            earlier = self.client.search_runs([self.experiment_id], f"tags.run_key = '{self.spec.key}'")
             existing = None
         if existing is not None:
             self.run_id = existing.info.run_id
@@ -221,23 +253,44 @@ class RunTracker:
             params = [Param(k, str(v)) for k, v in flat_config(spec.config.to_dict()).items()]
             for i in range(0, len(params), PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+        self.supersede(earlier)
         return self.run_id
+
+    def supersede(self, earlier: list) -> None:
+        """Delete the key's earlier MLflow runs, each tagged ``superseded_by`` this run first
+        (a deleted run stays in the store until `mlflow gc`; `MlflowClient.restore_run` brings
+        it back). A re-measured run's new run then holds one point per step, where logging
+        into the old one gave the final metrics twice; its history is completed from the
+        tables when it ends (the training's points were not streamed again)."""
+        for run in earlier:
+            self.client.set_tag(run.info.run_id, "superseded_by", self.run_id)
+            self.client.delete_run(run.info.run_id)
+        self.superseded = bool(earlier)
 
     # -- Recorder protocol
     def scalars(self, step: int, values: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
-        if metrics:
-            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        if metrics and self.run_id is not None:
+            with suppress(StoreFailure):
+                self.log_metrics(metrics)
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.paths.append(write_table(self.results, self.study, name, self.spec.key, frame))
-        if name == "dataset":
-            self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
-        metrics = curve_metrics(name, frame, int(time.time() * 1000))
-        for i in range(0, len(metrics), METRIC_BATCH):
-            batch = metrics[i : i + METRIC_BATCH]
-            self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        if self.run_id is None:
+            return
+        with suppress(StoreFailure):
+            if name == "dataset":
+                self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
+            metrics = curve_metrics(name, frame, int(time.time() * 1000))
+            for i in range(0, len(metrics), METRIC_BATCH):
+                self.log_metrics(metrics[i : i + METRIC_BATCH])
+
+    def log_metrics(self, metrics: list[Metric]) -> None:
+        if self.synchronous:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        else:
+            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
 
     def image(self, name: str, pixels: np.ndarray) -> None:
         folder = self.results / self.study / name
@@ -246,14 +299,22 @@ class RunTracker:
         picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
         picture.save(path)
         self.paths.append(path)
-        self.client.log_image(self.run_id, picture, key=name, step=0)  # MLflow's image view, per run
+        if self.run_id is not None:
+            with suppress(StoreFailure):
+                self.client.log_image(self.run_id, picture, key=name, step=0)  # MLflow's image view, per run
 
     # -- lifecycle
     def flush(self) -> None:
-        """Wait until every metric sent so far is stored (raises if MLflow failed to)."""
+        """Wait until every metric sent so far is stored. A batch MLflow failed to store (its
+        asynchronous logger met a lock longer than its own 20 s wait, say) marks the run's
+        history for completion from the tables when it ends (``record_history``)."""
         for operation in self.pending:
-            if operation is not None:
+            if operation is None:
+                continue
+            try:
                 operation.wait()
+            except Exception:  # noqa: BLE001 - whatever the store raised: the points are logged again
+                self.lost_points = True
         self.pending.clear()
 
     def _terminate(self, status: str) -> None:
@@ -274,41 +335,50 @@ class RunTracker:
     def finish(self, summary: dict[str, float], note: str = "") -> None:
         """Log the config and tables as artifacts and mark the key finished; ``note`` (what else
         happened to the run, e.g. a checkpoint set aside) goes into its tag and `runs` row."""
-        if note:
-            self.client.set_tag(self.run_id, "note", note[:5000])
         from ddpm_engine.metrics import MEASURE_VERSION
 
-        # MLflow's copy of the version, for a `runs` row rebuilt from the MLflow run
-        self.client.set_tag(self.run_id, "measure_version", str(MEASURE_VERSION))
         config_path = self.results / self.study / "configs" / f"{self.spec.key}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(self.spec.config.to_dict(), sort_keys=False))
-        self.client.log_artifact(self.run_id, str(config_path), artifact_path="config")
-        for path in self.paths:
-            self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
-        self._terminate("FINISHED")
-        self.record_history()
+        if self.run_id is not None:
+            with suppress(StoreFailure):
+                if note:
+                    self.client.set_tag(self.run_id, "note", note[:5000])
+                # MLflow's copy of the version, for a `runs` row rebuilt from the MLflow run
+                self.client.set_tag(self.run_id, "measure_version", str(MEASURE_VERSION))
+                self.client.log_artifact(self.run_id, str(config_path), artifact_path="config")
+                for path in self.paths:
+                    self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name)
+                self._terminate("FINISHED")
+                self.record_history()
         self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"), note=note)
 
     def record_history(self) -> None:
         """Tag the run with the Parquet rows its metric history covers (reconcile.LOGGED_ROWS_TAG),
         after the points are stored: a run that never lost any is tagged at once; a resumed one
-        first gets the points its earlier attempt's asynchronous logger lost when it was killed.
+        (its earlier attempt was killed with points not yet stored: events its parent had not
+        recorded, batches an asynchronous logger held), one whose batches MLflow's asynchronous
+        logger failed to store, and one that replaced the key's earlier run (a
+        re-measure streams no training points) first get each point their history lacks.
         Tagged after FINISHED, so a kill in between leaves a run reconcile looks at again."""
         from .reconcile import LOGGED_ROWS_TAG, add_missing_points, parquet_rows
 
-        if self.resumed:
+        if self.resumed or self.superseded or self.lost_points:
             add_missing_points(self.client, self.run_id, self.results, self.spec)
         else:
             self.client.set_tag(self.run_id, LOGGED_ROWS_TAG, parquet_rows(self.results, self.spec))
 
     def fail(self, reason: str) -> None:
-        self.client.set_tag(self.run_id, "error", reason[:5000])
-        self._terminate("FAILED")
+        if self.run_id is not None:
+            with suppress(StoreFailure):
+                self.client.set_tag(self.run_id, "error", reason[:5000])
+                self._terminate("FAILED")
         self.write_runs_row(RunState.FAILED, error=reason)
 
     def interrupted(self, reason: str) -> None:
-        self._terminate("KILLED")
+        if self.run_id is not None:
+            with suppress(StoreFailure):
+                self._terminate("KILLED")
         self.write_runs_row(RunState.INTERRUPTED, error=reason)
 
     def write_runs_row(

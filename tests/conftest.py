@@ -7,14 +7,21 @@ a test pass that would fail on a fresh CI machine."""
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
 _CACHE: str | None = None
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
     global _CACHE
+    # `harness` processes the tests spawn run in a temp folder: a relative PYTHONPATH (".")
+    # means that folder there, and the package then comes from wherever the environment's
+    # editable install points (another checkout), not from the code under test
+    paths = [CHECKOUT, *(Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(map(str, paths)))
     _CACHE = tempfile.mkdtemp(prefix="ddpm-engine-cache-")
     os.environ["DDPM_ENGINE_CACHE"] = _CACHE
 

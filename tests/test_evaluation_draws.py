@@ -16,7 +16,9 @@ from test_harness_run import harness
 
 from ddpm_engine.config import ExperimentConfig, replicate_seed
 from ddpm_engine.metrics import MEASURE_VERSION
-from harness.plan import run_key, train_key
+from harness.plan import expand, run_key, train_key
+from harness.reconcile import logged_points
+from harness.spec import load_study
 
 
 def test_replicate_draws_are_shared_by_arms_and_differ_across_replicates():
@@ -109,6 +111,15 @@ seeds: [0]
 """
 
 
+def mlflow_runs_of(cwd, key):
+    """(a client, the live MLflow runs of ``key`` in the samplers study)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("samplers")
+    return client, client.search_runs([experiment.experiment_id], f"tags.run_key = '{key}'")
+
+
 def _tables(results, name):
     return ds.dataset(str(results / name), format="parquet").to_table().to_pandas()
 
@@ -146,6 +157,7 @@ def test_a_run_measured_under_an_older_version_is_measured_again_not_retrained(s
     row["measure_version"] = 1  # as older code recorded it
     row.to_parquet(target)
     train_before = pd.read_parquet(results / "train" / f"{key}.parquet")
+    _, (old_run,) = mlflow_runs_of(cwd, key)
     again = harness(["run", "samplers.yaml", "--no-report"], cwd)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "re-measuring 1 finished run(s)" in again.stdout
@@ -155,6 +167,27 @@ def test_a_run_measured_under_an_older_version_is_measured_again_not_retrained(s
     pd.testing.assert_frame_equal(pd.read_parquet(results / "train" / f"{key}.parquet"), train_before)
     config = json.loads(pd.read_parquet(target)["config_json"].iloc[0])
     assert config["train"]["steps"] == 12
+    # MLflow as Parquet: one live run of the key, one point per step of every metric (the
+    # final metrics were logged a second time at their steps into the old run), the training
+    # curve of the train table, the re-measured summary; the old run deleted, naming its successor
+    client, (run,) = mlflow_runs_of(cwd, key)
+    assert run.info.run_id != old_run.info.run_id and run.info.status == "FINISHED"
+    assert pd.read_parquet(target)["mlflow_run_id"].iloc[0] == run.info.run_id
+    superseded = client.get_run(old_run.info.run_id)
+    assert superseded.info.lifecycle_stage == "deleted"
+    assert superseded.data.tags["superseded_by"] == run.info.run_id
+    spec = next(s for s in expand(load_study(cwd / "samplers.yaml")) if s.key == key)
+    expected = logged_points(cwd / "results", spec)  # each metric's (step, value) as the tables hold them
+    assert set(run.data.metrics) == set(expected)
+    for name, points in expected.items():
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted((m.step, m.value) for m in history) == sorted(points), name
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == sorted(train_before["step"])
+    per_t = pd.read_parquet(results / "per_t" / f"{key}.parquet")
+    final = per_t[per_t["step"] == per_t["step"].max()].set_index("t")["loss_mse"]
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "per_t/loss_mse")}
+    assert logged == pytest.approx(final.to_dict())
+    assert run.data.metrics["hist_w1"] == pytest.approx(float(quality["hist_w1"].iloc[0]))
     # and a third run has nothing left to do
     third = harness(["run", "samplers.yaml", "--no-report"], cwd)
     assert third.returncode == 0 and "re-measuring" not in third.stdout

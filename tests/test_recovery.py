@@ -247,6 +247,69 @@ def test_what_mlflow_cannot_give_back_is_named(kept, copy_of, monkeypatch):
     assert not (copy_of / "results" / "kept" / "quality").exists()
 
 
+# ---------------------------------------------------------------- a moved project folder
+
+
+def moved_folder(kept, tmp_path: Path) -> tuple[Path, Path]:
+    """The finished study's folder as it was (``old``), then moved whole to ``new``: its
+    store still names ``old`` for every artifact."""
+    old = copy_study_folder(kept[0], tmp_path / "old")
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    return old, new
+
+
+def test_a_moved_folder_s_store_is_pointed_at_its_artifacts(kept, tmp_path, monkeypatch):
+    """`mv` of the whole project folder: MLflow's copy of every table is there, under the new
+    folder; `harness report` and `harness run` say so and point the store at it, so a lost
+    table is restored from it (not "MLflow has no copy") and a lost results/ comes back
+    without training; nothing is written to the old place."""
+    old, new = moved_folder(kept, tmp_path)
+    key = kept[2].data.tags["run_key"]
+    (new / "results" / "kept" / "quality" / f"{key}.parquet").unlink()
+    result, out = harness_here(["report", "kept.yaml"], new, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert f"kept the artifacts of study kept under {old}/mlartifacts/kept, which no longer exists" in out, out
+    assert f"it now points at {new}/mlartifacts/kept, where 1 of its 1 run(s) have theirs" in out, out
+    assert "restored quality of base-s0 from its MLflow run" in out, out
+    shutil.rmtree(new / "results")
+    result, out = harness_here(["run", "kept.yaml", "--no-report"], new, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "0 to run" in out and "restored 1 run(s) of kept that MLflow finished" in out, out
+    assert "which no longer exists" not in out  # pointed once
+    for table in ("dataset", "train", "per_t", "probe", "drift", "drift_hist", "quality"):
+        assert len(parquet(new, table)) > 0, table
+    assert not (new / "results" / "kept" / "checkpoints").exists()  # nothing trained
+    _, run = the_run(new)
+    assert run.info.run_id == kept[2].info.run_id
+    assert run.info.artifact_uri.startswith((new / "mlartifacts" / "kept").as_uri())
+    assert not old.exists()
+
+
+def test_a_moved_folder_without_its_artifacts_runs_its_keys_again(kept, tmp_path):
+    """Moved without results/ and mlartifacts/: MLflow's run is FINISHED but nothing can give
+    its tables back. The key is not left "finished" with no tables: it runs again, said, into
+    a new MLflow run (the old one deleted, naming it), inside the moved folder."""
+    old, new = moved_folder(kept, tmp_path)
+    shutil.rmtree(new / "results")
+    shutil.rmtree(new / "mlartifacts")
+    out, err = harness_process(["run", "kept.yaml", "--no-report"], new).communicate(timeout=600)
+    said = " ".join(out.split())
+    assert "1 run(s) MLflow finished have neither tables in results/ nor their MLflow artifacts" in said, out + err
+    assert "finished base-s0" in said, out + err
+    runs = parquet(new, "runs")
+    assert runs["status"].tolist() == ["finished"]
+    for table in ("dataset", "train", "per_t", "probe", "drift", "drift_hist", "quality"):
+        assert len(parquet(new, table)) > 0, table
+    client, run = the_run(new)  # the one live run of the key
+    assert run.info.status == "FINISHED" and run.info.run_id != kept[2].info.run_id
+    assert runs["mlflow_run_id"].tolist() == [run.info.run_id]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == kept[3]
+    assert run.info.artifact_uri.startswith((new / "mlartifacts" / "kept").as_uri())
+    assert client.get_run(kept[2].info.run_id).data.tags["superseded_by"] == run.info.run_id
+    assert not old.exists()
+
+
 # ---------------------------------------------------------------- disks that refuse
 
 
