@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ddpm_engine.config import ExperimentConfig
+from ddpm_engine.files import atomic_write
 
 from .spec import Study, _describe, apply_overrides
 
@@ -190,7 +190,7 @@ def write_manifest(results: Path, manifest: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=2)
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        # a temp file of its own (not a fixed study.json.tmp): two `harness run` of one study
+        # write this at once, and a shared name was renamed away under the other
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path

@@ -6,6 +6,7 @@ One tiny study is trained once (module fixture); each case copies its folder and
 copy. `harness run` of a study with nothing to train runs in-process (no slot starts)."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -539,3 +540,16 @@ def test_a_checkpoint_set_aside_is_said_in_the_run_s_record(kept, tmp_path, monk
     assert row["status"] == "finished" and row["note"] == outcome.reason and row["error"] == ""
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["note"] == outcome.reason
+
+
+def test_the_study_manifest_is_written_through_a_temp_file_of_its_own(tmp_path):
+    # two `harness run` of one study write study.json at once: with one shared temp name the
+    # second's rename found it gone ("cannot write results/twice/study.json.tmp"). A folder
+    # squatting on that shared name stands in for the other process, deterministically.
+    from harness.plan import write_manifest
+
+    folder = tmp_path / "twice"
+    (folder / "study.json.tmp").mkdir(parents=True)
+    path = write_manifest(tmp_path, {"study": "twice", "arms": []})
+    assert json.loads(path.read_text()) == {"study": "twice", "arms": []}
+    assert sorted(p.name for p in folder.iterdir()) == ["study.json", "study.json.tmp"]
