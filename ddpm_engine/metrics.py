@@ -68,6 +68,10 @@ class Metric:
     # "log": positive and right-skewed (losses, distances): hypotheses and effects are judged on
     # log values, so an effect is a ratio arm / baseline and a mean is a geometric mean.
     scale: Literal["linear", "log"] = "linear"
+    # In the units of the run's own training objective (objective.* and train.t_range): two
+    # arms trained on different objectives measure different quantities in it, so reports
+    # compare it only between arms trained on the same objective.
+    own_objective: bool = False
 
     @property
     def per_run(self) -> bool:
@@ -172,7 +176,7 @@ DECLARED: list[Metric] = [
     _m("quality", "l0_bits", "bits/dim", "lower", "decoder term L_0 at the final probe", "diagnostics.bits_per_dim_bound"),
     _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} of the final weights (as bpd: exact or stratified)", "experiment.final_bound"),
     _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss", scale="log"),
-    _m("quality", "final_loss", "MSE", "lower", "mean training loss of the last four logged windows", "experiment", group=_LOSS, label="final train loss", scale="log"),
+    _m("quality", "final_loss", "loss", "lower", "mean training loss of the last four logged windows, in the run's own objective (objective.*, train.t_range): comparable only between runs trained on the same objective", "experiment", group=_LOSS, label="final train loss", scale="log", own_objective=True),
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_le_10", "MSE", "lower", f"mean of loss_mse over every t from 1 to {SMALL_T_MAX} (linear between probed t; to T when T < {SMALL_T_MAX}; final probe): the loss over the smallest t, where the seed's shortfall lies and a train.t_range [1, 10] specialist is trained", "metrics.per_t_summary", scale="log"),

@@ -91,7 +91,12 @@ def metrics_table(data: StudyResults) -> list[dict]:
     summaries = {m.name: {arm: stats.mean_ci(values[m.name][arm].values()) for arm in data.arms} for m in columns}
     # ★ only for an arm that is clearly best (paired CI against every other arm excludes zero
     # in its favour): a best mean whose lead lies inside its CI is not a win
-    best = {m.name: stats.clear_best_arms(values[m.name], star_direction(m)) for m in columns}
+    # a metric in each run's own objective has no best arm across arms trained on different ones
+    mixed = len({objective_of(data, arm) for arm in data.arms} - {None}) > 1
+    best = {
+        m.name: set() if m.own_objective and mixed else stats.clear_best_arms(values[m.name], star_direction(m))
+        for m in columns
+    }
     rows = []
     for arm in data.arms:
         n_finished = int((data.finished()["arm"] == arm).sum())
@@ -149,11 +154,20 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
         for a in arms
         for m in columns
     }
-    tested = [key for key in diffs if star_direction(PER_RUN[key[1]]) is not None]
+    objectives = {arm: objective_of(data, arm) for arm in data.arms}
+    # an arm with no finished run (None) has no pairs to compare anyway
+    differ = {
+        a for a in arms if None not in (objectives[a], objectives[baseline]) and objectives[a] != objectives[baseline]
+    }
+    incomparable = {(a, m.name) for a in differ for m in columns if m.own_objective}
+    tested = [key for key in diffs if star_direction(PER_RUN[key[1]]) is not None and key not in incomparable]
     adjusted = dict(zip(tested, holm([stats.p_value(diffs[key], exact=PER_RUN[key[1]].exact) for key in tested])))
     rows = []
     for arm in arms:
-        cells = [_effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name))) for m in columns]
+        cells = [
+            _effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name)), (arm, m.name) in incomparable)
+            for m in columns
+        ]
         pairs = max(c["n"] for c in cells)
         for cell in cells:  # a metric with fewer pairs than the row's says so
             cell["n_note"] = f"n={cell['n']}" if 0 < cell["n"] < pairs else ""
@@ -190,10 +204,30 @@ def mde_level(tested_cells: int) -> str:
     return f"level 0.05/{tested_cells} (Holm's first step)"
 
 
-def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -> dict:
+def objective_of(data: StudyResults, arm: str) -> str | None:
+    """What an arm was trained to minimise (its objective.* and train.t_range, from a finished
+    run's resolved config), as a comparable string; None when no finished run says."""
+    finished = data.finished()
+    for text in finished.loc[finished["arm"] == arm, "config_json"]:
+        if text:
+            config = json.loads(text)
+            return json.dumps(
+                {"objective": config.get("objective"), "t_range": config.get("train", {}).get("t_range")},
+                sort_keys=True,
+            )
+    return None
+
+
+# the effects cell of a metric in the run's own objective, between arms trained on different ones
+NOT_COMPARABLE = "not comparable"
+
+
+def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None, incomparable: bool = False) -> dict:
     diff, half, n = stats.mean_ci(diffs)
     direction = star_direction(metric)
-    word = stats.verdict(diff, half, n, direction)
+    if incomparable:  # shown for what it is, never tested: the two arms' losses are different quantities
+        direction, p_adjusted = None, None
+    word = NOT_COMPARABLE if incomparable else stats.verdict(diff, half, n, direction)
     survives = p_adjusted is not None and math.isfinite(p_adjusted) and p_adjusted < 0.05
     if direction is not None and word in ("better", "worse") and not survives:
         word = stats.NO_CLEAR_EFFECT  # the interval alone excludes 0, but not after Holm
@@ -205,7 +239,9 @@ def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None) -
             title = f"ratio arm/baseline, 95% CI {fmt(math.exp(diff - half))} to {fmt(math.exp(diff + half))} over {n} pairs"
         else:
             title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
-        if p_adjusted is not None:
+        if incomparable:
+            title += "; the arm and the baseline were trained on different objectives: not tested"
+        elif p_adjusted is not None:
             title += f"; Holm-adjusted p = {fmt(p_adjusted)}"
         else:  # what the registry says of the metric: a cost, or a description with no better side
             title += "; a cost: not tested" if metric.cost else "; no better direction: not tested"

@@ -66,8 +66,17 @@ def write_study(
     return folder
 
 
-def write_run(root: Path, study: str, arm: str, seed: int, status: str = "finished", **tables: pd.DataFrame) -> str:
-    """A runs row and the given tables (``quality=frame``, ``per_t=frame``, ...) of one run."""
+def write_run(
+    root: Path,
+    study: str,
+    arm: str,
+    seed: int,
+    status: str = "finished",
+    config: dict | None = None,
+    **tables: pd.DataFrame,
+) -> str:
+    """A runs row (with ``config`` as its resolved config) and the given tables
+    (``quality=frame``, ``per_t=frame``, ...) of one run."""
     key = run_key(study, arm, seed)
     write_table(
         root,
@@ -86,7 +95,7 @@ def write_run(root: Path, study: str, arm: str, seed: int, status: str = "finish
                     "mlflow_run_id": f"mlflow-{key}",
                     "params": 1000.0,
                     "seconds": 1.0,
-                    "config_json": "",
+                    "config_json": json.dumps(config) if config else "",
                 }
             ]
         ),

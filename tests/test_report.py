@@ -620,3 +620,31 @@ def test_hypotheses_matrix_in_chromium_matches_the_parquet(judged_report, tmp_pa
 
     # the answers first, the sentences and the detailed table below
     assert seen["order"] == ["ul.hyp-summary plain", "table.hyp-matrix", "details.hyp-sentences", "table.hypotheses"]
+
+
+def test_a_loss_in_each_arms_own_objective_is_not_compared_across_objectives(tmp_path):
+    # objective_ablation's report starred kept_wt's final train loss "better, x0.029": the
+    # w_t-weighted loss is another quantity than L_simple, not a 34 times smaller one
+    from handmade import write_run, write_study
+
+    from harness.report import NOT_COMPARABLE, effects_table, metrics_table, report_columns
+    from harness.results import StudyResults
+
+    arms = ["base", "same", "vlb"]
+    write_study(tmp_path, "objectives", arms, [0, 1, 2], "base")
+    loss = {"base": 0.040, "same": 0.030, "vlb": 0.001}
+    for arm in arms:
+        config = {"objective": {"weighting": "vlb" if arm == "vlb" else "simple"}, "train": {"t_range": None}}
+        for seed in (0, 1, 2):
+            wobble = {"base": (1.0, 1.01, 0.99), "same": (1.0, 0.98, 1.015), "vlb": (1.0, 1.02, 0.97)}[arm][seed]
+            quality = pd.DataFrame([{"final_loss": loss[arm] * wobble}])
+            write_run(tmp_path, "objectives", arm, seed, config=config, quality=quality)
+    data = StudyResults.load(tmp_path, "objectives")
+    column = [m.name for m in report_columns()].index("final_loss")
+    rows, _ = effects_table(data, "base")
+    cells = {row["arm"]: row["cells"][column] for row in rows}
+    assert cells["vlb"]["verdict"] == NOT_COMPARABLE and not cells["vlb"]["excludes_zero"]
+    assert "different objectives" in cells["vlb"]["title"]
+    assert cells["same"]["verdict"] == "better" and cells["same"]["excludes_zero"]  # same objective: tested
+    starred = [row["arm"] for row in metrics_table(data) if row["cells"][column]["best"]]
+    assert starred == []  # no best arm across objectives
