@@ -20,10 +20,10 @@ from rich.table import Table
 
 from ddpm_engine.metrics import REFERENCE_NAMES
 
-from .ledger import Ledger
-from .lifecycle import RunState
-from .plan import RunSpec, changed_keys, expand, study_manifest, write_manifest
-from .spec import Study, StudyError, load_study
+from .runs.ledger import Ledger
+from .store.states import RunState
+from .study.plan import RunSpec, changed_keys, expand, study_manifest, write_manifest
+from .study.spec import Study, StudyError, load_study
 
 app = typer.Typer(
     add_completion=False,
@@ -162,12 +162,12 @@ def plan(
     if measure:  # torch loads only when steps are timed (about 2 s)
         from ddpm_engine.device import resolve_device
 
-        from .cost import estimate, format_seconds
+        from .study.cost import estimate, format_seconds
 
         dev = resolve_device(device)
         device_name = dev.type.upper()
     ledger = ledger_of(results, study)
-    from .reuse import finished_elsewhere
+    from .runs.reuse import finished_elsewhere
 
     reusable = finished_elsewhere(results, study.study, [s.key for s in specs if not ledger.is_finished(s.key)])
     measured_only = _measured_only(study, specs, ledger, reusable, results)
@@ -224,7 +224,7 @@ def plan(
             f"reference arms, fitted on the training split and never trained (train.* ignored): {', '.join(references)}"
         )
     if check:
-        from .sampler_checks import sampler_check_table
+        from .runs.sampler_checks import sampler_check_table
 
         _print_sampler_checks(sampler_check_table(specs, data))
     adaptive = study.adaptive
@@ -371,7 +371,7 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     """Run the keys of ``specs`` not yet finished (all of them once with --rerun); return their
     outcomes and the specs whose training another study's process holds (to wait for). The
     sampler check is recorded after them."""
-    from .scheduler import LocalScheduler, slot_devices
+    from .launch.slots import LocalScheduler, slot_devices
 
     done_in_mlflow, lost_in_mlflow = _check_tracking_store(study)
     done_in_mlflow -= _repair(study, specs, results, measure=True)
@@ -388,7 +388,7 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
     claims, todo, held = _claim(study, results, todo, rerun)  # held while this function runs
     waiting = [spec for spec, who in held if who.study and who.study != study.study]
     try:
-        from .reuse import finished_elsewhere, sound_sources
+        from .runs.reuse import finished_elsewhere, sound_sources
 
         reusable = {} if rerun else finished_elsewhere(results, study.study, [s.key for s in todo])
         reusable = sound_sources(results, reusable, todo, _client, console.print)
@@ -437,14 +437,14 @@ def _run_round(study, specs, chosen, results, device, workers, rerun, retry_fail
 
 
 def _client():
-    from .tracking import make_client  # only when a table is damaged: MLflow loads while the slots start
+    from .store.tracking import make_client  # only when a table is damaged: MLflow loads while the slots start
 
     return make_client()
 
 
 def _repair(study: Study, specs: list[RunSpec], results: Path, measure: bool) -> set[str]:
     """Damaged tables of finished keys restored from MLflow, else measured again (harness.repair)."""
-    from .repair import repair_study
+    from .runs.repair import repair_study
 
     return repair_study(results, study.study, specs, _client, console.print, measure=measure)
 
@@ -453,7 +453,7 @@ def _measured_only(study: Study, specs: list[RunSpec], ledger, reusable: dict, r
     """Pending keys whose training is on disk here or in another study, and finished keys of
     an older MEASURE_VERSION with a checkpoint: what `harness run` measures without training
     (harness.checkpoints)."""
-    from .checkpoints import has_checkpoint, trained_elsewhere, untrained
+    from .runs.checkpoints import has_checkpoint, trained_elsewhere, untrained
 
     pending = [s for s in specs if not ledger.is_finished(s.key) and s.key not in reusable]
     outdated = ledger.outdated(specs)
@@ -480,7 +480,7 @@ def _outdated(study: Study, outdated: list[RunSpec], results: Path, ran_here: se
     they are and named: retraining them is --rerun's decision, not a side effect."""
     from ddpm_engine.metrics import MEASURE_VERSION
 
-    from .checkpoints import has_checkpoint, trained_elsewhere, untrained
+    from .runs.checkpoints import has_checkpoint, trained_elsewhere, untrained
 
     outdated = [s for s in outdated if s.key not in ran_here]
     if not outdated:
@@ -507,7 +507,7 @@ def _outdated(study: Study, outdated: list[RunSpec], results: Path, ran_here: se
 def _copy_trainings(study: Study, todo: list[RunSpec], results: Path) -> None:
     """Trainings finished in other studies copied in (harness.checkpoints): the runs that use
     them are measured, not trained again."""
-    from .checkpoints import copy_checkpoint, trained_elsewhere
+    from .runs.checkpoints import copy_checkpoint, trained_elsewhere
 
     found = trained_elsewhere(results, study.study, todo)
     for spec in todo:
@@ -558,9 +558,9 @@ def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client,
     """Finished runs of other studies with the same run key, made this study's (harness.reuse).
     An MLflow store that fails meanwhile stops the started slots and is one line, exit 2: an
     adoption cut short leaves its key pending, adopted again next time."""
-    from .reuse import adopt
-    from .store import StoreFailure
-    from .tracking import git_commit
+    from .runs.reuse import adopt
+    from .store.mlflow_store import StoreFailure
+    from .store.tracking import git_commit
 
     commit = git_commit()
     for spec in specs:
@@ -578,9 +578,9 @@ def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client,
 
 def _next_seeds(study: Study, specs: list[RunSpec], results: Path, wanted: dict[str, list[int]]):
     """Look at the hypotheses on the finished runs; the seeds each arm needs next, printed."""
-    from .report import judge_hypotheses
-    from .results import StudyResults
-    from .sequential import seeds_wanted
+    from .report.page import judge_hypotheses
+    from .report.results import StudyResults
+    from .study.sequential import seeds_wanted
 
     data = StudyResults.load(results, study.study)
     baseline, _ = data.baseline()
@@ -615,7 +615,7 @@ def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
     are left to it, named, and returned with their holders (a holder of another study is
     waited for, then adopted from). A key finished by another process since the ledger was
     read is dropped."""
-    from .claims import KeyClaims, remove_stale_temps
+    from .runs.claims import KeyClaims, remove_stale_temps
 
     claims = KeyClaims(results, study.study)
     mine, held = claims.acquire(todo)
@@ -638,7 +638,7 @@ def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):
 
 def _wait_for(results: Path, specs: list[RunSpec]) -> bool:
     """Wait for other processes' claims on ``specs`` to go; False on Ctrl-C."""
-    from .claims import wait_until_free
+    from .runs.claims import wait_until_free
 
     try:
         return wait_until_free(results, specs, lambda text: console.print(escape(text), highlight=False))
@@ -648,7 +648,7 @@ def _wait_for(results: Path, specs: list[RunSpec]) -> bool:
 
 def _record_sampler_checks(study: Study, specs: list[RunSpec], results: Path) -> None:
     """results/<study>/sampler_check.parquet (a fraction of a second per combination)."""
-    from .sampler_checks import sampler_check_table, write_sampler_checks
+    from .runs.sampler_checks import sampler_check_table, write_sampler_checks
 
     write_sampler_checks(results, study.study, sampler_check_table(specs))
 
@@ -658,7 +658,7 @@ def _check_tracking_store(study: Study) -> tuple[set[str], dict[str, Path]]:
     said in one message, and pointed at the artifacts of a moved project folder; then the run
     keys of the study the store has finished with its artifacts at hand, and those whose
     artifact folder is gone (with the folder)."""
-    from .store import check_store, finished_keys, probe_store, tracking_uri, unreachable_artifacts
+    from .store.mlflow_store import check_store, finished_keys, probe_store, tracking_uri, unreachable_artifacts
 
     uri = tracking_uri()
     try:
@@ -687,7 +687,7 @@ def _check_tracking_store(study: Study) -> tuple[set[str], dict[str, Path]]:
 
 def _relocate_artifacts(uri: str) -> None:
     """A moved project folder: the store pointed at its artifacts where they are now, said."""
-    from .store import ARTIFACTS_FOLDER, relocate_artifacts
+    from .store.mlflow_store import ARTIFACTS_FOLDER, relocate_artifacts
 
     for message in relocate_artifacts(uri, Path.cwd() / ARTIFACTS_FOLDER):
         console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # paths unbroken
@@ -697,8 +697,8 @@ def _reconcile(client, experiment_id, specs, results, claims, todo, scheduler) -
     """MLflow and results/ mended from each other for the keys not run now (harness.reconcile).
     A write that fails stops the started slots (and exits 2); any other failure is said and
     the study goes on: the runs are recorded either way."""
-    from .reconcile import reconcile
-    from .store import StoreFailure
+    from .runs.reconcile import reconcile
+    from .store.mlflow_store import StoreFailure
 
     try:
         reconcile(client, experiment_id, specs, results, claims, {s.key for s in todo}, console.print)
@@ -736,8 +736,8 @@ def _open_tracking(study: Study, results: Path, scheduler):
     stops the started slots (their runs resume next time) and is bad input, exit 2. The client
     waits out a lock or a server that does not answer for a bounded time, then fails in one
     line (``store.GuardedClient``); the scheduler then stops the slots (``_stop_for_store``)."""
-    from .store import GuardedClient, StoreFailure
-    from .tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
+    from .store.mlflow_store import GuardedClient, StoreFailure
+    from .store.tracking import RunTracker, ensure_experiment, git_commit, make_client, tracking_uri
 
     try:
         client = GuardedClient(make_client(), tracking_uri())
@@ -827,12 +827,12 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
     """Tune each arm (resuming earlier trials) and return the specs with the best values."""
     import optuna
 
-    from .tracking import ensure_experiment, make_client
-    from .tuning import tune_study
+    from .runs.tuning import tune_study
+    from .store.tracking import ensure_experiment, make_client
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage:
-        from .distributed import db_url
+        from .launch.optuna_queue import db_url
 
         storage = db_url(storage)
     client = make_client()
@@ -866,7 +866,7 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
 
 
 def _run_on_storage(study, specs, storage, results, reports, device, retry_failed, rerun, workers, work) -> None:
-    from .distributed import DistributedError, run_on_storage
+    from .launch.optuna_queue import DistributedError, run_on_storage
 
     if rerun:
         fail_input(ValueError("--rerun is not supported with --storage (use --retry-failed, or a new study name)"))
@@ -937,7 +937,7 @@ def worker(
     * `harness worker timestep_ablation --storage postgresql://me@db-host/optuna --device cuda:1`
     * `harness worker studies/timestep_ablation.yaml --storage $OPTUNA_URL --threads 4 --no-wait`
     """
-    from .distributed import (
+    from .launch.optuna_queue import (
         DistributedError,
         QueueSettings,
         load_queue,
@@ -964,7 +964,7 @@ def worker(
 def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
     """Run the scheduler with progress: rich bars on a terminal, plain lines otherwise."""
     if not console.is_terminal:
-        from .progress import PlainProgress
+        from .runs.progress import PlainProgress
 
         scheduler.on_event = PlainProgress(
             todo, lambda line: console.print(line, markup=False, highlight=False)
@@ -1012,7 +1012,7 @@ def _run_with_progress(scheduler, todo: list[RunSpec], make_tracker):
                             f"[yellow]note[/] {escape(spec.name)} ({spec.key}): {escape(outcome.reason)}"
                         )
             elif kind == "store_failed":
-                from .progress import STORE_FAILED
+                from .runs.progress import STORE_FAILED
 
                 progress.console.print(f"[yellow]{escape(STORE_FAILED.format(payload[0]))}[/]")
 
@@ -1071,7 +1071,7 @@ def _text(value) -> str:
 
 
 def _build_report(study: str, results: Path, reports: Path) -> None:
-    from .report import ReportError, build_report
+    from .report.page import ReportError, build_report
 
     try:
         path = build_report(study, results, reports)
@@ -1102,7 +1102,7 @@ def status(
     """
     study, specs = load(study_path, set_options)
     if storage:
-        from .distributed import DistributedError, load_queue, open_storage, print_status, storage_manifest
+        from .launch.optuna_queue import DistributedError, load_queue, open_storage, print_status, storage_manifest
 
         try:
             store = open_storage(storage)
@@ -1137,8 +1137,8 @@ def report(
     """
     study, specs = load(study_path, None)
     if from_mlflow or storage:
-        from .distributed import DistributedError, load_queue, open_storage, pull_from_mlflow, storage_manifest
-        from .tracking import make_client
+        from .launch.optuna_queue import DistributedError, load_queue, open_storage, pull_from_mlflow, storage_manifest
+        from .store.tracking import make_client
 
         try:
             manifest = storage_manifest(load_queue(open_storage(storage), study.study)) if storage else None
@@ -1152,7 +1152,7 @@ def report(
             )
         except DistributedError as error:
             fail_input(error)
-    from .store import tracking_uri
+    from .store.mlflow_store import tracking_uri
 
     _relocate_artifacts(tracking_uri())
     _repair(study, specs, results, measure=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ddpm_engine.metrics import PER_RUN, TABLES
 
-from .tables import table_columns
+from .store.tables import table_columns
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 BETTER = {"lower": "lower", "higher": "higher", "zero": "closer to 0", None: "–"}

@@ -58,10 +58,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from rich.markup import escape
 
-from .ledger import PRECEDENCE, Ledger, from_mlflow, from_trials
-from .lifecycle import Outcome, RunAbandoned, RunState, execute
-from .plan import Arm, RunSpec, run_key, study_manifest, write_manifest
-from .tables import write_table
+from ..runs.ledger import PRECEDENCE, Ledger, from_mlflow, from_trials
+from ..runs.lifecycle import RunAbandoned, execute
+from ..store.states import Outcome, RunState
+from ..store.tables import write_table
+from ..study.plan import Arm, RunSpec, run_key, study_manifest, write_manifest
 
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a running trial is stale
@@ -250,7 +251,7 @@ class EnqueueResult:
 def enqueue(study: optuna.Study, specs: list[RunSpec], retry_failed: bool = False) -> EnqueueResult:
     """One WAITING trial per run key that has none yet (longest runs first). A key whose
     trials all failed is enqueued again only with ``retry_failed``."""
-    from .scheduler import estimated_cost
+    from .slots import estimated_cost
 
     existing = trials_by_key(study)
     result = EnqueueResult()
@@ -322,7 +323,7 @@ class Worker:
         log: Callable[[str], None] = print,
         stop: threading.Event | None = None,
     ):
-        from .tracking import ensure_experiment, git_commit, make_client
+        from ..store.tracking import ensure_experiment, git_commit, make_client
 
         # the study's own (cached) storage: Optuna's cache must see every trial we touch
         self.storage, self.study, self.results = study._storage, study, Path(results)
@@ -383,8 +384,8 @@ class Worker:
 
     # -- one trial
     def run_trial(self, trial_id: int) -> None:
-        from .checkpoints import checkpoint_dir
-        from .tracking import RunTracker
+        from ..runs.checkpoints import checkpoint_dir
+        from ..store.tracking import RunTracker
 
         with Heartbeat(self.storage, trial_id, self.settings.heartbeat_interval, self.log) as heartbeat:
             trial = optuna.trial.Trial(self.study, trial_id)
@@ -465,7 +466,7 @@ class Worker:
     def _skip_if_done(self, trial, spec: RunSpec) -> bool:
         """A key that already finished (a COMPLETE trial, a FINISHED MLflow run, a finished
         Parquet row here) is not run again."""
-        from .tracking import find_mlflow_run
+        from ..store.tracking import find_mlflow_run
 
         for other in trials_by_key(self.study).get(spec.key, []):
             if other.number == trial.number:
@@ -653,7 +654,8 @@ def pull_from_mlflow(
     """Rebuild ``results/<study>`` from the study's MLflow experiment: the Parquet tables and
     sample grid that each finished run logged as artifacts, one ``runs`` row per run key from
     the MLflow run's tags, metrics and status, and study.json from ``manifest``."""
-    from .reconcile import ARTIFACT_FOLDERS, all_runs, runs_row_from_mlflow
+    from ..store.rebuild import all_runs, runs_row_from_mlflow
+    from ..store.tables import ARTIFACT_FOLDERS
 
     results = Path(results)
     experiment = client.get_experiment_by_name(study)
@@ -731,7 +733,7 @@ def run_on_storage(
 ) -> int:
     """`harness run --storage`: create the Optuna study and the MLflow experiment, enqueue
     every key once, then (unless ``work`` is False) drain the queue as one worker."""
-    from .tracking import ensure_experiment, make_client
+    from ..store.tracking import ensure_experiment, make_client
 
     settings = QueueSettings.from_env()
     storage = open_storage(url, settings)
@@ -758,7 +760,7 @@ def run_on_storage(
     if reports is not None:
         configs = {s.key: s.config_json for s in specs}
         pull_from_mlflow(client, study.study, results, manifest, configs, log=console.print)
-        from .report import build_report
+        from ..report.page import build_report
 
         console.print(f"report: {build_report(study.study, results, reports)}")
     if code == 130:
@@ -829,7 +831,7 @@ def work_on_storage(
 
 def resolve_study_name(study_arg: Path) -> str:
     """A study YAML file (its `study:` name), or a bare study name."""
-    from .spec import load_study
+    from ..study.spec import load_study
 
     if study_arg.is_file():
         return load_study(study_arg, []).study

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .plan import RunSpec
+from ..study.plan import RunSpec
 
 # said when the MLflow store fails for good while runs train (harness.scheduler)
 STORE_FAILED = "{}: checkpointing the running runs and stopping; their records go on into results/"

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable
 
-from .plan import RunSpec
+from ..study.plan import RunSpec
 
 FOLDER = ".claims"  # a dot name: never taken for a study folder (study names start with a letter)
 

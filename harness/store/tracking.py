@@ -22,9 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from PIL import Image
 
-from .lifecycle import Outcome, RunState
-from .plan import RunSpec, flat_config
-from .store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
+from ..study.plan import RunSpec, flat_config
+from .history import LOGGED_ROWS_TAG, METRIC_BATCH, add_missing_points, curve_metrics, parquet_rows
+from .states import Outcome, RunState
+from .mlflow_store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
 from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -99,33 +100,6 @@ def git_commit() -> str:
         return commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# Per-t curves of the final probe (step = t) and drift curves (step = reverse-chain index, 0 at
-# x_T) as MLflow metrics, so that MLflow's chart view overlays them across runs.
-CURVE_METRICS = {
-    "per_t": ("per_t", ["loss_mse", "eps_pred_mean", "eps_pred_std", "vlb_bits", "loss_best_ref"]),
-    "drift": ("drift", ["mean", "std", "frac_out", "ref_mean", "q_mean", "qstart_mean", "gauss_chain_mean"]),
-}
-METRIC_BATCH = 1000  # MLflow's limit per log_batch call
-
-
-def curve_metrics(name: str, frame: pd.DataFrame, now: int) -> list[Metric]:
-    if name not in CURVE_METRICS or frame.empty:
-        return []
-    prefix, columns = CURVE_METRICS[name]
-    if name == "per_t":
-        frame = frame[frame["step"] == frame["step"].max()]
-        steps = frame["t"].astype(int).tolist()
-    else:
-        steps = list(range(len(frame)))  # rows run from t = T down to the final sample
-    out = []
-    for column in columns:
-        if column in frame:
-            out += [
-                Metric(f"{prefix}/{column}", float(v), now, s) for v, s in zip(frame[column], steps) if np.isfinite(v)
-            ]
-    return out
 
 
 def dataset_input(frame: pd.DataFrame) -> DatasetInput:
@@ -354,15 +328,13 @@ class RunTracker:
         self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"), note=note)
 
     def record_history(self) -> None:
-        """Tag the run with the Parquet rows its metric history covers (reconcile.LOGGED_ROWS_TAG),
+        """Tag the run with the Parquet rows its metric history covers (history.LOGGED_ROWS_TAG),
         after the points are stored: a run that never lost any is tagged at once; a resumed one
         (its earlier attempt was killed with points not yet stored: events its parent had not
         recorded, batches an asynchronous logger held), one whose batches MLflow's asynchronous
         logger failed to store, and one that replaced the key's earlier run (a
         re-measure streams no training points) first get each point their history lacks.
         Tagged after FINISHED, so a kill in between leaves a run reconcile looks at again."""
-        from .reconcile import LOGGED_ROWS_TAG, add_missing_points, parquet_rows
-
         if self.resumed or self.superseded or self.lost_points:
             add_missing_points(self.client, self.run_id, self.results, self.spec)
         else:

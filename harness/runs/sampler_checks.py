@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plan import RunSpec
-from .tables import write_frame
+from ..store.tables import write_frame
+from ..study.plan import RunSpec
 
 FILE = "sampler_check.parquet"
 
