@@ -1,5 +1,5 @@
 """Keep the generated parts of docs/design.md true: the tables and metrics sections are
-rendered from the registry (``ddpm_engine.metrics``) and ``harness.tables``.
+rendered from the registry (``ddpm_engine.metrics``) and ``harness.store.tables``.
 
     python -m harness.design_doc          # rewrite the generated sections in place
     python -m harness.design_doc --check  # exit 1 if the document is out of date (CI runs it as a test)

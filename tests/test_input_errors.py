@@ -281,9 +281,9 @@ def test_a_slot_ignores_ctrl_c_from_its_start(tmp_path):
     ignore it (the parent decides), not die with a KeyboardInterrupt traceback."""
     import signal
 
-    from harness.plan import expand
-    from harness.scheduler import LocalScheduler
-    from harness.spec import load_study
+    from harness.launch.slots import LocalScheduler
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     path = tmp_path / "s.yaml"
     path.write_text(SMALL)

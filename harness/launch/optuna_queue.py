@@ -63,6 +63,8 @@ from ..runs.lifecycle import RunAbandoned, execute
 from ..store.states import Outcome, RunState
 from ..store.tables import write_table
 from ..study.plan import Arm, RunSpec, run_key, study_manifest, write_manifest
+from ..terminal import console, fail_input
+from .base import Launcher
 
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 DEFAULT_GRACE_PERIOD = 30  # seconds without a heartbeat before a running trial is stale
@@ -838,3 +840,53 @@ def resolve_study_name(study_arg: Path) -> str:
     if study_arg.suffix in (".yaml", ".yml"):
         raise DistributedError(f"study file not found: {study_arg}")
     return str(study_arg)
+
+
+class OptunaQueueLauncher(Launcher):
+    """Enqueues every key of the study in a shared Optuna storage (``storage``, a URL), then
+    works on the queue here as one worker (unless ``work`` is False) and builds the report
+    (``reports`` None: no report). Other machines join with `harness worker`."""
+
+    def __init__(
+        self,
+        *,
+        storage: str,
+        results: Path,
+        reports: Path | None,
+        device: str = "auto",
+        workers: int | None = None,
+        rerun: bool = False,
+        retry_failed: bool = False,
+        work: bool = True,
+    ):
+        self.storage, self.results, self.reports, self.device = storage, results, reports, device
+        self.workers, self.rerun, self.retry_failed, self.work = workers, rerun, retry_failed, work
+
+    def check(self, study, chosen: set[str] | None) -> None:
+        if chosen is not None:
+            raise ValueError("--arm is for local runs; with --storage every arm is enqueued")
+        if study.adaptive is not None:
+            raise study.error(("seeds",), "adaptive seeds run locally for now; with --storage list the seeds")
+
+    def launch(self, study, specs: list[RunSpec]) -> int:
+        from ..runs.sampler_checks import record_sampler_checks
+
+        record_sampler_checks(self.results, study.study, specs)
+        if self.rerun:
+            fail_input(ValueError("--rerun is not supported with --storage (use --retry-failed, or a new study name)"))
+        if self.workers is not None and self.workers > 1:
+            fail_input(ValueError("--workers is for local runs; with --storage start more `harness worker` processes"))
+        try:
+            return run_on_storage(
+                study,
+                specs,
+                self.storage,
+                results=self.results,
+                reports=self.reports,
+                device=self.device,
+                retry_failed=self.retry_failed,
+                work=self.work,
+                console=console,
+            )
+        except DistributedError as error:
+            fail_input(error)

@@ -2,8 +2,8 @@
 
 ``build_report(study, results_root, reports_root)`` writes ``reports_root/<study>/index.html``
 with its figure PNGs and copied sample grids beside it. The page opens from disk with no
-network. What counts as a run's result comes from ``harness.results``; figures from
-``harness.figures``; statistics from ``harness.stats``; verdicts from ``harness.hypotheses``;
+network. What counts as a run's result comes from ``harness.report.results``; figures from
+``harness.report.figures``; statistics from ``harness.study.stats``; verdicts from ``harness.study.hypotheses``;
 HTML from ``templates/report.html.j2``.
 
 The Hypotheses section comes first and answers first: a summary of at most three lines and a

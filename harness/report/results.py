@@ -208,7 +208,7 @@ class StudyResults:
 
 
 def damaged_notes(root: Path, study: str, runs: pd.DataFrame) -> list[str]:
-    """One note per finished run with a missing or unreadable table (harness.repair): the
+    """One note per finished run with a missing or unreadable table (harness.runs.repair): the
     report shows it without them, so its verdicts count it only where it has the values."""
     from ..runs.repair import damaged_tables
 

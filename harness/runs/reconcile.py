@@ -3,7 +3,7 @@
 Both remember every finished run: results/<study> as Parquet tables with the `runs` row that
 the ledger reads, MLflow as a run with tags, params, metrics and the same tables as
 artifacts. Either can be lost on its own (results/ deleted, mlflow.db deleted or replaced by
-``harness.store.check_store``, a kill while a run was being recorded), and `harness run`
+``harness.store.mlflow_store.check_store``, a kill while a run was being recorded), and `harness run`
 mends it before it reports what there is to run:
 
 * results/ -> MLflow. A key finished in results/ whose MLflow run is missing, not FINISHED
@@ -16,7 +16,7 @@ mends it before it reports what there is to run:
   trained again: its tables and sample grid are downloaded from the run's artifacts and its
   `runs` row rebuilt from the run; tables the artifacts lack are named.
 
-A key another `harness run` holds (harness.claims) is left to it.
+A key another `harness run` holds (harness.runs.claims) is left to it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,14 @@ from .ledger import Ledger
 SUFFIX = {"samples": ".png", "configs": ".yaml"}  # every other folder holds a table, .parquet
 
 
+def open_tracking_client():
+    """The MLflow client, for a repair that needs one: imported only when a table is damaged,
+    so that MLflow loads while the slots start."""
+    from ..store.tracking import make_client
+
+    return make_client()
+
+
 def file_of(results: Path, study: str, folder: str, key: str) -> Path:
     return Path(results) / study / folder / f"{key}{SUFFIX.get(folder, '.parquet')}"
 
@@ -179,7 +187,7 @@ def repair_study(
 
 def _no_copy(run) -> str:
     """Why MLflow gives no copy back: its run's artifacts folder is gone (a project folder
-    moved without them: harness.store.relocate_artifacts points the store at them where they
+    moved without them: harness.store.mlflow_store.relocate_artifacts points the store at them where they
     are), or the run lacks the table."""
     from ..store.mlflow_store import local_folder
 

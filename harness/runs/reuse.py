@@ -22,6 +22,7 @@ from ddpm_engine.files import atomic_write
 from ..store.states import RunState
 from .ledger import Ledger
 
+
 def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[str, str]:
     """run key -> the study (under ``results``) in which it finished, for the given keys; the
     first study in name order wins, and ``study`` itself is never a source."""
@@ -35,7 +36,7 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
         if candidates:
             ledger = Ledger.load(root, folder.name)
             # an outdated source (older MEASURE_VERSION) is not copied: its training is, by
-            # harness.checkpoints, and the run measured again
+            # harness.runs.checkpoints, and the run measured again
             found.update({k: folder.name for k in candidates if ledger.is_current(k)})
     return found
 
@@ -45,7 +46,7 @@ def sound_sources(
 ) -> dict[str, str]:
     """``sources`` (run key -> source study) without the keys whose source has a damaged table
     that its MLflow run cannot restore: adopting them would copy the damage (and fail to
-    read it), so they are measured from the source's checkpoint (harness.checkpoints) or
+    read it), so they are measured from the source's checkpoint (harness.runs.checkpoints) or
     trained here instead. Restoring a source puts back the file it had, nothing else."""
     from .repair import client_for_repair, damaged_tables, finished_run, measurable, restore_tables
 

@@ -14,8 +14,8 @@ import pandas as pd
 
 from ..study.plan import RunSpec
 from .history import LOGGED_ROWS_TAG, add_missing_points
-from .states import RunState
 from .mlflow_store import local_folder
+from .states import RunState
 from .tables import ARTIFACT_FOLDERS, write_table
 from .tracking import RunTracker, dataset_input
 

@@ -1,7 +1,7 @@
 """Tracking: a Recorder that fans one run's events out to MLflow and Parquet.
 
 One MLflow experiment per study, one MLflow run per run key (a resumed key reuses its run),
-the `runs` Parquet row as this machine's record of the key's state (``harness.ledger``).
+the `runs` Parquet row as this machine's record of the key's state (``harness.runs.ledger``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from PIL import Image
 
 from ..study.plan import RunSpec, flat_config
 from .history import LOGGED_ROWS_TAG, METRIC_BATCH, add_missing_points, curve_metrics, parquet_rows
-from .states import Outcome, RunState
 from .mlflow_store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
+from .states import Outcome, RunState
 from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -150,7 +150,7 @@ class RunTracker:
     With a ``store.GuardedClient`` (the local parent's), a store that fails for good is not a
     crash: the MLflow half of each call is skipped from then on, the Parquet half (tables, the
     `runs` row) goes on, and ``store_failure`` says why; the scheduler stops the slots at their
-    checkpoints and the next `harness run` writes the records into MLflow (harness.reconcile)."""
+    checkpoints and the next `harness run` writes the records into MLflow (harness.runs.reconcile)."""
 
     def __init__(
         self,
@@ -298,7 +298,7 @@ class RunTracker:
         self.flush()
 
     def end(self, outcome: Outcome) -> None:
-        """Record how the run ended (``harness.lifecycle.execute``'s outcome)."""
+        """Record how the run ended (``harness.runs.lifecycle.execute``'s outcome)."""
         if outcome.state is RunState.FINISHED:
             self.finish(outcome.summary, note=outcome.reason)
         elif outcome.state is RunState.INTERRUPTED:

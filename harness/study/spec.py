@@ -175,7 +175,7 @@ def scale_problem(hypothesis: Hypothesis, scale: str | None = None) -> str | Non
 
 class AdaptiveSeeds(BaseModel):
     """``seeds: {start: 3, max: 8}``: every arm runs ``start`` seeds, then arms whose hypotheses
-    are still undecided get ``batch`` more at a time, up to ``max`` (harness.sequential)."""
+    are still undecided get ``batch`` more at a time, up to ``max`` (harness.study.sequential)."""
 
     model_config = ConfigDict(extra="forbid")
 
