@@ -37,38 +37,57 @@ def plan(
     study, specs = load(study_path, set_options)
     # the digits need loading only to time steps; other data are always checked here
     data = preflight_data(study, specs, embedded=measure)
-    device_name = "CPU"
+    dev = None
     if measure:  # torch loads only when steps are timed (about 2 s)
         from ddpm_engine.device import resolve_device
 
-        from .study.cost import estimate, format_seconds
-
         dev = resolve_device(device)
-        device_name = dev.type.upper()
     ledger = ledger_of(results, study)
     from .runs.reuse import finished_elsewhere
 
     reusable = finished_elsewhere(results, study.study, [s.key for s in specs if not ledger.is_finished(s.key)])
     measured_only = _measured_only(study, specs, ledger, reusable, results)
+    by_arm: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        by_arm.setdefault(spec.arm.label, []).append(spec)
+    total = _print_arms(study, by_arm, data, dev, ledger, reusable, measured_only, all_arms)
+    references = [
+        f"{escape(arm)} ({s[0].config.model.preset})"
+        for arm, s in by_arm.items()
+        if s[0].config.model.preset in REFERENCE_NAMES
+    ]
+    if references:
+        console.print(
+            f"reference arms, fitted on the training split and never trained (train.* ignored): {', '.join(references)}"
+        )
+    if check:
+        from .runs.sampler_checks import sampler_check_table
+
+        _print_sampler_checks(sampler_check_table(specs, data))
+    _print_plan_summary(study, specs, len(by_arm), ledger, reusable, measured_only, total, dev)
+
+
+def _print_arms(study, by_arm, data, dev, ledger, reusable: dict, measured_only: list, all_arms: bool) -> float:
+    """The table of arms (the first PLAN_ARMS_SHOWN unless ``all_arms``); returns the estimated
+    seconds to train what is not done, over every arm (``dev`` None: not timed, 0)."""
+    if dev is not None:
+        from .study.cost import estimate, format_seconds
     table = Table(title=f"{study.study}: {study.question}", title_justify="left")
     for column in (
         "arm",
         "seeds",
         "changed keys",
         "params",
-        f"est. {device_name} time / run",
+        f"est. {'CPU' if dev is None else dev.type.upper()} time / run",
         "done / reused / to train",
     ):
         table.add_column(column, overflow="fold")
     cache: dict = {}
     total = 0.0
-    by_arm: dict[str, list[RunSpec]] = {}
-    for spec in specs:
-        by_arm.setdefault(spec.arm.label, []).append(spec)
     for index, (arm, arm_specs) in enumerate(by_arm.items()):
         first = arm_specs[0]
         params, seconds = "", ""
-        if measure:
+        if dev is not None:
             est = estimate(first.config, data[first.config.data.model_dump_json()], dev, cache)
             params, seconds = f"{est.params / 1e6:.2f}M", format_seconds(est.total_seconds)
             trains = [s for s in arm_specs if not ledger.is_finished(s.key) and s.key not in reusable]
@@ -93,25 +112,19 @@ def plan(
     console.print(table)
     if len(by_arm) > PLAN_ARMS_SHOWN and not all_arms:
         console.print(f"... and {len(by_arm) - PLAN_ARMS_SHOWN:,} more arms (`--all` lists them)")
-    references = [
-        f"{escape(arm)} ({s[0].config.model.preset})"
-        for arm, s in by_arm.items()
-        if s[0].config.model.preset in REFERENCE_NAMES
-    ]
-    if references:
-        console.print(
-            f"reference arms, fitted on the training split and never trained (train.* ignored): {', '.join(references)}"
-        )
-    if check:
-        from .runs.sampler_checks import sampler_check_table
+    return total
 
-        _print_sampler_checks(sampler_check_table(specs, data))
+
+def _print_plan_summary(
+    study, specs, arms: int, ledger, reusable: dict, measured_only: list, total: float, dev
+) -> None:
+    """The line of counts and the estimated time, then what the design's choices cost."""
     adaptive = study.adaptive
     if adaptive is None:
-        summary = f"{len(specs)} runs ({len(by_arm)} arms x {len(study.seed_list)} seeds)"
+        summary = f"{len(specs)} runs ({arms} arms x {len(study.seed_list)} seeds)"
     else:
         summary = (
-            f"{len(by_arm) * adaptive.start} to {len(specs)} runs ({len(by_arm)} arms x {adaptive.start} to "
+            f"{arms * adaptive.start} to {len(specs)} runs ({arms} arms x {adaptive.start} to "
             f"{adaptive.max} adaptive seeds: +{adaptive.batch} at a time to arms with undecided hypotheses)"
         )
     done_here = sum(ledger.is_finished(s.key) for s in specs)
@@ -122,7 +135,9 @@ def plan(
     if reusable:
         sources = Counter(reusable.values())
         summary += f", {len(reusable)} reused from other studies ({', '.join(f'{k}: {n}' for k, n in sources.items())})"
-    if measure:
+    if dev is not None:
+        from .study.cost import format_seconds
+
         summary += f"; estimated {format_seconds(total)} of {dev.type.upper()} time to train"
         if adaptive is not None:
             summary += " at most"
