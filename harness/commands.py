@@ -195,14 +195,8 @@ def worker(
     wait: bool,
 ) -> int:
     """Work on a study's queue in the Optuna storage until no run remains; the exit code."""
-    from .launch.optuna_queue import (
-        DistributedError,
-        QueueSettings,
-        load_queue,
-        open_storage,
-        resolve_study_name,
-        work_on_storage,
-    )
+    from .launch.queue_worker import work_on_storage
+    from .launch.trial_queue import DistributedError, QueueSettings, load_queue, open_storage, resolve_study_name
 
     try:
         name = resolve_study_name(study_path)
@@ -220,7 +214,7 @@ def status(study_path: Path, set_options: list[str] | None, results: Path, stora
     """Print each run of a study and its state; with ``storage``, across all workers."""
     study, specs = load(study_path, set_options)
     if storage:
-        from .launch.optuna_queue import DistributedError, load_queue, open_storage, print_status, storage_manifest
+        from .launch.trial_queue import DistributedError, load_queue, open_storage, print_status, storage_manifest
 
         try:
             store = open_storage(storage)
@@ -237,7 +231,7 @@ def report(study_path: Path, results: Path, reports: Path, from_mlflow: bool, st
     ``from_mlflow`` (``storage``: with the design the Optuna storage holds)."""
     study, specs = load(study_path, None)
     if from_mlflow or storage:
-        from .launch.optuna_queue import DistributedError, load_queue, open_storage, pull_from_mlflow, storage_manifest
+        from .launch.trial_queue import DistributedError, load_queue, open_storage, pull_from_mlflow, storage_manifest
         from .store.tracking import make_client
 
         try:
@@ -408,7 +402,7 @@ def _tune(study: Study, specs: list[RunSpec], results: Path, device: str, storag
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage:
-        from .launch.optuna_queue import db_url
+        from .launch.trial_queue import db_url
 
         storage = db_url(storage)
     client = make_client()

@@ -239,7 +239,7 @@ def wait_all(procs, timeout: float) -> None:
 def optuna_trials(url: str, name: str):
     import optuna
 
-    from harness.launch.optuna_queue import db_url
+    from harness.launch.trial_queue import db_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=name, storage=db_url(url)).get_trials(deepcopy=False)
