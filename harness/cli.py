@@ -16,6 +16,7 @@ from .terminal import console, fail_input
 if TYPE_CHECKING:
     from .launch.base import Launcher
 
+# console: the one console of every command, which tests narrow through this module
 __all__ = ["app", "console"]
 
 app = typer.Typer(
@@ -27,13 +28,9 @@ app = typer.Typer(
 )
 
 STUDY_ARG = typer.Argument(..., help="A study YAML file, e.g. studies/timestep_ablation.yaml.", show_default=False)
-
 SET_OPT = typer.Option(None, "--set", help="Override the base config: `--set train.steps=500` (repeatable).")
-
 RESULTS_OPT = typer.Option(Path("results"), "--results", help="Folder of Parquet tables and checkpoints.")
-
 REPORTS_OPT = typer.Option(Path("reports"), "--reports", help="Folder of HTML reports.")
-
 STORAGE_OPT = typer.Option(
     None,
     "--storage",
@@ -108,7 +105,7 @@ def run(
     reports: Path = REPORTS_OPT,
     report: bool = typer.Option(True, help="Build the HTML report at the end."),
     storage: Optional[str] = STORAGE_OPT,
-    launcher: Optional[str] = typer.Option(
+    launcher_name: Optional[str] = typer.Option(
         None,
         "--launcher",
         help="Where the runs execute: `local` (slots on this machine, the default) or `optuna` (a shared Optuna "
@@ -134,8 +131,8 @@ def run(
     check_device(device)
     if no_work and not storage:
         fail_input(ValueError("--no-work needs --storage: it enqueues the runs there for `harness worker`"))
-    chosen = pick_launcher(
-        launcher or ("optuna" if storage else "local"),
+    launcher = pick_launcher(
+        launcher_name or ("optuna" if storage else "local"),
         storage=storage,
         results=results,
         reports=reports if report else None,
@@ -147,7 +144,7 @@ def run(
         work=not no_work,
     )
     raise typer.Exit(
-        commands.run(study_path, set_options, arm, chosen, results=results, device=device, storage=storage)
+        commands.run(study_path, set_options, arm, launcher, results=results, device=device, storage=storage)
     )
 
 
