@@ -51,7 +51,7 @@ def plan_seconds(runs: int, folder: Path) -> float:
 
 
 def synthetic_study(root: Path, arms: int, seeds: int) -> None:
-    from harness.tables import write_table
+    from harness.store.tables import write_table
 
     rng = np.random.default_rng(0)
     study = "synthetic"

@@ -1,5 +1,5 @@
 """Keep the generated parts of docs/design.md true: the tables and metrics sections are
-rendered from the registry (``ddpm_engine.metrics``) and ``harness.tables``.
+rendered from the registry (``ddpm_engine.metrics``) and ``harness.store.tables``.
 
     python -m harness.design_doc          # rewrite the generated sections in place
     python -m harness.design_doc --check  # exit 1 if the document is out of date (CI runs it as a test)
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ddpm_engine.metrics import PER_RUN, TABLES
 
-from .tables import table_columns
+from .store.tables import table_columns
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 BETTER = {"lower": "lower", "higher": "higher", "zero": "closer to 0", None: "–"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.tables import write_table
+from harness.store.tables import write_table
 
 AXIS = "variant"
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from test_harness_run import TINY_BASE, harness, table
 
-from harness.tables import TABLES
+from harness.store.tables import TABLES
 
 FIRST = "study: first\nquestion: Which run does the next study reuse?\n" + TINY_BASE + "seeds: [0]\n"
 

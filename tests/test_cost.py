@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from harness.cost import step_clock, timing_threads
+from harness.study.cost import step_clock, timing_threads
 
 
 def test_the_cpu_clock_does_not_count_waiting():
@@ -44,7 +44,7 @@ def test_the_estimate_counts_the_final_bound_and_a_measured_only_run_pays_no_tra
     from ddpm_engine.config import DataConfig
     from ddpm_engine.data import load_data
     from ddpm_engine.diagnostics import BOUND_TIMESTEPS
-    from harness.cost import FORWARD_SHARE, estimate
+    from harness.study.cost import FORWARD_SHARE, estimate
 
     data = load_data(DataConfig())
     cpu = torch.device("cpu")

@@ -9,9 +9,9 @@ import time
 
 import pandas as pd
 
-from harness.claims import KeyClaims, wait_until_free
-from harness.plan import expand
-from harness.spec import load_study
+from harness.runs.claims import KeyClaims, wait_until_free
+from harness.study.plan import expand
+from harness.study.spec import load_study
 
 SHARED = """\
 study: {name}
@@ -82,8 +82,8 @@ def test_one_process_holds_one_lock_per_training_and_others_see_its_study(tmp_pa
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from harness.claims import KeyClaims; "
-            "from harness.plan import expand; from harness.spec import load_study; "
+            "import sys; from pathlib import Path; from harness.runs.claims import KeyClaims; "
+            "from harness.study.plan import expand; from harness.study.spec import load_study; "
             f"specs = expand(load_study(Path({str(tmp_path / 's.yaml')!r}))); "
             f"got, others = KeyClaims(Path({str(tmp_path)!r}), 'other').acquire(specs); "
             "print(len(got), others[0][1].study)",

@@ -239,7 +239,7 @@ def wait_all(procs, timeout: float) -> None:
 def optuna_trials(url: str, name: str):
     import optuna
 
-    from harness.distributed import db_url
+    from harness.launch.trial_queue import db_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=name, storage=db_url(url)).get_trials(deepcopy=False)
@@ -268,16 +268,16 @@ def assert_each_key_finished_once(url: str, mlflow_uri: str, name: str, keys: se
 
 
 def planned_keys(study: Path) -> dict[str, str]:
-    from harness.plan import expand
-    from harness.spec import load_study
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     return {s.key: s.name for s in expand(load_study(study))}
 
 
 def train_keys(study: Path) -> dict[str, str]:
-    """run key -> train key: checkpoints live under the train key (harness.checkpoints)."""
-    from harness.plan import expand
-    from harness.spec import load_study
+    """run key -> train key: checkpoints live under the train key (harness.runs.checkpoints)."""
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     return {s.key: s.train_key for s in expand(load_study(study))}
 

@@ -16,9 +16,9 @@ from test_harness_run import harness
 
 from ddpm_engine.config import ExperimentConfig, replicate_seed
 from ddpm_engine.metrics import MEASURE_VERSION
-from harness.plan import expand, run_key, train_key
-from harness.reconcile import logged_points
-from harness.spec import load_study
+from harness.store.history import logged_points
+from harness.study.plan import expand, run_key, train_key
+from harness.study.spec import load_study
 
 
 def test_replicate_draws_are_shared_by_arms_and_differ_across_replicates():
@@ -199,8 +199,8 @@ def test_temp_files_a_killed_run_left_are_removed_once_their_key_is_claimed(tmp_
     ones; a temp file of a key it does not hold (another study's) is left alone."""
     import os
 
-    from harness.plan import expand
-    from harness.spec import load_study
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     (tmp_path / "draws.yaml").write_text(REFERENCE_STUDY)
     spec = expand(load_study(tmp_path / "draws.yaml"))[0]

@@ -112,7 +112,7 @@ def test_smoke_study_is_tracked_in_mlflow(smoke):
 
 
 def test_cpu_slots_default_to_one_per_core_and_runs_overlap(smoke):
-    from harness.scheduler import slot_devices
+    from harness.launch.slots import slot_devices
 
     cores = os.cpu_count() or 1
     assert slot_devices("cpu", None, runs=1) == [("cpu", cores)]  # a lone run gets every core
@@ -232,8 +232,8 @@ def test_each_run_logs_its_training_split_as_an_mlflow_dataset(tmp_path):
 
     from ddpm_engine import ExperimentConfig
     from ddpm_engine.data import describe_split, load_data
-    from harness.plan import Arm, RunSpec
-    from harness.tracking import RunTracker, ensure_experiment
+    from harness.store.tracking import RunTracker, ensure_experiment
+    from harness.study.plan import Arm, RunSpec
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = ensure_experiment(client, "splits")
@@ -268,7 +268,7 @@ def test_mlflow_ui_chart_view_draws_per_t_loss_one_line_per_run(smoke, tmp_path)
 
     from browser import DevTools, require_chromium
 
-    from harness.tracking import chart_view_route
+    from harness.store.tracking import chart_view_route
 
     require_chromium()
     cwd, _, _ = smoke
@@ -385,8 +385,8 @@ def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_training = list(checkpoints.glob("*/last.pt"))[0].parent.name  # checkpoints live under the train key
-    from harness.plan import expand
-    from harness.spec import load_study
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     (killed_key,) = [s.key for s in expand(load_study(study)) if s.train_key == killed_training]
     # The slots train while the parent, the one MLflow writer, opens the runs: on a loaded
@@ -426,8 +426,8 @@ def test_a_failing_run_is_recorded_and_retried_alone(tmp_path):
     plan = harness(["status", str(study)], tmp_path)
     assert plan.returncode == 0, plan.stderr
     # Block one run's checkpoint folder with a file: saving its checkpoint raises.
-    from harness.plan import expand
-    from harness.spec import load_study
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     specs = expand(load_study(study))
     victim = specs[0]

@@ -10,7 +10,7 @@ from handmade import HYPOTHESES_COLUMNS
 from pydantic import ValidationError
 from scipy import stats as scipy_stats
 
-from harness.hypotheses import (
+from harness.study.hypotheses import (
     Hypothesis,
     Judgement,
     evaluate,
@@ -21,7 +21,7 @@ from harness.hypotheses import (
     sentence,
     within_p_values,
 )
-from harness.stats import mean_ci, paired_effect
+from harness.study.stats import mean_ci, paired_effect
 
 COLUMNS = HYPOTHESES_COLUMNS
 
@@ -238,7 +238,7 @@ def test_two_valued_metric_on_its_null_keeps_false_verdicts_at_five_percent(monk
         rate = two_valued_false_verdicts(400, seeds, rng)
         assert rate <= 0.05, (seeds, rate)
     # the old rule (a zero-width interval decided by its value, p = 0) fails this simulation
-    monkeypatch.setattr("harness.hypotheses.metric_scale", lambda metric: ("linear", True))
+    monkeypatch.setattr("harness.study.hypotheses.metric_scale", lambda metric: ("linear", True))
     assert two_valued_false_verdicts(400, 2, np.random.default_rng(11)) > 0.3
 
 
@@ -642,7 +642,7 @@ def test_lognormal_metric_is_judged_on_logs_and_keeps_false_verdicts_at_five_per
     assert lognormal_false_verdicts(1000, 1.0, np.random.default_rng(5)) <= allowed
     assert lognormal_false_verdicts(1000, 0.0, np.random.default_rng(6), versus="baseline") <= allowed
     # judged on the raw values against their true mean e^(1.5^2 / 2), the t test is misled by the skew
-    monkeypatch.setattr("harness.hypotheses.metric_scale", lambda metric: ("linear", False))
+    monkeypatch.setattr("harness.study.hypotheses.metric_scale", lambda metric: ("linear", False))
     assert lognormal_false_verdicts(1000, math.exp(1.5**2 / 2), np.random.default_rng(5)) > 0.1
 
 

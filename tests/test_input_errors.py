@@ -114,6 +114,22 @@ def test_no_work_without_storage_is_refused(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--launcher", "slurm"], "--launcher 'slurm': not a launcher; use one of local, optuna"),
+        (["--launcher", "optuna"], "--launcher optuna needs --storage"),
+        (["--launcher", "local", "--storage", "sqlite:///q.db"], "use --launcher optuna"),
+    ],
+)
+def test_a_launcher_without_what_it_needs_is_refused(tmp_path, args, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(HEADER)
+    proc = harness(["run", str(path), *args], tmp_path)
+    one_line_error(proc, message)
+    assert not (tmp_path / "results").exists()
+
+
 # ---------------------------------------------------------------- rich markup in names
 
 MARKUP_STUDY = HEADER + 'ablations:\n  a:\n    "lo[/bold]": {train.lr: 0.001}\n    "[red]hi": {train.lr: 0.002}\n'
@@ -281,9 +297,9 @@ def test_a_slot_ignores_ctrl_c_from_its_start(tmp_path):
     ignore it (the parent decides), not die with a KeyboardInterrupt traceback."""
     import signal
 
-    from harness.plan import expand
-    from harness.scheduler import LocalScheduler
-    from harness.spec import load_study
+    from harness.launch.slots import LocalScheduler
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
 
     path = tmp_path / "s.yaml"
     path.write_text(SMALL)

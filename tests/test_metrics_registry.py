@@ -8,8 +8,8 @@ import pytest
 
 from ddpm_engine import ExperimentConfig, MemoryRecorder, run_experiment
 from ddpm_engine.metrics import PER_RUN, TABLES, report_columns, tunable
-from harness.spec import Tune
-from harness.tables import table_columns
+from harness.store.tables import table_columns
+from harness.study.spec import Tune
 
 
 @pytest.fixture(scope="module")

@@ -304,7 +304,7 @@ def test_the_plan_prices_fp64_sampling_by_the_timed_precision_factor(one_thread)
     states) by the float64/float32 forward-time ratio it times once per model; training is
     unchanged. The ratio is pinned here (a timing is no unit test); its wiring is what is checked."""
     from ddpm_engine.config import DataConfig
-    from harness.cost import estimate
+    from harness.study.cost import estimate
 
     data = load_data(DataConfig())
     fp32 = ExperimentConfig.from_dict({"train": {"steps": 10}, "sample": {"num_samples": 8}})

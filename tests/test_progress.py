@@ -1,9 +1,9 @@
 """Plain progress lines for `harness run` under CI or nohup (no terminal)."""
 
-from harness.lifecycle import Outcome, RunState
-from harness.plan import expand
-from harness.progress import PlainProgress
-from harness.spec import load_study
+from harness.runs.lifecycle import Outcome, RunState
+from harness.runs.progress import PlainProgress
+from harness.study.plan import expand
+from harness.study.spec import load_study
 
 
 class Clock:

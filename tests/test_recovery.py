@@ -387,7 +387,7 @@ def test_a_full_disk_is_the_run_s_recorded_reason(tmp_path, monkeypatch, one_thr
     the checkpoint instead (the file system's free space, read with statvfs, tells)."""
     from ddpm_engine import ExperimentConfig, NullRecorder, training
     from ddpm_engine import files as engine_files
-    from harness.lifecycle import RunState, execute
+    from harness.runs.lifecycle import RunState, execute
 
     config = ExperimentConfig.from_dict(TINY_CONFIG)
     real_statvfs = os.statvfs
@@ -510,9 +510,9 @@ def test_ctrl_c_twice_stops_at_once_without_a_traceback_and_the_run_resumes(kept
 def test_a_checkpoint_set_aside_is_said_in_the_run_s_record(kept, tmp_path, monkeypatch, one_thread):
     """The run goes on from scratch; its runs row and its MLflow run keep why."""
     from ddpm_engine import ExperimentConfig
-    from harness.lifecycle import RunState, execute
-    from harness.plan import Arm, RunSpec
-    from harness.tracking import RunTracker, ensure_experiment
+    from harness.runs.lifecycle import RunState, execute
+    from harness.store.tracking import RunTracker, ensure_experiment
+    from harness.study.plan import Arm, RunSpec
 
     shutil.copy(kept[0] / "mlflow.db", tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlartifacts
@@ -546,7 +546,7 @@ def test_the_study_manifest_is_written_through_a_temp_file_of_its_own(tmp_path):
     # two `harness run` of one study write study.json at once: with one shared temp name the
     # second's rename found it gone ("cannot write results/twice/study.json.tmp"). A folder
     # squatting on that shared name stands in for the other process, deterministically.
-    from harness.plan import write_manifest
+    from harness.study.plan import write_manifest
 
     folder = tmp_path / "twice"
     (folder / "study.json.tmp").mkdir(parents=True)

@@ -25,7 +25,7 @@ from PIL import Image
 from ddpm_engine import ExperimentConfig, run_experiment
 from ddpm_engine.data import load_data
 from harness.report import build_report
-from harness.tables import write_table
+from harness.store.tables import write_table
 
 STUDY = "smoke"
 SEEDS = [0, 1]
@@ -318,8 +318,8 @@ def _row(table_html: str, arm: str) -> str:
 
 
 def test_paired_effects_equal_hand_computed_numbers(handmade):
-    from harness import stats
-    from harness.results import StudyResults
+    from harness.report.results import StudyResults
+    from harness.study import stats
 
     root, _ = handmade
     data = StudyResults.load(root, HAND)
@@ -435,7 +435,7 @@ def test_an_effect_that_does_not_survive_holm_is_not_starred(tmp_path):
 
 
 def test_minimum_detectable_ratio_is_shown_as_a_ratio_and_capped():
-    from harness.report import _mde_text
+    from harness.report.page import _mde_text
 
     assert _mde_text(1.0, log=True) == "×2.72"
     assert _mde_text(380.0, log=True) == "> ×1,000"  # not a 165-digit number
@@ -471,7 +471,7 @@ def _judged_row(name: str, arm: str, verdict: str, **extra) -> dict:
 def test_hypothesis_matrix_places_each_verdict_in_its_row_and_arm_column():
     """Rows in the judged frame's order, columns in the study's arm order whatever the rows'
     order, an unjudged pair as an empty cell, and a summary that counts (hypothesis, arm) rows."""
-    from harness.report import hypothesis_matrix
+    from harness.report.page import hypothesis_matrix
 
     judged = pd.DataFrame(
         [
@@ -510,7 +510,7 @@ def test_hypothesis_matrix_places_each_verdict_in_its_row_and_arm_column():
 
 
 def test_hypothesis_matrix_of_a_log_scale_ratio_reads_as_a_ratio():
-    from harness.report import hypothesis_matrix
+    from harness.report.page import hypothesis_matrix
 
     row = _judged_row("sharper", "a", "supported", versus="baseline", value=0.0, scale="log", estimate=0.83)
     cell = hypothesis_matrix(pd.DataFrame([row]), ["a"])["rows"][0]["cells"][0]
@@ -627,8 +627,8 @@ def test_a_loss_in_each_arms_own_objective_is_not_compared_across_objectives(tmp
     # w_t-weighted loss is another quantity than L_simple, not a 34 times smaller one
     from handmade import write_run, write_study
 
-    from harness.report import NOT_COMPARABLE, effects_table, metrics_table, report_columns
-    from harness.results import StudyResults
+    from harness.report.page import NOT_COMPARABLE, effects_table, metrics_table, report_columns
+    from harness.report.results import StudyResults
 
     arms = ["base", "same", "vlb"]
     write_study(tmp_path, "objectives", arms, [0, 1, 2], "base")

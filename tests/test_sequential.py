@@ -1,4 +1,4 @@
-"""Adaptive seeds (harness.sequential): the spending, the seeds each look asks for, and null
+"""Adaptive seeds (harness.study.sequential): the spending, the seeds each look asks for, and null
 studies simulated from hand-made tables showing the family-wise false-positive rate stays at
 or under 5% while naive re-testing at every look does not, and that a planted effect is found."""
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from scipy import special, stats
 
-from harness.hypotheses import evaluate
-from harness.sequential import look_levels, obrien_fleming_spent, seeds_wanted
-from harness.spec import AdaptiveSeeds, Hypothesis
+from harness.study.hypotheses import evaluate
+from harness.study.sequential import look_levels, obrien_fleming_spent, seeds_wanted
+from harness.study.spec import AdaptiveSeeds, Hypothesis
 
 ARMS = ["base", "A", "B", "C"]
 MARGIN = 0.5
@@ -109,13 +109,13 @@ def test_naive_retesting_at_every_look_inflates_false_positives(monkeypatch):
     # spending): a row counts as decided once any look decides it, as when one stops at the
     # first significant look. What the boundaries prevent, and proof that the simulation can
     # fail a procedure.
-    from harness import sequential
+    from harness.study import sequential
 
     def naive(looks, paths=0, seed=0):
         n = np.asarray(looks, dtype=float)
         return -special.stdtrit(n[None, :] - 1, sequential.GRID[:, None] / 2)
 
-    monkeypatch.setattr("harness.sequential.boundary_table", naive)
+    monkeypatch.setattr("harness.study.sequential.boundary_table", naive)
     rate = false_positive_rate(150)
     assert rate > 0.08, rate
 

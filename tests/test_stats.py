@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from harness.stats import (
+from harness.study.stats import (
     HIGHER,
     LOWER,
     NO_CLEAR_EFFECT,
@@ -105,14 +105,14 @@ def test_rounding_differences_are_no_effect():
 
 
 def test_the_plan_warnings_t_table_matches_scipy():
-    from harness.cli import T_975
+    from harness.commands import T_975
 
     for n, value in T_975.items():
         assert value == pytest.approx(scipy_stats.t.ppf(0.975, n - 1), abs=5e-4)
 
 
 def test_minimum_detectable_effect_is_the_exact_noncentral_t_solution():
-    from harness.stats import minimum_detectable_effect
+    from harness.study.stats import minimum_detectable_effect
 
     assert minimum_detectable_effect(1.0, 2) == pytest.approx(11.55, abs=0.005)
     assert minimum_detectable_effect(2.0, 2) == pytest.approx(2 * 11.5499, rel=1e-4)  # in units of the sd
@@ -127,7 +127,7 @@ def test_minimum_detectable_effect_is_the_exact_noncentral_t_solution():
 def test_minimum_detectable_effect_has_its_power_in_simulation():
     import numpy as np
 
-    from harness.stats import minimum_detectable_effect
+    from harness.study.stats import minimum_detectable_effect
 
     rng = np.random.default_rng(1)
     for n, alpha in ((3, 0.05), (5, 0.01)):
@@ -139,7 +139,7 @@ def test_minimum_detectable_effect_has_its_power_in_simulation():
 
 
 def test_p_value_of_no_spread_is_the_sign_test_unless_exact():
-    from harness.stats import p_value, sign_test_p
+    from harness.study.stats import p_value, sign_test_p
 
     assert p_value([0.1, 0.1], exact=True) == 0.0
     assert p_value([0.1, 0.1]) == 0.5 == sign_test_p([0.1, 0.1])

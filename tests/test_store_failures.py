@@ -21,10 +21,10 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from harness.plan import expand
-from harness.reconcile import LOGGED_ROWS_TAG, parquet_rows
-from harness.spec import load_study
-from harness.store import GuardedClient, StoreFailure
+from harness.store.history import LOGGED_ROWS_TAG, parquet_rows
+from harness.store.mlflow_store import GuardedClient, StoreFailure
+from harness.study.plan import expand
+from harness.study.spec import load_study
 
 # `short` ends while `long` trains: the store fails before short's end is recorded in MLflow
 STUDY = """\

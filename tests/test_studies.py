@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.plan import baseline_arm, changed_keys, expand, expand_arms
-from harness.spec import load_study
+from harness.study.plan import baseline_arm, changed_keys, expand, expand_arms
+from harness.study.spec import load_study
 
 STUDY_DIR = Path(__file__).parent.parent / "studies"
 STUDIES = sorted(STUDY_DIR.glob("*.yaml"))
@@ -261,7 +261,7 @@ def test_a_later_knob_at_its_default_leaves_run_and_train_keys_as_before(monkeyp
     from pydantic import create_model
 
     from ddpm_engine import config as engine_config
-    from harness.plan import run_key, train_key
+    from harness.study.plan import run_key, train_key
 
     before = engine_config.ExperimentConfig()
     keys = run_key(before, 0), train_key(before, 0)
@@ -292,7 +292,7 @@ def first_seed_runs(name: str) -> dict:
 def test_capacity_ladder_differs_only_in_width_at_about_0_1_0_5_and_2M_with_8M_defined_for_gpus():
     from ddpm_engine.config import ExperimentConfig
     from ddpm_engine.model import build_model, count_parameters
-    from harness.spec import apply_overrides
+    from harness.study.spec import apply_overrides
 
     study = load_study(STUDY_DIR / "capacity_ladder.yaml")
     runs = first_seed_runs("capacity_ladder")

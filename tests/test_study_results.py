@@ -22,7 +22,7 @@ from scipy import stats as scipy_stats
 
 from ddpm_engine.metrics import PER_RUN, mean_over_t, nearest_t, per_t_summary
 from harness.report import build_report
-from harness.results import StudyResults
+from harness.report.results import StudyResults
 
 STUDY = "handmade"
 SEEDS = [0, 1, 2]
@@ -174,8 +174,8 @@ def test_a_truncated_runs_file_is_set_aside_and_its_key_runs_again(tmp_path):
     """A `runs` file cut short (a full disk, a hand edit) used to crash status, run and plan
     with an ArrowInvalid traceback naming no file. Now it is renamed to .corrupt (kept), the
     ledger names it, and its key counts as pending; the other keys are unaffected."""
-    from harness.ledger import Ledger
-    from harness.lifecycle import RunState
+    from harness.runs.ledger import Ledger
+    from harness.runs.lifecycle import RunState
 
     write_study(tmp_path, "cut", ["a", "b"], [0], "a")
     good = write_run(tmp_path, "cut", "a", 0)

@@ -213,9 +213,9 @@ def test_a_resumed_run_gets_the_points_its_killed_attempt_lost(tmp_path, monkeyp
     """The first attempt's asynchronous logger lost two of four loss points when it was killed;
     the resumed attempt, which logs from its checkpoint on, finishes with all four."""
     from ddpm_engine import ExperimentConfig
-    from harness.lifecycle import RunState
-    from harness.plan import Arm, RunSpec
-    from harness.tracking import RunTracker, ensure_experiment
+    from harness.runs.lifecycle import RunState
+    from harness.store.tracking import RunTracker, ensure_experiment
+    from harness.study.plan import Arm, RunSpec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

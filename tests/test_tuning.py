@@ -7,7 +7,7 @@ import sys
 import pyarrow.dataset as ds
 from mlflow import MlflowClient
 
-from harness.spec import load_study
+from harness.study.spec import load_study
 
 STUDY = """\
 study: tuned
@@ -84,7 +84,7 @@ def test_tuned_smoke_study_end_to_end(tmp_path):
 def test_tune_block_errors_are_located(tmp_path):
     import pytest
 
-    from harness.spec import StudyError
+    from harness.study.spec import StudyError
 
     bad = STUDY.replace("train.lr: {loguniform: [1.0e-4, 3.0e-3]}", "train.lrr: {loguniform: [1.0e-4, 3.0e-3]}")
     path = tmp_path / "bad.yaml"

@@ -1,65 +1,28 @@
-"""The life of a run: its states, the one function that executes it, and what it ended as.
+"""The life of a run: the one function that executes it and says what it ended as.
 
 Every way of running a spec (the local slots, a distributed worker, a tuning trial) calls
 ``execute``; each then maps the returned ``Outcome`` onto its own bookkeeping (a tracker, an
-Optuna trial state) in one place. The states are the vocabulary of the ``runs`` table, of
-``harness status`` and of the report (docs/design.md, "Run states").
+Optuna trial state) in one place. The states and the outcome (harness.store.states) are the
+vocabulary of the ``runs`` table, of ``harness status`` and of the report.
 """
 
 from __future__ import annotations
 
 import traceback
 import warnings
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from ..store.states import Outcome, RunState
 
 if TYPE_CHECKING:
     from ddpm_engine.config import ExperimentConfig
     from ddpm_engine.recorder import Recorder
 
 
-class RunState(str, Enum):
-    """A run key's state. ``str`` so that it is stored in Parquet and compared with text."""
-
-    PENDING = "pending"  # planned, never started (or its start was cancelled)
-    RUNNING = "running"  # started and not ended (a live run, or one whose process died)
-    FINISHED = "finished"
-    FAILED = "failed"  # an exception or a non-finite loss; the reason is kept
-    INTERRUPTED = "interrupted"  # stopped on request after a checkpoint; resumes next time
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def resumable(self) -> bool:
-        """Run again by a plain `harness run` (failed ones need --retry-failed)."""
-        return self in (RunState.PENDING, RunState.RUNNING, RunState.INTERRUPTED)
-
-    @classmethod
-    def parse(cls, text: object) -> RunState:
-        """A state from any stored spelling; unknown or missing text is PENDING."""
-        try:
-            return cls(str(text).strip().lower())
-        except ValueError:
-            return cls.PENDING
-
-
 class RunAbandoned(Exception):
     """Raised from ``should_stop`` when the run must stop without being recorded as ended
     (a distributed trial that another worker declared stale and retried)."""
-
-
-@dataclass
-class Outcome:
-    state: RunState
-    summary: dict[str, float] = field(default_factory=dict)
-    # failed: "Type: message"; interrupted: where it stopped; finished: what else happened to
-    # the run (the engine's RunNote warnings, e.g. a checkpoint set aside), else empty
-    reason: str = ""
-    step: int | None = None  # interrupted: the checkpointed step
-    traceback: str = ""
 
 
 def execute(

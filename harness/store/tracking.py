@@ -1,7 +1,7 @@
 """Tracking: a Recorder that fans one run's events out to MLflow and Parquet.
 
 One MLflow experiment per study, one MLflow run per run key (a resumed key reuses its run),
-the `runs` Parquet row as this machine's record of the key's state (``harness.ledger``).
+the `runs` Parquet row as this machine's record of the key's state (``harness.runs.ledger``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from PIL import Image
 
-from .lifecycle import Outcome, RunState
-from .plan import RunSpec, flat_config
-from .store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
+from ..study.plan import RunSpec, flat_config
+from .history import LOGGED_ROWS_TAG, METRIC_BATCH, add_missing_points, curve_metrics, parquet_rows
+from .mlflow_store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
+from .states import Outcome, RunState
 from .tables import write_table
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -101,33 +102,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-# Per-t curves of the final probe (step = t) and drift curves (step = reverse-chain index, 0 at
-# x_T) as MLflow metrics, so that MLflow's chart view overlays them across runs.
-CURVE_METRICS = {
-    "per_t": ("per_t", ["loss_mse", "eps_pred_mean", "eps_pred_std", "vlb_bits", "loss_best_ref"]),
-    "drift": ("drift", ["mean", "std", "frac_out", "ref_mean", "q_mean", "qstart_mean", "gauss_chain_mean"]),
-}
-METRIC_BATCH = 1000  # MLflow's limit per log_batch call
-
-
-def curve_metrics(name: str, frame: pd.DataFrame, now: int) -> list[Metric]:
-    if name not in CURVE_METRICS or frame.empty:
-        return []
-    prefix, columns = CURVE_METRICS[name]
-    if name == "per_t":
-        frame = frame[frame["step"] == frame["step"].max()]
-        steps = frame["t"].astype(int).tolist()
-    else:
-        steps = list(range(len(frame)))  # rows run from t = T down to the final sample
-    out = []
-    for column in columns:
-        if column in frame:
-            out += [
-                Metric(f"{prefix}/{column}", float(v), now, s) for v, s in zip(frame[column], steps) if np.isfinite(v)
-            ]
-    return out
-
-
 def dataset_input(frame: pd.DataFrame) -> DatasetInput:
     """The engine's `dataset` row (ddpm_engine.data.describe_split) as an MLflow dataset input
     of context "training": MLflow shows it on the run and in its Datasets filter, and keeps one
@@ -176,7 +150,7 @@ class RunTracker:
     With a ``store.GuardedClient`` (the local parent's), a store that fails for good is not a
     crash: the MLflow half of each call is skipped from then on, the Parquet half (tables, the
     `runs` row) goes on, and ``store_failure`` says why; the scheduler stops the slots at their
-    checkpoints and the next `harness run` writes the records into MLflow (harness.reconcile)."""
+    checkpoints and the next `harness run` writes the records into MLflow (harness.runs.reconcile)."""
 
     def __init__(
         self,
@@ -324,7 +298,7 @@ class RunTracker:
         self.flush()
 
     def end(self, outcome: Outcome) -> None:
-        """Record how the run ended (``harness.lifecycle.execute``'s outcome)."""
+        """Record how the run ended (``harness.runs.lifecycle.execute``'s outcome)."""
         if outcome.state is RunState.FINISHED:
             self.finish(outcome.summary, note=outcome.reason)
         elif outcome.state is RunState.INTERRUPTED:
@@ -354,15 +328,13 @@ class RunTracker:
         self.write_runs_row(RunState.FINISHED, params=summary.get("params"), seconds=summary.get("seconds"), note=note)
 
     def record_history(self) -> None:
-        """Tag the run with the Parquet rows its metric history covers (reconcile.LOGGED_ROWS_TAG),
+        """Tag the run with the Parquet rows its metric history covers (history.LOGGED_ROWS_TAG),
         after the points are stored: a run that never lost any is tagged at once; a resumed one
         (its earlier attempt was killed with points not yet stored: events its parent had not
         recorded, batches an asynchronous logger held), one whose batches MLflow's asynchronous
         logger failed to store, and one that replaced the key's earlier run (a
         re-measure streams no training points) first get each point their history lacks.
         Tagged after FINISHED, so a kill in between leaves a run reconcile looks at again."""
-        from .reconcile import LOGGED_ROWS_TAG, add_missing_points, parquet_rows
-
         if self.resumed or self.superseded or self.lost_points:
             add_missing_points(self.client, self.run_id, self.results, self.spec)
         else:

@@ -25,7 +25,7 @@ RUNS_COLUMNS: dict[str, str] = {
     "arm": "arm label",
     "seed": "training seed",
     "<axis>": "one column per ablation axis, holding the arm's level name",
-    "status": "pending | running | finished | failed | interrupted (harness.lifecycle.RunState)",
+    "status": "pending | running | finished | failed | interrupted (harness.store.states.RunState)",
     "error": "failure reason (empty unless failed or interrupted)",
     "note": "what else happened to the run, kept although it went on (e.g. its checkpoint did not load)",
     "mlflow_run_id": "the MLflow run of this key",

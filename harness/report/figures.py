@@ -1,7 +1,7 @@
 """The report's figures: each a function of the study's results returning a matplotlib
 Figure, or None when there is nothing to draw (the page then shows a note).
 
-Figures read only ``harness.results.StudyResults``; page assembly lives in ``harness.report``.
+Figures read only ``harness.report.results.StudyResults``; page assembly lives in ``harness.report.page``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ import pandas as pd
 
 from ddpm_engine.metrics import PER_RUN, per_t_summary
 
-from .ledger import Ledger
-from .lifecycle import RunState
+from ..runs.ledger import Ledger
+from ..store.states import RunState
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,9 @@ class StudyResults:
 
 
 def damaged_notes(root: Path, study: str, runs: pd.DataFrame) -> list[str]:
-    """One note per finished run with a missing or unreadable table (harness.repair): the
+    """One note per finished run with a missing or unreadable table (harness.runs.repair): the
     report shows it without them, so its verdicts count it only where it has the values."""
-    from .repair import damaged_tables
+    from ..runs.repair import damaged_tables
 
     finished = runs[runs["status"] == FINISHED]
     damaged = damaged_tables(root, study, finished["run_key"].astype(str)) if not finished.empty else {}
@@ -247,7 +247,7 @@ def _read_ledger(root: Path, study: str, notes: list[str]) -> Ledger:
 def read_table_tolerant(root: Path, study: str, table: str, notes: list[str]) -> pd.DataFrame:
     """A whole table; if the dataset cannot be read as one, file by file, skipping (and
     naming) unreadable files: one bad file must not lose a whole report."""
-    from .tables import read_table
+    from ..store.tables import read_table
 
     try:
         quarantined: list[Path] = []

@@ -3,7 +3,7 @@ or of two studies that share a training) never train it twice.
 
 A claim is an exclusive ``flock`` on ``results/.claims/<train_key>.lock``, under the results
 root that every study shares (a run key finished in one study is another study's to adopt, and
-a training is shared by every run key that measures it: harness.checkpoints). It is taken
+a training is shared by every run key that measures it: harness.runs.checkpoints). It is taken
 without waiting and held until the process releases it or ends. The operating system releases
 it when the holder exits, however it exits (SIGKILL included), so there is no stale claim to
 expire. The file records who holds it (host, pid, study, since) for the message the other
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable
 
-from .plan import RunSpec
+from ..study.plan import RunSpec
 
 FOLDER = ".claims"  # a dot name: never taken for a study folder (study names start with a letter)
 

@@ -12,7 +12,7 @@ A study YAML may state what it expects before anything is trained::
         says: T=200 with unscaled betas leaves signal in x_T
 
 Each (hypothesis, arm) is judged from the per-seed values (paired differences when versus the
-baseline) by the two-sided Student-t confidence interval of their mean (``harness.stats``):
+baseline) by the two-sided Student-t confidence interval of their mean (``harness.study.stats``):
 
 * ``above v``: supported when the interval lies wholly above v, refuted when wholly below v;
 * ``below v``: the mirror;
@@ -24,7 +24,7 @@ Every judgement also carries the p-value of the test that decides it, built so t
 p < 1 - confidence exactly when the interval rule decides. Over all rows of a study the
 p-values are Holm-adjusted, and a verdict stands only when its adjusted p is below alpha.
 A study with adaptive seeds is judged at each of its looks and each row's p-value is the
-sequential one of harness.sequential (exact group-sequential boundaries, alpha spent over the
+sequential one of harness.study.sequential (exact group-sequential boundaries, alpha spent over the
 looks); ``look_n`` is the seed count of the look that gives a row its p-value (its strongest
 look; all its seeds in a fixed design) and 0 while the row is inconclusive.
 
@@ -252,7 +252,7 @@ def _sequential(
     values: Sequence[float], expect: str, value: float, looks: Sequence[int], alpha: float, exact: bool = False
 ) -> tuple[float, str, int]:
     """(sequential p, verdict, n of the look that gives p) of one row whose values (in seed
-    order) reach some of ``looks`` (harness.sequential: a look crosses when its t statistic
+    order) reach some of ``looks`` (harness.study.sequential: a look crosses when its t statistic
     passes that look's exact group-sequential boundary; p is the smallest alpha' with a crossing).
 
     One look: the fixed design. Fewer values than the first look (a run failed): one t test,
@@ -374,7 +374,7 @@ def evaluate(
     """One row per (hypothesis, arm), with Holm-adjusted p-values over every row of the study.
 
     ``looks`` (adaptive seeds: the seed counts of the looks, e.g. [3, 4, ..., 8]) judges each
-    row sequentially (harness.sequential) on prefixes of its values in seed order; n, the
+    row sequentially (harness.study.sequential) on prefixes of its values in seed order; n, the
     estimate and the interval shown are those of all its values. None: one fixed-size test.
 
     ``per_run`` has columns ``arm, seed`` and one column per metric (a row per finished run).

@@ -25,11 +25,12 @@ from mlflow.entities import Metric, Param
 
 from ddpm_engine.config import ExperimentConfig
 
-from .lifecycle import Outcome, RunState, execute
-from .plan import Arm, RunSpec, run_key
-from .spec import Distribution, Study, Tune, apply_overrides
-from .tables import write_table
-from .tracking import dataset_input
+from ..store.states import Outcome, RunState
+from ..store.tables import write_table
+from ..store.tracking import dataset_input
+from ..study.plan import Arm, RunSpec, run_key
+from ..study.spec import Distribution, Study, Tune, apply_overrides
+from .lifecycle import execute
 
 
 def suggest(trial: optuna.Trial, key: str, distribution: Distribution) -> Any:

@@ -19,10 +19,8 @@ from typing import Callable, Iterable
 
 from ddpm_engine.files import atomic_write
 
+from ..store.states import RunState
 from .ledger import Ledger
-from .lifecycle import RunState
-
-SUFFIX = {"samples": ".png", "configs": ".yaml"}  # every other folder holds a table, .parquet
 
 
 def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[str, str]:
@@ -38,7 +36,7 @@ def finished_elsewhere(results: Path, study: str, keys: Iterable[str]) -> dict[s
         if candidates:
             ledger = Ledger.load(root, folder.name)
             # an outdated source (older MEASURE_VERSION) is not copied: its training is, by
-            # harness.checkpoints, and the run measured again
+            # harness.runs.checkpoints, and the run measured again
             found.update({k: folder.name for k in candidates if ledger.is_current(k)})
     return found
 
@@ -48,7 +46,7 @@ def sound_sources(
 ) -> dict[str, str]:
     """``sources`` (run key -> source study) without the keys whose source has a damaged table
     that its MLflow run cannot restore: adopting them would copy the damage (and fail to
-    read it), so they are measured from the source's checkpoint (harness.checkpoints) or
+    read it), so they are measured from the source's checkpoint (harness.runs.checkpoints) or
     trained here instead. Restoring a source puts back the file it had, nothing else."""
     from .repair import client_for_repair, damaged_tables, finished_run, measurable, restore_tables
 
@@ -84,7 +82,9 @@ def sound_sources(
 def copy_run_files(results: Path, source: str, study: str, key: str) -> list[Path]:
     """Copy a finished key's files (tables, sample grid, config) from ``source`` into ``study``,
     each atomically; returns the copies (the artifacts its MLflow run logs)."""
-    from .tables import ARTIFACT_FOLDERS  # here: `harness plan` calls finished_elsewhere and must not load pyarrow
+    # here: `harness plan` calls finished_elsewhere and must not load pyarrow
+    from ..store.tables import ARTIFACT_FOLDERS
+    from .repair import SUFFIX
 
     root = Path(results)
     copies = []
@@ -104,8 +104,8 @@ def adopt(client, experiment_id: str, spec, results: Path, source: str, commit: 
     files copied, its MLflow run rebuilt from them in this study's experiment and tagged
     ``reused_from``, and its `runs` row (this study's arm and levels) written last, so a kill
     midway leaves the key pending and the next run adopts it again. Returns the MLflow run id."""
+    from ..store.tracking import RunTracker
     from .reconcile import rebuild_in_mlflow
-    from .tracking import RunTracker
 
     copy_run_files(results, source, spec.study, spec.key)
     origin = Ledger.load(results, source).row(spec.key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +13,7 @@ from pydantic import ValidationError
 from ddpm_engine.config import ExperimentConfig
 from ddpm_engine.files import atomic_write
 
-from .spec import Study, _describe, apply_overrides
-
-
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    levels: dict[str, str]  # axis -> level
-    overrides: dict[str, Any]  # dotted key -> value, merged over all axes
+from .spec import Arm, Study, _describe, apply_overrides, baseline_arm, baseline_levels, expand_arms
 
 
 @dataclass(frozen=True)
@@ -67,58 +59,6 @@ def train_key(config: ExperimentConfig | dict, seed: int) -> str:
         config = ExperimentConfig.model_validate(config)
     payload = canonical_json({"config": config.training_dict(), "seed": seed, "trained": True})
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def baseline_levels(study: Study) -> dict[str, str]:
-    """The baseline's level per axis: as declared, else each axis's first level."""
-    chosen = dict(study.baseline or {})
-    for axis, levels in study.ablations.items():
-        chosen.setdefault(axis, next(iter(levels)))
-    return chosen
-
-
-def expand_arms(study: Study) -> list[Arm]:
-    """The arms of the study's design, in a stable order (baseline first where it exists)."""
-    return [arm for arm, _ in arms_with_chosen_axes(study)]
-
-
-def arms_with_chosen_axes(study: Study) -> list[tuple[Arm, list[str]]]:
-    """Each arm with the axes it chooses itself; its other axes take the baseline's level.
-    Overrides apply the baseline's levels first and the chosen ones last, so an arm's own
-    level wins over a baseline default that sets the same key (one_at_a_time's annotated arm
-    keeps its per-block time MLP whatever the axis order)."""
-    axes = list(study.ablations)
-    base = baseline_levels(study)
-    if study.arms is not None:
-        choices = [(name, {**base, **levels}, list(levels)) for name, levels in study.arms.items()]
-    elif not axes:
-        choices = [("base", {}, [])]
-    elif study.design == "factorial":
-        combos = itertools.product(*(list(study.ablations[a]) for a in axes))
-        choices = [("-".join(combo), dict(zip(axes, combo)), list(axes)) for combo in combos]
-    else:  # one_at_a_time: the baseline, then each non-baseline level alone
-        all_levels = [lvl for a in axes for lvl in study.ablations[a]]
-        choices = [("baseline", dict(base), list(axes))]
-        for axis in axes:
-            for level in study.ablations[axis]:
-                if level != base[axis]:
-                    label = level if all_levels.count(level) == 1 else f"{axis}.{level}"
-                    choices.append((label, {**base, axis: level}, [axis]))
-    out = []
-    for label, levels, chosen in choices:
-        overrides: dict[str, Any] = {}
-        for axis in [a for a in axes if a not in chosen] + [a for a in axes if a in chosen]:
-            overrides.update(study.ablations[axis][levels[axis]])
-        out.append((Arm(label=label, levels=levels, overrides=overrides), chosen))
-    return out
-
-
-def baseline_arm(study: Study, arms: list[Arm]) -> str | None:
-    base = baseline_levels(study)
-    for arm in arms:
-        if arm.levels == base:
-            return arm.label
-    return None
 
 
 def expand(study: Study) -> list[RunSpec]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ddpm_engine.files import atomic_write
 
-from .plan import RunSpec, train_key
+from ..study.plan import RunSpec, train_key
 
 CHECKPOINT = "last.pt"
 

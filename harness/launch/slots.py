@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Callable
 
 from ddpm_engine.files import DISK_FULL, write_error_message
 
-from .checkpoints import checkpoint_dir
-from .lifecycle import Outcome, RunState, execute
-from .plan import RunSpec
+from ..runs.checkpoints import checkpoint_dir
+from ..runs.lifecycle import execute
+from ..store.states import Outcome, RunState
+from ..study.plan import RunSpec
 
 if TYPE_CHECKING:  # a slot never touches MLflow; importing it there would delay every start by ~2 s
-    from .tracking import RunTracker
+    from ..store.tracking import RunTracker
 
 
 @dataclass

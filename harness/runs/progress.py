@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .plan import RunSpec
+from ..study.plan import RunSpec
 
-# said when the MLflow store fails for good while runs train (harness.scheduler)
+# said when the MLflow store fails for good while runs train (harness.launch.slots)
 STORE_FAILED = "{}: checkpointing the running runs and stopping; their records go on into results/"
 
 

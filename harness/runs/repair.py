@@ -18,10 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..store.states import RunState
+from ..study.plan import RunSpec
 from .ledger import Ledger
-from .lifecycle import RunState
-from .plan import RunSpec
-from .reuse import SUFFIX
+
+SUFFIX = {"samples": ".png", "configs": ".yaml"}  # every other folder holds a table, .parquet
+
+
+def open_tracking_client():
+    """The MLflow client, for a repair that needs one: imported only when a table is damaged,
+    so that MLflow loads while the slots start."""
+    from ..store.tracking import make_client
+
+    return make_client()
 
 
 def file_of(results: Path, study: str, folder: str, key: str) -> Path:
@@ -48,7 +57,7 @@ def sound(path: Path) -> bool:
 
 def damaged_tables(results: Path, study: str, keys: Iterable[str]) -> dict[str, list[str]]:
     """run key -> the folders of ARTIFACT_FOLDERS whose file of that key is missing or unreadable."""
-    from .tables import ARTIFACT_FOLDERS  # here: a study with nothing finished never loads pyarrow
+    from ..store.tables import ARTIFACT_FOLDERS  # here: a study with nothing finished never loads pyarrow
 
     out = {}
     for key in keys:
@@ -93,7 +102,7 @@ def restore_tables(client, run, results: Path, study: str, key: str, folders: li
 
 def store_exists() -> bool:
     """False for a SQLite store whose file is absent: opening it would create an empty one."""
-    from .store import sqlite_path, tracking_uri
+    from ..store.mlflow_store import sqlite_path, tracking_uri
 
     path = sqlite_path(tracking_uri())
     return path is None or path.exists()
@@ -159,7 +168,7 @@ def repair_study(
         log(f"[yellow]{what}: {then}[/]")
         import pandas as pd
 
-        from .tables import write_table
+        from ..store.tables import write_table
 
         reason = f"{', '.join(lost)} damaged and not in MLflow: {then}"
         row = {k: v for k, v in ledger.row(spec.key).items() if k != "run_key"}
@@ -178,9 +187,9 @@ def repair_study(
 
 def _no_copy(run) -> str:
     """Why MLflow gives no copy back: its run's artifacts folder is gone (a project folder
-    moved without them: harness.store.relocate_artifacts points the store at them where they
+    moved without them: harness.store.mlflow_store.relocate_artifacts points the store at them where they
     are), or the run lacks the table."""
-    from .store import local_folder
+    from ..store.mlflow_store import local_folder
 
     folder = local_folder(run.info.artifact_uri or "") if run is not None else None
     if folder is not None and not folder.exists():

@@ -11,7 +11,7 @@ not wait for), by reading the default store, a SQLite file, directly:
   "duplicate column name"). ``check_store`` finds that, repairs a copy (leftover tables
   dropped, then MLflow's own migration) or, failing that, moves the file aside as
   ``mlflow.db.broken-<time>`` for a new store; `harness run` then rebuilds the study's
-  finished runs in it from results/ (harness.reconcile).
+  finished runs in it from results/ (harness.runs.reconcile).
 * Which run keys has MLflow finished? A key finished there is never trained again, even
   when results/ lost its record of it (``finished_keys``), unless MLflow cannot give its
   tables back: its artifacts folder is gone (``unreachable_artifacts``).
@@ -586,12 +586,12 @@ def quiet_mlflow_errors() -> None:
 
 class GuardedClient:
     """The MlflowClient of the process that records runs while slots train (the single writer,
-    harness.scheduler). A call the store cannot take now, because another process holds its
+    harness.launch.slots). A call the store cannot take now, because another process holds its
     lock or the server does not answer, is tried again for up to ``store_wait()`` seconds; a
     call it refuses or still cannot take raises StoreFailure, one line naming the store and the
     cause (and a lock's holder). From then on every call raises that failure at once
     (``failure``): the store is not waited for again per event, results/ keeps the records and
-    the next `harness run` writes them into MLflow (harness.reconcile).
+    the next `harness run` writes them into MLflow (harness.runs.reconcile).
 
     MLflow's HTTP client would retry a request for about four minutes by itself
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7, doubling waits): here it tries once, unless the

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from .lifecycle import RunState
+from ..store.states import RunState
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .plan import RunSpec
+    from ..study.plan import RunSpec
 
 FINISHED, FAILED, RUNNING, PENDING, INTERRUPTED = (
     RunState.FINISHED,
@@ -74,7 +74,7 @@ class Ledger:
         results = Path(results)
         if not (results / study / "runs").exists():
             return cls(results, study)
-        from .tables import read_table
+        from ..store.tables import read_table
 
         quarantined: list[Path] = []
         frame = read_table(results, study, "runs", quarantined)

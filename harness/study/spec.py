@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import os
 import stat
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -173,7 +175,7 @@ def scale_problem(hypothesis: Hypothesis, scale: str | None = None) -> str | Non
 
 class AdaptiveSeeds(BaseModel):
     """``seeds: {start: 3, max: 8}``: every arm runs ``start`` seeds, then arms whose hypotheses
-    are still undecided get ``batch`` more at a time, up to ``max`` (harness.sequential)."""
+    are still undecided get ``batch`` more at a time, up to ``max`` (harness.study.sequential)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -539,6 +541,65 @@ def load_study(path: str | Path, set_options: list[str] | None = None) -> Study:
     return study
 
 
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    levels: dict[str, str]  # axis -> level
+    overrides: dict[str, Any]  # dotted key -> value, merged over all axes
+
+
+def baseline_levels(study: Study) -> dict[str, str]:
+    """The baseline's level per axis: as declared, else each axis's first level."""
+    chosen = dict(study.baseline or {})
+    for axis, levels in study.ablations.items():
+        chosen.setdefault(axis, next(iter(levels)))
+    return chosen
+
+
+def expand_arms(study: Study) -> list[Arm]:
+    """The arms of the study's design, in a stable order (baseline first where it exists)."""
+    return [arm for arm, _ in arms_with_chosen_axes(study)]
+
+
+def arms_with_chosen_axes(study: Study) -> list[tuple[Arm, list[str]]]:
+    """Each arm with the axes it chooses itself; its other axes take the baseline's level.
+    Overrides apply the baseline's levels first and the chosen ones last, so an arm's own
+    level wins over a baseline default that sets the same key (one_at_a_time's annotated arm
+    keeps its per-block time MLP whatever the axis order)."""
+    axes = list(study.ablations)
+    base = baseline_levels(study)
+    if study.arms is not None:
+        choices = [(name, {**base, **levels}, list(levels)) for name, levels in study.arms.items()]
+    elif not axes:
+        choices = [("base", {}, [])]
+    elif study.design == "factorial":
+        combos = itertools.product(*(list(study.ablations[a]) for a in axes))
+        choices = [("-".join(combo), dict(zip(axes, combo)), list(axes)) for combo in combos]
+    else:  # one_at_a_time: the baseline, then each non-baseline level alone
+        all_levels = [lvl for a in axes for lvl in study.ablations[a]]
+        choices = [("baseline", dict(base), list(axes))]
+        for axis in axes:
+            for level in study.ablations[axis]:
+                if level != base[axis]:
+                    label = level if all_levels.count(level) == 1 else f"{axis}.{level}"
+                    choices.append((label, {**base, axis: level}, [axis]))
+    out = []
+    for label, levels, chosen in choices:
+        overrides: dict[str, Any] = {}
+        for axis in [a for a in axes if a not in chosen] + [a for a in axes if a in chosen]:
+            overrides.update(study.ablations[axis][levels[axis]])
+        out.append((Arm(label=label, levels=levels, overrides=overrides), chosen))
+    return out
+
+
+def baseline_arm(study: Study, arms: list[Arm]) -> str | None:
+    base = baseline_levels(study)
+    for arm in arms:
+        if arm.levels == base:
+            return arm.label
+    return None
+
+
 def _within(key: str, section: str) -> bool:
     """Whether dotted ``key`` is ``section`` or lies inside it."""
     return key == section or key.startswith(section + ".")
@@ -549,8 +610,6 @@ def _check_arm_labels(study: Study) -> None:
     hypotheses judged on mixed runs): an error naming both definitions. Labels are compared
     case-blind, as a file system or a reader would confuse them; a one_at_a_time level named
     like the baseline arm is the same collision."""
-    from .plan import arms_with_chosen_axes, baseline_levels
-
     seen: dict[str, tuple[str, tuple]] = {}
     base = baseline_levels(study)
     for index, (arm, chosen) in enumerate(arms_with_chosen_axes(study)):
@@ -581,8 +640,6 @@ def _check_arm_keys(study: Study, set_keys: list[str]) -> None:
     """Overrides that would silently do nothing: two axes of one arm setting the same key (the
     later would win), a --set of the seed (the study's `seeds` decide it), or a --set of a key
     that every arm sets itself."""
-    from .plan import arms_with_chosen_axes
-
     with_chosen = arms_with_chosen_axes(study)
     arms = [arm for arm, _ in with_chosen]
     for arm, chosen in with_chosen:
@@ -620,8 +677,6 @@ def _check_hypotheses(study: Study) -> None:
     """Metric and arm names of the hypotheses block, against the registry and the design."""
     if not study.hypotheses:
         return
-    from .plan import baseline_arm, expand_arms
-
     arms = expand_arms(study)
     labels = [a.label for a in arms]
     baseline = baseline_arm(study, arms)

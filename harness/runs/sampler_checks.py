@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plan import RunSpec
-from .tables import write_frame
+from ..store.tables import write_frame
+from ..study.plan import RunSpec
 
 FILE = "sampler_check.parquet"
 
@@ -66,3 +66,8 @@ def write_sampler_checks(results: Path, study: str, table: pd.DataFrame) -> Path
 def read_sampler_checks(results: Path, study: str) -> pd.DataFrame:
     path = Path(results) / study / FILE
     return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+
+def record_sampler_checks(results: Path, study: str, specs: list[RunSpec]) -> None:
+    """results/<study>/sampler_check.parquet (a fraction of a second per combination)."""
+    write_sampler_checks(results, study, sampler_check_table(specs))

@@ -2,8 +2,8 @@
 
 ``build_report(study, results_root, reports_root)`` writes ``reports_root/<study>/index.html``
 with its figure PNGs and copied sample grids beside it. The page opens from disk with no
-network. What counts as a run's result comes from ``harness.results``; figures from
-``harness.figures``; statistics from ``harness.stats``; verdicts from ``harness.hypotheses``;
+network. What counts as a run's result comes from ``harness.report.results``; figures from
+``harness.report.figures``; statistics from ``harness.study.stats``; verdicts from ``harness.study.hypotheses``;
 HTML from ``templates/report.html.j2``.
 
 The Hypotheses section comes first and answers first: a summary of at most three lines and a
@@ -35,9 +35,9 @@ import pandas as pd
 from ddpm_engine.files import atomic_write
 from ddpm_engine.metrics import PER_RUN, Metric, report_columns
 
-from . import stats
+from ..store.states import RunState
+from ..study import stats
 from .figures import FIGURES, arm_palette, fmt, render_figure
-from .lifecycle import RunState
 from .results import FINISHED, NOT_STARTED, StudyResults, read_table_tolerant
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
     tested cells: smaller effects cannot survive the correction with 80% power."""
     if baseline is None:
         return [], []
-    from .hypotheses import holm
+    from ..study.hypotheses import holm
 
     columns = report_columns()
     values = {m.name: metric_values(data, m) for m in columns}
@@ -412,7 +412,7 @@ def tuning_context(data: StudyResults) -> list[dict]:
 
 def looks_of(manifest: dict) -> list[int] | None:
     """The looks of a study with adaptive seeds (study.json), else None."""
-    from .spec import AdaptiveSeeds
+    from ..study.spec import AdaptiveSeeds
 
     adaptive = manifest.get("adaptive")
     return AdaptiveSeeds.model_validate(adaptive).looks if adaptive else None
@@ -421,8 +421,8 @@ def looks_of(manifest: dict) -> list[int] | None:
 def judge_hypotheses(data: StudyResults, baseline: str | None) -> pd.DataFrame:
     """The verdicts of the study's hypotheses (recorded in study.json), also written to
     ``results/<study>/hypotheses.parquet``; an empty frame when it declares none."""
-    from .hypotheses import Hypothesis, evaluate
-    from .tables import write_frame
+    from ..store.tables import write_frame
+    from ..study.hypotheses import Hypothesis, evaluate
 
     declared = {name: Hypothesis.model_validate(h) for name, h in (data.manifest.get("hypotheses") or {}).items()}
     path = data.root / data.study / "hypotheses.parquet"
@@ -463,7 +463,7 @@ def _ci_text(row: dict) -> str:
 
 
 def _matrix_cell(row: dict) -> dict:
-    from .hypotheses import NO_RUN
+    from ..study.hypotheses import NO_RUN
 
     n = int(row["n"])
     if n == 0 or not math.isfinite(row["estimate"]):
@@ -492,7 +492,7 @@ def hypothesis_matrix(judged: pd.DataFrame, arms: Sequence[str]) -> dict:
     judged (a hypothesis on one arm, or versus the baseline, which is not judged against
     itself) is a cell with ``judged: False``.
     """
-    from .hypotheses import INCONCLUSIVE, REFUTED, SUPPORTED, expectation, quantity
+    from ..study.hypotheses import INCONCLUSIVE, REFUTED, SUPPORTED, expectation, quantity
 
     records = judged.to_dict("records")
     judged_arms = {r["arm"] for r in records}
@@ -592,7 +592,7 @@ def _p(value: float) -> str:
 
 
 def sampler_check_rows(data: StudyResults) -> list[dict]:
-    from .sampler_checks import read_sampler_checks
+    from ..runs.sampler_checks import read_sampler_checks
 
     frame = read_sampler_checks(data.root, data.study)
     rows = []

@@ -1,0 +1,28 @@
+"""What every launcher is: given a loaded study and its run specs, run (or enqueue) the pending
+keys somewhere and say how they ended, as an exit code. `harness run --launcher` picks one;
+the options of a launcher are its constructor's arguments.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..study.plan import RunSpec
+from ..study.spec import Study
+
+
+class Launcher(ABC):
+    """Runs a study's run specs somewhere and says how they ended."""
+
+    def check(self, study: Study, chosen: set[str] | None) -> None:
+        """Raise ``ValueError`` (or ``StudyError``) for what this launcher cannot run, once the
+        study is loaded and before anything is prepared for it; ``chosen`` are the --arm labels
+        (None: every arm). A launcher that can run any study refuses nothing."""
+        return None
+
+    @abstractmethod
+    def launch(self, study: Study, specs: list[RunSpec]) -> int:
+        """Run (or enqueue) the pending keys of ``specs``; return the exit code:
+        0 all finished, 1 some failed, 130 stopped (run the same command again to resume).
+        Bad input, or a store that cannot be used, ends the command with exit 2 instead
+        (harness.terminal.fail_input)."""
