@@ -47,12 +47,36 @@ def check_device(device: str) -> None:
         fail_input(ValueError(f"--device {device!r}: not a device; use one of {known}"))
 
 
-LAUNCHERS = ("local", "optuna")
+LAUNCHERS = ("local", "optuna", "slurm", "submitit-local")
 
 
-def pick_launcher(name: str, *, storage: str | None, arms: list[str] | None, work: bool, **options) -> Launcher:
+def pick_launcher(
+    name: str, *, storage: str | None, arms: list[str] | None, work: bool, slurm: dict, **options
+) -> Launcher:
     """The launcher ``name`` with the options of `harness run` that it takes; bad input (a name
-    it does not know, --storage without the queue) exits 2."""
+    it does not know, --storage without the queue, an option of another launcher) exits 2."""
+    given = [f"--{key.replace('_', '-')}" for key, value in slurm.items() if value not in (None, False)]
+    if slurm["dry_run"] and name != "slurm":
+        fail_input(ValueError("--dry-run prints the sbatch file of --launcher slurm"))
+    if name in ("slurm", "submitit-local"):
+        from .launch.submitit_launcher import SlurmOptions, SubmititLauncher, time_minutes
+
+        try:
+            minutes = time_minutes(slurm["time"] or "4:00:00")
+        except ValueError as error:
+            fail_input(error)
+        asked = {k: slurm[k] for k in ("partition", "cpus_per_task", "gpus_per_task", "mem_gb") if slurm[k] is not None}
+        cluster = "slurm" if name == "slurm" else "local"
+        return SubmititLauncher(
+            cluster,
+            storage=storage,
+            slurm=SlurmOptions(time_min=minutes, **asked),
+            wait=slurm["wait"] is not False,
+            dry_run=slurm["dry_run"],
+            **options,
+        )
+    if given:
+        fail_input(ValueError(f"{', '.join(given)}: for --launcher slurm or submitit-local, not {name}"))
     if name == "local":
         if storage:
             fail_input(ValueError("--storage enqueues the runs in an Optuna storage: use --launcher optuna"))
@@ -108,14 +132,32 @@ def run(
     launcher_name: Optional[str] = typer.Option(
         None,
         "--launcher",
-        help="Where the runs execute: `local` (slots on this machine, the default) or `optuna` (a shared Optuna "
-        "storage; implied by --storage).",
+        help="Where the runs execute: `local` (slots on this machine, the default), `optuna` (a shared Optuna "
+        "storage; implied by --storage), `slurm` (a job array of queue workers through submitit) or "
+        "`submitit-local` (the same jobs as processes here).",
     ),
     no_work: bool = typer.Option(
         False, "--no-work", help="With --storage: only enqueue the runs; `harness worker` runs them."
     ),
     arm: Optional[list[str]] = typer.Option(
         None, "--arm", help="Run only this arm (repeatable); the others stay pending in the status and the report."
+    ),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition."),
+    time_limit: Optional[str] = typer.Option(
+        None,
+        "--time",
+        help="slurm: each job's time limit, as sbatch reads it (240, 4:00:00, 1-12:00) [default: 4:00:00].",
+    ),
+    cpus_per_task: Optional[int] = typer.Option(
+        None, "--cpus-per-task", min=1, help="slurm: CPUs per worker job (its torch threads on CPU) [default: 2]."
+    ),
+    gpus_per_task: Optional[int] = typer.Option(None, "--gpus-per-task", min=0, help="slurm: GPUs per worker job."),
+    mem_gb: Optional[int] = typer.Option(None, "--mem-gb", min=1, help="slurm: memory per worker job, in GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="slurm: print the sbatch file and submit nothing."),
+    wait: Optional[bool] = typer.Option(
+        None,
+        "--wait/--no-wait",
+        help="slurm: follow the jobs to the end and report, or submit and exit [default: wait].",
     ),
 ):
     """Run every arm x seed of a study; finished runs are skipped, interrupted ones resume.
@@ -127,6 +169,7 @@ def run(
     * `harness run studies/objective_ablation.yaml --retry-failed`
     * `harness run studies/darkening_diagnosis.yaml --arm baseline --arm ema` (a subset of the arms)
     * `harness run studies/timestep_ablation.yaml --storage postgresql://me@db/optuna --no-work` (then start workers)
+    * `harness run studies/timestep_ablation.yaml --launcher slurm --workers 8 --gpus-per-task 1 --dry-run`
     """
     check_device(device)
     if no_work and not storage:
@@ -142,6 +185,15 @@ def run(
         retry_failed=retry_failed,
         arms=arm,
         work=not no_work,
+        slurm=dict(
+            partition=partition,
+            time=time_limit,
+            cpus_per_task=cpus_per_task,
+            gpus_per_task=gpus_per_task,
+            mem_gb=mem_gb,
+            dry_run=dry_run,
+            wait=wait,
+        ),
     )
     raise typer.Exit(
         commands.run(study_path, set_options, arm, launcher, results=results, device=device, storage=storage)

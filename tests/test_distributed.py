@@ -402,3 +402,98 @@ def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
     retry = harness(["run", str(study), "--storage", url, "--no-work", "--retry-failed"], tmp_path, mlflow_uri)
     assert "enqueued 1" in retry.stdout, retry.stdout
     assert [t.state.name for t in optuna_trials(url, "flaky")] == ["FAIL", "WAITING"]
+
+
+# ---------------------------------------------------------------------------- SLURM through submitit
+
+
+def test_submitit_local_launcher_runs_the_study_end_to_end(servers, tmp_path):
+    """`harness run --launcher submitit-local`: the same job array SLURM would get, as local
+    processes; it enqueues, follows the jobs, and reports."""
+    url, mlflow_uri = servers
+    study = write_study(tmp_path, "arrayed_cli", seeds=(0,))
+    keys = planned_keys(study)
+    out = harness(
+        ["run", str(study), "--launcher", "submitit-local", "--workers", "2", "--storage", url, "--device", "cpu"]
+        + ["--cpus-per-task", "1"],
+        tmp_path,
+        mlflow_uri,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = " ".join(out.stdout.split())
+    assert "enqueued 3" in text and "submitted 2 worker job(s) to local processes (submitit)" in text
+    assert "3 runs: 3 finished, 0 running, 0 pending, 0 failed" in text
+    assert (tmp_path / "reports" / "arrayed_cli" / "index.html").exists()
+    trials, _ = assert_each_key_finished_once(url, mlflow_uri, "arrayed_cli", set(keys))
+    # the jobs' logs are where the launcher said
+    logs = list((tmp_path / "results" / "arrayed_cli" / "submitit").rglob("*_log.out"))
+    assert len(logs) == 2 and all("worker " in log.read_text() for log in logs)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_a_job_signalled_before_its_time_limit_checkpoints_requeues_and_every_key_finishes_once(
+    servers, tmp_path, monkeypatch
+):
+    """SLURM sends USR2 to a job's task before its time limit: the job stops its worker (which
+    checkpoints the run and puts it back in the queue) and submitit requeues the job, whose new
+    worker resumes the run from its checkpoint."""
+    from optuna.trial import TrialState
+
+    from harness.launch.submitit_launcher import SlurmOptions, SubmititLauncher
+    from harness.runs.checkpoints import CHECKPOINT, checkpoint_dir
+    from harness.study.plan import expand
+    from harness.study.spec import load_study
+
+    url, mlflow_uri = servers
+    monkeypatch.chdir(tmp_path)
+    for name, value in env_for(tmp_path, mlflow_uri).items():
+        monkeypatch.setenv(name, value)
+    path = write_study(tmp_path, "requeued", steps=400, ckpt=20, probe=200, seeds=(0,))
+    study = load_study(path)
+    specs = expand(study)
+    results = tmp_path / "results"
+    launcher = SubmititLauncher(
+        "local",
+        workers=2,
+        storage=url,
+        results=results,
+        reports=None,
+        device="cpu",
+        slurm=SlurmOptions(cpus_per_task=1),
+    )
+    q = launcher.open_queue(study, specs)
+    jobs = launcher.submit(study.study, 2)
+    controllers = {job._process.pid: job for job in jobs}
+    by_key = {s.key: s for s in specs}
+
+    # a running trial whose training has written a checkpoint: signal its job's task
+    deadline, target = time.time() + 240, None
+    while target is None and time.time() < deadline:
+        for trial in q.queue.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            spec = by_key[trial.user_attrs["run_key"]]
+            if "pid" in trial.user_attrs and (checkpoint_dir(results, spec) / CHECKPOINT).exists():
+                task = _parent(int(trial.user_attrs["pid"]))
+                if _parent(task) in controllers:
+                    target = (trial, task, controllers[_parent(task)])
+                    break
+        time.sleep(0.1)
+    assert target is not None, "no run reached a checkpoint while its worker ran"
+    trial, task, job = target
+    os.kill(task, signal.SIGUSR2)  # what SLURM's --signal=USR2@120 does
+
+    codes = launcher.follow(jobs, q, every=1.0)
+    assert codes == [0, 0], [j.stderr() for j in jobs]
+    key = trial.user_attrs["run_key"]
+    log = job.stdout()
+    assert f"interrupted {key} at step" in " ".join(log.split()), log
+    assert log.count(f"study {study.study}, heartbeat") == 2, "the requeued job started a second worker:\n" + log
+    step = int(" ".join(log.split()).split(f"interrupted {key} at step ")[1].split(":")[0])
+    assert step >= 20, "the run was stopped after its first checkpoint"
+    assert_each_key_finished_once(url, mlflow_uri, "requeued", set(by_key))
+    attempts = [t for t in optuna_trials(url, "requeued") if t.user_attrs.get("run_key") == key]
+    assert [t.state.name for t in attempts] == ["FAIL", "COMPLETE"], "interrupted once, then finished on requeue"

@@ -41,7 +41,9 @@ rebuilds the ``runs`` rows from the MLflow runs' tags, metrics and status.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..store.states import RunState
 from ..study.plan import RunSpec, study_manifest, write_manifest
@@ -60,20 +62,21 @@ from .trial_queue import (
 )
 
 
-def run_on_storage(
-    study,
-    specs: list[RunSpec],
-    url: str,
-    *,
-    results: Path,
-    reports: Path | None,
-    device: str,
-    retry_failed: bool,
-    work: bool,
-    console,
-) -> int:
-    """`harness run --storage`: create the Optuna study and the MLflow experiment, enqueue
-    every key once, then (unless ``work`` is False) drain the queue as one worker."""
+@dataclass
+class StudyQueue:
+    """A study enqueued in its Optuna storage, with what its launcher needs afterwards."""
+
+    url: str
+    settings: QueueSettings
+    storage: Any
+    queue: Any
+    manifest: dict
+    client: Any
+
+
+def open_study_queue(study, specs: list[RunSpec], url: str, *, results: Path, retry_failed: bool) -> StudyQueue:
+    """Create the Optuna study and the MLflow experiment and enqueue every key once (a key
+    already waiting, running or done is left alone); says what it enqueued."""
     from ..store.tracking import ensure_experiment, make_client
 
     settings = QueueSettings.from_env()
@@ -91,22 +94,50 @@ def run_on_storage(
         + f"; Optuna {redact(url)}; MLflow {client.tracking_uri}"
     )
     warn_local_tracking(console, client.tracking_uri)
-    if not work:
-        console.print(f"start workers with: harness worker {study.study} --storage {redact(url)}")
-        return 0
-    code = work_on_storage(
-        queue, storage, results=results, device=device, settings=settings, wait=True, console=console
-    )
-    rows = print_status(console, storage, queue, manifest)
+    return StudyQueue(url, settings, storage, queue, manifest, client)
+
+
+def finish_study_queue(
+    q: StudyQueue, study, specs: list[RunSpec], *, results: Path, reports: Path | None, code: int
+) -> int:
+    """Once the workers are done: every key's state, the results pulled from MLflow and the
+    report; the exit code (130 stopped or runs left in the queue, 1 some failed, else ``code``)."""
+    rows = print_status(console, q.storage, q.queue, q.manifest)
     if reports is not None:
         configs = {s.key: s.config_json for s in specs}
-        pull_from_mlflow(client, study.study, results, manifest, configs, log=console.print)
+        pull_from_mlflow(q.client, study.study, results, q.manifest, configs, log=console.print)
         from ..report.page import build_report
 
         console.print(f"report: {build_report(study.study, results, reports)}")
     if code == 130:
         return code
-    return 1 if any(r.state is RunState.FAILED for r in rows) else code
+    if any(r.state is RunState.FAILED for r in rows):
+        return 1
+    left = any(r.state in (RunState.PENDING, RunState.RUNNING) for r in rows)
+    return 130 if code == 0 and left else code
+
+
+def run_on_storage(
+    study,
+    specs: list[RunSpec],
+    url: str,
+    *,
+    results: Path,
+    reports: Path | None,
+    device: str,
+    retry_failed: bool,
+    work: bool,
+) -> int:
+    """`harness run --storage`: enqueue the study, then (unless ``work`` is False) drain the
+    queue here as one worker and report."""
+    q = open_study_queue(study, specs, url, results=results, retry_failed=retry_failed)
+    if not work:
+        console.print(f"start workers with: harness worker {study.study} --storage {redact(url)}")
+        return 0
+    code = work_on_storage(
+        q.queue, q.storage, results=results, device=device, settings=q.settings, wait=True, console=console
+    )
+    return finish_study_queue(q, study, specs, results=results, reports=reports, code=code)
 
 
 class OptunaQueueLauncher(Launcher):
@@ -153,7 +184,6 @@ class OptunaQueueLauncher(Launcher):
                 device=self.device,
                 retry_failed=self.retry_failed,
                 work=self.work,
-                console=console,
             )
         except DistributedError as error:
             fail_input(error)

@@ -108,14 +108,15 @@ class Worker:
         optuna.storages.fail_stale_trials(self.study)
         waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
         for trial in sorted(waiting, key=lambda t: t.number):
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
             # Heartbeat first: a RUNNING trial without any heartbeat is never found stale.
-            self.storage.record_heartbeat(trial._trial_id)
+            self.storage.record_heartbeat(trial_id)
             try:
-                if not self.storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                if not self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     continue  # another worker claimed it first
             except UpdateFinishedTrialError:
                 continue
-            return trial._trial_id
+            return trial_id
         return None
 
     def running_elsewhere(self) -> int:

@@ -242,7 +242,10 @@ def key_statuses(storage, study: optuna.Study, manifest: dict) -> list[KeyStatus
     """Each planned run key's state across all workers, from its trials (``ledger.from_trials``)."""
     grouped = trials_by_key(study)
     try:
-        stale = set(storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)))
+        # private, and the one left: Optuna's public fail_stale_trials would fail and re-queue
+        # them, which a read-only `harness status` must not do (docs/design.md, section 7)
+        stale_ids = storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name))
+        stale = {storage.get_trial_number_from_id(trial_id) for trial_id in stale_ids}
     except Exception:  # noqa: BLE001 - heartbeats disabled or an older Optuna
         stale = set()
     rows = []
@@ -261,7 +264,7 @@ def key_statuses(storage, study: optuna.Study, manifest: dict) -> list[KeyStatus
         elif state is RunState.RUNNING:
             trial = latest[TrialState.RUNNING][0]
             row.host = f"{trial.user_attrs.get('host', '?')} (pid {trial.user_attrs.get('pid', '?')})"
-            if trial._trial_id in stale:
+            if trial.number in stale:
                 row.note = "no heartbeat: retried when a worker next looks for work"
         elif state is RunState.PENDING:
             trial = latest[TrialState.WAITING][0]

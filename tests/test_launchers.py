@@ -1,0 +1,89 @@
+"""Launchers without a cluster: the SLURM launcher's dry run prints the sbatch file submitit
+would submit, its options are checked before anything is enqueued, and its time limits are
+read as sbatch reads them. The submitit path that runs jobs is tested end to end in
+test_distributed.py (it needs the PostgreSQL queue)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.launch.submitit_launcher import time_minutes
+
+STUDY = """\
+study: arrayed
+question: Does the dry run show the array?
+base:
+  model: {preset: tiny, base_channels: 16, time_embed_dim: 32}
+  diffusion: {T: 20}
+  train: {steps: 20, batch_size: 32}
+ablations:
+  lr:
+    base: {}
+    lr_high: {train.lr: 0.003}
+seeds: [0, 1]
+"""
+
+
+def harness(args, cwd: Path):
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("240", 240), ("30:00", 30), ("30:01", 31), ("4:00:00", 240), ("1-12", 2160), ("1-12:30", 2190), ("0:0:30", 1)],
+)
+def test_time_limits_are_read_as_sbatch_reads_them(text, minutes):
+    assert time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["0", "abc", "1:2:3:4", "-5", "1-x"])
+def test_impossible_time_limits_are_refused(text):
+    with pytest.raises(ValueError, match="--time"):
+        time_minutes(text)
+
+
+def test_slurm_dry_run_prints_the_array_it_would_submit_and_submits_nothing(tmp_path):
+    (tmp_path / "s.yaml").write_text(STUDY)
+    out = harness(
+        ["run", "s.yaml", "--launcher", "slurm", "--workers", "3", "--partition", "gpu", "--gpus-per-task", "1"]
+        + ["--time", "2:00:00", "--dry-run"],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    for expected in (
+        "#SBATCH --array=0-2%3",  # one array of 3 queue workers
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --time=120",
+        "#SBATCH --signal=USR2@120",  # the pre-timeout signal the jobs checkpoint and requeue on
+        "#SBATCH --job-name=harness-arrayed",
+    ):
+        assert expected in lines, out.stdout
+    worker = next(line for line in lines if "harness.cli worker arrayed" in line)
+    assert "--storage sqlite:///" in worker and str(tmp_path / "results" / "optuna-queue.db") in worker
+    assert not (tmp_path / "results").exists(), "a dry run enqueues and writes nothing"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--launcher", "pbs"], "--launcher 'pbs': not a launcher; use one of local, optuna, slurm, submitit-local"),
+        (["--dry-run"], "--dry-run prints the sbatch file of --launcher slurm"),
+        (["--launcher", "slurm", "--time", "soon", "--dry-run"], "--time must be"),
+        (["--launcher", "slurm", "--arm", "base", "--dry-run"], "--arm and --rerun are for local runs"),
+        (["--launcher", "optuna"], "--launcher optuna needs --storage"),
+        (["--partition", "gpu"], "--partition: for --launcher slurm or submitit-local, not local"),
+        (["--launcher", "submitit-local", "--dry-run"], "--dry-run prints the sbatch file of --launcher slurm"),
+    ],
+)
+def test_bad_launcher_options_are_one_line_errors(tmp_path, args, needle):
+    (tmp_path / "s.yaml").write_text(STUDY)
+    out = harness(["run", "s.yaml", *args], tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert needle in " ".join(out.stderr.split()), out.stderr
