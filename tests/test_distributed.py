@@ -334,6 +334,19 @@ def test_two_workers_drain_a_study_and_a_fresh_machine_reports_it(servers, tmp_p
     assert set(per_t["run_key"]) == set(keys)
     assert "finished" in html and "not started" not in html
 
+    # a table cut short on that machine is put back from the run's MLflow artifact, not counted as here
+    victim = next(iter(keys))
+    quality = fresh / "results" / "drain" / "quality" / f"{victim}.parquet"
+    quality.write_bytes(quality.read_bytes()[:40])
+    again = harness(["report", study.name, "--from-mlflow"], fresh, mlflow_uri)
+    assert again.returncode == 0, again.stdout + again.stderr
+    said = " ".join(again.stdout.split())
+    assert f"{victim}: quality missing or unreadable here: restored from MLflow run" in said, said
+    assert "(1 downloaded, 5 already here)" in said, said
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(quality).num_rows > 0
+
 
 def test_a_killed_workers_run_is_retried_by_the_other(servers, tmp_path):
     url, mlflow_uri = servers

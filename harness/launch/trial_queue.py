@@ -338,6 +338,7 @@ def pull_from_mlflow(
     """Rebuild ``results/<study>`` from the study's MLflow experiment: the Parquet tables and
     sample grid that each finished run logged as artifacts, one ``runs`` row per run key from
     the MLflow run's tags, metrics and status, and study.json from ``manifest``."""
+    from ..runs.repair import damaged_tables
     from ..store.rebuild import all_runs, runs_row_from_mlflow
     from ..store.tables import ARTIFACT_FOLDERS
 
@@ -367,10 +368,16 @@ def pull_from_mlflow(
         here = local.row(key)
         same_run = local.is_finished(key) and here.get("mlflow_run_id") == run.info.run_id
         if status is RunState.FINISHED:
-            fresh = same_run and (results / study / "quality" / f"{key}.parquet").exists()
-            if fresh:
+            # a table missing or cut short here is put back from the run's artifact copy, as the
+            # local path's repair does (harness.runs.repair), instead of counting as here
+            damaged = damaged_tables(results, study, [key]).get(key, []) if same_run else []
+            if same_run and not damaged:
                 counts["up_to_date"] += 1
             else:
+                if damaged:
+                    log(
+                        f"{key}: {', '.join(damaged)} missing or unreadable here: restored from MLflow run {run.info.run_id}"
+                    )
                 present = {a.path for a in client.list_artifacts(run.info.run_id)}
                 for folder in ARTIFACT_FOLDERS:
                     if folder in present:
