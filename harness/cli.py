@@ -61,6 +61,9 @@ def pick_launcher(
     if name in ("slurm", "submitit-local"):
         from .launch.submitit_launcher import SlurmOptions, SubmititLauncher, time_minutes
 
+        if not work:
+            fail_input(ValueError(f"--no-work is for --launcher optuna; --launcher {name} submits the workers"))
+
         try:
             minutes = time_minutes(slurm["time"] or "4:00:00")
         except ValueError as error:
@@ -120,7 +123,8 @@ def run(
         None,
         "--workers",
         min=1,
-        help="CPU slots sharing the cores (default: one per core, at most one per run); on CUDA, at most one per GPU.",
+        help="CPU slots sharing the cores (default: one per core, at most one per run); on CUDA, at most one per GPU. "
+        "With --launcher slurm: worker jobs in the array (default: one per run, at most 8).",
     ),
     device: str = typer.Option("auto", help="auto (CUDA GPUs, else CPU), cpu or cuda."),
     rerun: bool = typer.Option(False, "--rerun", help="Run every key again from scratch (finished ones too)."),

@@ -78,6 +78,7 @@ def test_slurm_dry_run_prints_the_array_it_would_submit_and_submits_nothing(tmp_
         (["--launcher", "slurm", "--arm", "base", "--dry-run"], "--arm and --rerun are for local runs"),
         (["--launcher", "optuna"], "--launcher optuna needs --storage"),
         (["--partition", "gpu"], "--partition: for --launcher slurm or submitit-local, not local"),
+        (["--launcher", "slurm", "--storage", "sqlite:///q.db", "--no-work"], "--no-work is for --launcher optuna"),
         (["--launcher", "submitit-local", "--dry-run"], "--dry-run prints the sbatch file of --launcher slurm"),
     ],
 )
