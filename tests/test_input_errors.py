@@ -117,7 +117,12 @@ def test_no_work_without_storage_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--launcher", "slurm"], "--launcher 'slurm': not a launcher; use one of local, optuna"),
+        (["--launcher", "pbs"], "--launcher 'pbs': not a launcher; use one of local, optuna, slurm, submitit-local"),
+        pytest.param(
+            ["--launcher", "slurm"],
+            "--launcher slurm: no sbatch or srun on this machine (not a SLURM login node)",
+            marks=pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a SLURM machine"),
+        ),
         (["--launcher", "optuna"], "--launcher optuna needs --storage"),
         (["--launcher", "local", "--storage", "sqlite:///q.db"], "use --launcher optuna"),
     ],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,6 +188,12 @@ class SubmititLauncher(Launcher):
             raise ValueError(f"--arm and --rerun are for local runs; --launcher {name} enqueues every arm")
         if study.adaptive is not None:
             raise study.error(("seeds",), f"adaptive seeds run locally for now; with --launcher {name} list the seeds")
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if self.cluster == "slurm" and not self.dry_run and missing:
+            raise ValueError(
+                f"--launcher slurm: no {' or '.join(missing)} on this machine (not a SLURM login node); "
+                "--dry-run prints the job it would submit, --launcher submitit-local runs the same jobs here"
+            )
 
     # -- the jobs
     def folder(self, study: str) -> Path:
