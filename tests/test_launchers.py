@@ -88,3 +88,35 @@ def test_bad_launcher_options_are_one_line_errors(tmp_path, args, needle):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
     assert needle in " ".join(out.stderr.split()), out.stderr
+
+
+def test_a_job_killed_outright_stops_its_worker_instead_of_leaving_it_training(tmp_path):
+    """The worker runs in its own session (so SLURM's signal to the job's process group does
+    not hit it mid-step); if the job is killed outright, the worker must still be told to stop
+    (SIGTERM: it checkpoints and re-queues its run), not train on as an orphan."""
+    import signal
+    import time
+
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    worker = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('term'), sys.exit(0)))\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    job = (
+        "import sys\n"
+        "from harness.launch.submitit_launcher import QueueWorkerJob\n"
+        f"QueueWorkerJob([sys.executable, '-c', {worker!r}], {{}}, {str(tmp_path)!r})()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", job])
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:  # the worker is up, its handler set
+        time.sleep(0.1)
+    assert ready.exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the worker outlived its job without being told to stop"

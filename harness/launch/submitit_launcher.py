@@ -104,6 +104,18 @@ def time_minutes(text: str) -> int:
     return total
 
 
+def _stop_with_parent() -> None:
+    """In the worker, before exec: SIGTERM it (checkpoint and re-queue) if the job dies first,
+    e.g. killed outright; in its own session it would otherwise train on as an orphan.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the queue's heartbeat rules still hold."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class QueueWorkerJob:
     """One job of the array: ``harness worker`` on the study's queue, in a child process.
 
@@ -120,7 +132,13 @@ class QueueWorkerJob:
     def __call__(self) -> int:
         # its own session: a signal SLURM sends to the job's process group reaches only the job,
         # which stops the worker gracefully, never the worker half-way through a step
-        self._worker = subprocess.Popen(self.argv, cwd=self.cwd, env={**os.environ, **self.env}, start_new_session=True)
+        self._worker = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
+        )
         # poll, not wait(): wait() holds a lock the signal handler's own wait would need
         while (code := self._worker.poll()) is None:
             time.sleep(0.5)
