@@ -6,15 +6,13 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 
 from . import commands
+from .launch.base import Launcher, LaunchOptions
 from .terminal import console, fail_input
-
-if TYPE_CHECKING:
-    from .launch.base import Launcher
 
 # console: the one console of every command, which tests narrow through this module
 __all__ = ["app", "console"]
@@ -51,7 +49,7 @@ LAUNCHERS = ("local", "optuna", "slurm", "submitit-local")
 
 
 def pick_launcher(
-    name: str, *, storage: str | None, arms: list[str] | None, work: bool, slurm: dict, **options
+    name: str, options: LaunchOptions, *, storage: str | None, arms: list[str] | None, work: bool, slurm: dict
 ) -> Launcher:
     """The launcher ``name`` with the options of `harness run` that it takes; bad input (a name
     it does not know, --storage without the queue, an option of another launcher) exits 2."""
@@ -71,12 +69,12 @@ def pick_launcher(
         asked = {k: slurm[k] for k in ("partition", "cpus_per_task", "gpus_per_task", "mem_gb") if slurm[k] is not None}
         cluster = "slurm" if name == "slurm" else "local"
         return SubmititLauncher(
+            options,
             cluster,
             storage=storage,
             slurm=SlurmOptions(time_min=minutes, **asked),
             wait=slurm["wait"] is not False,
             dry_run=slurm["dry_run"],
-            **options,
         )
     if given:
         fail_input(ValueError(f"{', '.join(given)}: for --launcher slurm or submitit-local, not {name}"))
@@ -85,13 +83,13 @@ def pick_launcher(
             fail_input(ValueError("--storage enqueues the runs in an Optuna storage: use --launcher optuna"))
         from .launch.local import LocalLauncher
 
-        return LocalLauncher(arms=arms, **options)
+        return LocalLauncher(options, arms=arms)
     if name == "optuna":
         if not storage:
             fail_input(ValueError("--launcher optuna needs --storage: the Optuna storage URL the runs are enqueued in"))
         from .launch.optuna_queue import OptunaQueueLauncher
 
-        return OptunaQueueLauncher(storage=storage, work=work, **options)
+        return OptunaQueueLauncher(options, storage=storage, work=work)
     fail_input(ValueError(f"--launcher {name!r}: not a launcher; use one of {', '.join(LAUNCHERS)}"))
 
 
@@ -180,13 +178,8 @@ def run(
         fail_input(ValueError("--no-work needs --storage: it enqueues the runs there for `harness worker`"))
     launcher = pick_launcher(
         launcher_name or ("optuna" if storage else "local"),
+        LaunchOptions(results, reports if report else None, device, workers, rerun, retry_failed),
         storage=storage,
-        results=results,
-        reports=reports if report else None,
-        device=device,
-        workers=workers,
-        rerun=rerun,
-        retry_failed=retry_failed,
         arms=arm,
         work=not no_work,
         slurm=dict(

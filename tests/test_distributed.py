@@ -457,6 +457,7 @@ def test_a_job_signalled_before_its_time_limit_checkpoints_requeues_and_every_ke
     worker resumes the run from its checkpoint."""
     from optuna.trial import TrialState
 
+    from harness.launch.base import LaunchOptions
     from harness.launch.submitit_launcher import SlurmOptions, SubmititLauncher
     from harness.runs.checkpoints import CHECKPOINT, checkpoint_dir
     from harness.study.plan import expand
@@ -471,12 +472,9 @@ def test_a_job_signalled_before_its_time_limit_checkpoints_requeues_and_every_ke
     specs = expand(study)
     results = tmp_path / "results"
     launcher = SubmititLauncher(
+        LaunchOptions(results, reports=None, device="cpu", workers=2),
         "local",
-        workers=2,
         storage=url,
-        results=results,
-        reports=None,
-        device="cpu",
         slurm=SlurmOptions(cpus_per_task=1),
     )
     q = launcher.open_queue(study, specs)

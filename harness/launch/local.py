@@ -24,40 +24,22 @@ from ..store.states import RunState
 from ..study.plan import RunSpec, study_manifest, write_manifest
 from ..study.spec import Study
 from ..terminal import console, fail_input
-from .base import Launcher
+from .base import Launcher, LaunchOptions
 
 
 class LocalLauncher(Launcher):
     """Runs the pending keys on slots of this machine, in rounds while adaptive seeds grow, then
     prints the summary and builds the report (``reports`` None: no report)."""
 
-    def __init__(
-        self,
-        *,
-        results: Path,
-        reports: Path | None,
-        device: str = "auto",
-        workers: int | None = None,
-        rerun: bool = False,
-        retry_failed: bool = False,
-        arms: list[str] | None = None,
-    ):
-        self.results, self.reports, self.device, self.workers = results, reports, device, workers
-        self.rerun, self.retry_failed = rerun, retry_failed
+    def __init__(self, options: LaunchOptions, *, arms: list[str] | None = None):
+        super().__init__(options)
         self.chosen = set(arms) if arms else None  # None: every arm
 
     def launch(self, study: Study, specs: list[RunSpec]) -> int:
+        o = self.options
         try:
             return _run_locally(
-                study,
-                specs,
-                self.chosen,
-                self.results,
-                self.reports,
-                self.device,
-                self.workers,
-                self.rerun,
-                self.retry_failed,
+                study, specs, self.chosen, o.results, o.reports, o.device, o.workers, o.rerun, o.retry_failed
             )
         except OSError as error:  # results/ read-only, a full disk: one line naming the file, exit 2
             from ddpm_engine.files import write_error_message

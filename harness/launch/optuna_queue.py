@@ -48,7 +48,7 @@ from typing import Any
 from ..store.states import RunState
 from ..study.plan import RunSpec, study_manifest, write_manifest
 from ..terminal import console, fail_input
-from .base import Launcher
+from .base import Launcher, LaunchOptions
 from .queue_worker import warn_local_tracking, work_on_storage
 from .trial_queue import (
     DistributedError,
@@ -145,20 +145,9 @@ class OptunaQueueLauncher(Launcher):
     works on the queue here as one worker (unless ``work`` is False) and builds the report
     (``reports`` None: no report). Other machines join with `harness worker`."""
 
-    def __init__(
-        self,
-        *,
-        storage: str,
-        results: Path,
-        reports: Path | None,
-        device: str = "auto",
-        workers: int | None = None,
-        rerun: bool = False,
-        retry_failed: bool = False,
-        work: bool = True,
-    ):
-        self.storage, self.results, self.reports, self.device = storage, results, reports, device
-        self.workers, self.rerun, self.retry_failed, self.work = workers, rerun, retry_failed, work
+    def __init__(self, options: LaunchOptions, *, storage: str, work: bool = True):
+        super().__init__(options)
+        self.storage, self.work = storage, work
 
     def check(self, study, chosen: set[str] | None) -> None:
         if chosen is not None:
@@ -169,20 +158,21 @@ class OptunaQueueLauncher(Launcher):
     def launch(self, study, specs: list[RunSpec]) -> int:
         from ..runs.sampler_checks import record_sampler_checks
 
-        record_sampler_checks(self.results, study.study, specs)
-        if self.rerun:
+        o = self.options
+        record_sampler_checks(o.results, study.study, specs)
+        if o.rerun:
             fail_input(ValueError("--rerun is not supported with --storage (use --retry-failed, or a new study name)"))
-        if self.workers is not None and self.workers > 1:
+        if o.workers is not None and o.workers > 1:
             fail_input(ValueError("--workers is for local runs; with --storage start more `harness worker` processes"))
         try:
             return run_on_storage(
                 study,
                 specs,
                 self.storage,
-                results=self.results,
-                reports=self.reports,
-                device=self.device,
-                retry_failed=self.retry_failed,
+                results=o.results,
+                reports=o.reports,
+                device=o.device,
+                retry_failed=o.retry_failed,
                 work=self.work,
             )
         except DistributedError as error:

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +32,7 @@ from rich.markup import escape
 from ..store.mlflow_store import tracking_uri
 from ..study.plan import RunSpec
 from ..terminal import console, fail_input
-from .base import Launcher
+from .base import Launcher, LaunchOptions
 from .optuna_queue import StudyQueue, finish_study_queue, open_study_queue
 from .trial_queue import DistributedError, key_statuses, redact
 
@@ -181,28 +181,24 @@ class SubmititLauncher(Launcher):
 
     def __init__(
         self,
+        options: LaunchOptions,
         cluster: Literal["slurm", "local"],
         *,
-        workers: int | None,
         storage: str | None,
-        results: Path,
-        reports: Path | None,
-        device: str = "auto",
-        rerun: bool = False,
-        retry_failed: bool = False,
         slurm: SlurmOptions | None = None,
         wait: bool = True,
         dry_run: bool = False,
     ):
-        self.cluster, self.workers, self.rerun = cluster, workers, rerun
-        self.results, self.reports, self.device = Path(results).resolve(), reports, device
+        # resolved once: the jobs may start in another directory
+        super().__init__(replace(options, results=Path(options.results).resolve()))
+        self.cluster, self.wait, self.dry_run = cluster, wait, dry_run
+        self.results = self.options.results
         self.storage = storage or default_queue_url(self.results)
-        self.retry_failed, self.wait, self.dry_run = retry_failed, wait, dry_run
         self.slurm = slurm or SlurmOptions()
 
     def check(self, study, chosen: set[str] | None) -> None:
         name = "slurm" if self.cluster == "slurm" else "submitit-local"
-        if chosen is not None or self.rerun:
+        if chosen is not None or self.options.rerun:
             raise ValueError(f"--arm and --rerun are for local runs; --launcher {name} enqueues every arm")
         if study.adaptive is not None:
             raise study.error(("seeds",), f"adaptive seeds run locally for now; with --launcher {name} list the seeds")
@@ -222,7 +218,7 @@ class SubmititLauncher(Launcher):
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         env["MLFLOW_TRACKING_URI"] = tracking_uri()  # a relative sqlite path resolved here, once
         threads = None if self.slurm.gpus_per_task else self.slurm.cpus_per_task
-        argv = worker_argv(study, self.storage, self.results, self.device, threads)
+        argv = worker_argv(study, self.storage, self.results, self.options.device, threads)
         return QueueWorkerJob(argv, env, str(Path.cwd()))
 
     def submit(self, study: str, workers: int) -> list:
@@ -266,7 +262,7 @@ class SubmititLauncher(Launcher):
     def launch(self, study, specs: list[RunSpec]) -> int:
         """Enqueue, submit, then (unless told not to wait) follow the queue until the jobs end,
         print every key's state, pull the results from MLflow and build the report."""
-        workers = self.workers or min(len(specs), 8)
+        workers = self.options.workers or min(len(specs), 8)
         if self.dry_run:
             console.print(self.sbatch_text(study.study, workers), markup=False, highlight=False, soft_wrap=True)
             return 0
@@ -289,7 +285,7 @@ class SubmititLauncher(Launcher):
             return 0
         codes = self.follow(jobs, q)
         code = 1 if any(c != 0 for c in codes) else 0
-        return finish_study_queue(q, study, specs, results=self.results, reports=self.reports, code=code)
+        return finish_study_queue(q, study, specs, results=self.results, reports=self.options.reports, code=code)
 
     def open_queue(self, study, specs: list[RunSpec]) -> StudyQueue:
         """The study's sampler check recorded here, then every key enqueued."""
@@ -297,7 +293,9 @@ class SubmititLauncher(Launcher):
 
         record_sampler_checks(self.results, study.study, specs)
         self.results.mkdir(parents=True, exist_ok=True)  # the default queue's file lives there
-        return open_study_queue(study, specs, self.storage, results=self.results, retry_failed=self.retry_failed)
+        return open_study_queue(
+            study, specs, self.storage, results=self.results, retry_failed=self.options.retry_failed
+        )
 
     def follow(self, jobs, q: StudyQueue, every: float = 5.0) -> list[int]:
         """Wait for the jobs, printing the queue's counts when they change; a job that ended
