@@ -16,6 +16,7 @@ so the engine emits them and the harness can test hypotheses on them.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -68,10 +69,13 @@ class Metric:
     # "log": positive and right-skewed (losses, distances): hypotheses and effects are judged on
     # log values, so an effect is a ratio arm / baseline and a mean is a geometric mean.
     scale: Literal["linear", "log"] = "linear"
-    # In the units of the run's own training objective (objective.* and train.t_range): two
-    # arms trained on different objectives measure different quantities in it, so reports
-    # compare it only between arms trained on the same objective.
-    own_objective: bool = False
+    # What the value is measured in besides the model (MEASURED_IN): "objective", the run's own
+    # training objective (objective.* and train.t_range), and "noise_levels", its forward
+    # process (alphabar_1..T: diffusion.* but the reverse variance). Two arms that differ in one
+    # of these measure different quantities in the metric (an eps MSE averaged over other noise
+    # levels is another task, not a better or worse model), so reports and hypotheses compare
+    # it only between arms that agree on them.
+    measured_in: tuple[str, ...] = ()
 
     @property
     def per_run(self) -> bool:
@@ -88,6 +92,25 @@ class Metric:
         if self.better is None:
             return None
         return "maximize" if self.better == "higher" else "minimize"
+
+
+# the parts of a run's config a metric can be measured in (Metric.measured_in), in words
+MEASURED_IN = {
+    "objective": "objectives (objective.*, train.t_range)",
+    "noise_levels": "noise levels (diffusion.*: T and the schedule)",
+}
+
+
+def measurement_basis(config: dict) -> dict[str, str]:
+    """What a run's metrics are measured in (MEASURED_IN), from its resolved config as a dict:
+    each part as a comparable string. The reverse variance (diffusion.sigma) is left out: only
+    sampling uses it, so it changes no loss."""
+    diffusion = {k: v for k, v in (config.get("diffusion") or {}).items() if k != "sigma"}
+    objective = {"objective": config.get("objective"), "t_range": (config.get("train") or {}).get("t_range")}
+    return {
+        "objective": json.dumps(objective, sort_keys=True),
+        "noise_levels": json.dumps(diffusion, sort_keys=True),
+    }
 
 
 def _m(table, name, unit, better, definition, source="", **kw) -> Metric:
@@ -175,8 +198,8 @@ DECLARED: list[Metric] = [
     _m("quality", "bpd_se", "bits/dim", None, "standard error of bpd: 0 when every L_t is evaluated (T <= 201), else of the stratified estimate over t", "experiment.final_bound"),
     _m("quality", "l0_bits", "bits/dim", "lower", "decoder term L_0 at the final probe", "diagnostics.bits_per_dim_bound"),
     _m("quality", "diffusion_bits", "bits/dim", "lower", "sum of L_1..L_{T-1} of the final weights (as bpd: exact or stratified)", "experiment.final_bound"),
-    _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple averaged over uniform t at the final probe", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss", scale="log"),
-    _m("quality", "final_loss", "loss", "lower", "mean training loss of the last four logged windows, in the run's own objective (objective.*, train.t_range): comparable only between runs trained on the same objective", "experiment", group=_LOSS, label="final train loss", scale="log", own_objective=True),
+    _m("quality", "heldout_loss", "MSE", "lower", "held-out L_simple (eps MSE) averaged over uniform t at the final probe, over the run's own noise levels: comparable only between runs with the same T and schedule", "diagnostics.heldout_loss", group=_LOSS, label="held-out loss", scale="log", measured_in=("noise_levels",)),
+    _m("quality", "final_loss", "loss", "lower", "mean training loss of the last four logged windows, in the run's own objective (objective.*, train.t_range) and noise levels: comparable only between runs trained on the same objective, T and schedule", "experiment", group=_LOSS, label="final train loss", scale="log", measured_in=("objective", "noise_levels")),
     _m("quality", "loss_t_small", "MSE", "lower", "loss_mse at the smallest probed t (final probe)", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_mid", "MSE", "lower", "loss_mse at the probed t nearest T/2 other than the smallest", "metrics.per_t_summary", scale="log"),
     _m("quality", "loss_t_le_10", "MSE", "lower", f"mean of loss_mse over every t from 1 to {SMALL_T_MAX} (linear between probed t; to T when T < {SMALL_T_MAX}; final probe): the loss over the smallest t, where the seed's shortfall lies and a train.t_range [1, 10] specialist is trained", "metrics.per_t_summary", scale="log"),

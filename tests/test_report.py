@@ -215,8 +215,11 @@ def test_effects_are_paired_against_the_baseline(report):
         "no clear effect",
         "no data",
         "n=1, no interval",
+        "not comparable",
     }
     assert "no data" in verdicts  # the failed arm has no pairs
+    # T = 50 against T = 20: the losses are eps MSEs over other noise levels
+    assert verdicts.count("not comparable") == 2  # held-out loss and final train loss
 
 
 def test_run_table_lists_every_run_with_status_and_reason(report):
@@ -622,29 +625,45 @@ def test_hypotheses_matrix_in_chromium_matches_the_parquet(judged_report, tmp_pa
     assert seen["order"] == ["ul.hyp-summary plain", "table.hyp-matrix", "details.hyp-sentences", "table.hypotheses"]
 
 
-def test_a_loss_in_each_arms_own_objective_is_not_compared_across_objectives(tmp_path):
+def test_a_loss_in_each_arms_own_objective_or_noise_levels_is_not_compared_across_them(tmp_path):
     # objective_ablation's report starred kept_wt's final train loss "better, x0.029": the
-    # w_t-weighted loss is another quantity than L_simple, not a 34 times smaller one
+    # w_t-weighted loss is another quantity than L_simple, not a 34 times smaller one; and
+    # terminal_snr's called the rescaled schedules' held-out eps MSE "better": an average over
+    # other noise levels is another task, not a better model
     from handmade import write_run, write_study
 
     from harness.report.page import NOT_COMPARABLE, effects_table, metrics_table, report_columns
     from harness.report.results import StudyResults
 
-    arms = ["base", "same", "vlb"]
+    arms = ["base", "same", "vlb", "cosine", "tilde"]
     write_study(tmp_path, "objectives", arms, [0, 1, 2], "base")
-    loss = {"base": 0.040, "same": 0.030, "vlb": 0.001}
+    loss = {"base": 0.040, "same": 0.030, "vlb": 0.001, "cosine": 0.020, "tilde": 0.030}
     for arm in arms:
-        config = {"objective": {"weighting": "vlb" if arm == "vlb" else "simple"}, "train": {"t_range": None}}
+        config = {
+            "objective": {"weighting": "vlb" if arm == "vlb" else "simple"},
+            "train": {"t_range": None},
+            # the reverse variance is used by sampling alone: the losses are the same quantity
+            "diffusion": {"T": 200, "schedule": "cosine" if arm == "cosine" else "linear"}
+            | {"sigma": "beta_tilde" if arm == "tilde" else "beta"},
+        }
         for seed in (0, 1, 2):
-            wobble = {"base": (1.0, 1.01, 0.99), "same": (1.0, 0.98, 1.015), "vlb": (1.0, 1.02, 0.97)}[arm][seed]
-            quality = pd.DataFrame([{"final_loss": loss[arm] * wobble}])
+            wobble = {"base": (1.0, 1.01, 0.99), "same": (1.0, 0.98, 1.015), "vlb": (1.0, 1.02, 0.97)}
+            wobble = wobble.get(arm, (1.0, 0.98, 1.015))[seed]
+            quality = pd.DataFrame([{"final_loss": loss[arm] * wobble, "heldout_loss": loss[arm] * wobble}])
             write_run(tmp_path, "objectives", arm, seed, config=config, quality=quality)
     data = StudyResults.load(tmp_path, "objectives")
-    column = [m.name for m in report_columns()].index("final_loss")
+    names = [m.name for m in report_columns()]
     rows, _ = effects_table(data, "base")
-    cells = {row["arm"]: row["cells"][column] for row in rows}
-    assert cells["vlb"]["verdict"] == NOT_COMPARABLE and not cells["vlb"]["excludes_zero"]
-    assert "different objectives" in cells["vlb"]["title"]
-    assert cells["same"]["verdict"] == "better" and cells["same"]["excludes_zero"]  # same objective: tested
-    starred = [row["arm"] for row in metrics_table(data) if row["cells"][column]["best"]]
-    assert starred == []  # no best arm across objectives
+    for metric in ("final_loss", "heldout_loss"):
+        cells = {row["arm"]: row["cells"][names.index(metric)] for row in rows}
+        assert cells["cosine"]["verdict"] == NOT_COMPARABLE and not cells["cosine"]["excludes_zero"], metric
+        assert "different noise levels" in cells["cosine"]["title"]
+        for arm in ("same", "tilde"):  # same objective and noise levels: tested
+            assert cells[arm]["verdict"] == "better" and cells[arm]["excludes_zero"], (metric, arm)
+        # no best arm across objectives or noise levels
+        assert not any(row["cells"][names.index(metric)]["best"] for row in metrics_table(data)), metric
+    final = {row["arm"]: row["cells"][names.index("final_loss")] for row in rows}
+    assert final["vlb"]["verdict"] == NOT_COMPARABLE and not final["vlb"]["excludes_zero"]
+    assert "different objectives" in final["vlb"]["title"]
+    held = {row["arm"]: row["cells"][names.index("heldout_loss")] for row in rows}
+    assert held["vlb"]["verdict"] == "better"  # an eps MSE on the same noise levels, whatever the weighting

@@ -108,6 +108,23 @@ CASES = {
         "hypotheses.h1.value",
         "ratio arm/baseline (log scale): `below` takes value 0 (a ratio of 1), got -0.1",
     ),
+    # terminal_snr's report called the rescaled schedules' held-out eps MSE "better": an
+    # average over other noise levels is another quantity, so no hypothesis may compare it
+    "hypothesis_loss_across_noise_levels": (
+        HEADER + "ablations:\n  a:\n    x: {diffusion.schedule: linear}\n    y: {diffusion.schedule: cosine}\n"
+        "hypotheses:\n  h1:\n    metric: heldout_loss\n    arm: y\n    versus: baseline\n    expect: below\n",
+        ":9:",
+        "hypotheses.h1.metric",
+        "heldout_loss is measured in each run's own noise levels (diffusion.*: T and the schedule), and arm 'y' "
+        "differs from the baseline 'x'",
+    ),
+    "hypothesis_train_loss_across_objectives_every_arm": (
+        HEADER + "ablations:\n  a:\n    x: {train.steps: 5}\n    y: {objective.weighting: vlb}\n"
+        "hypotheses:\n  h1:\n    metric: final_loss\n    versus: baseline\n    expect: below\n",
+        ":9:",
+        "hypotheses.h1.metric",
+        "final_loss is measured in each run's own objectives (objective.*, train.t_range), and arm 'y'",
+    ),
     "hypothesis_value_boolean": (
         HEADER + "hypotheses:\n  h1:\n    metric: bpd\n    expect: above\n    value: true\n",
         ":7:",
@@ -368,3 +385,15 @@ def test_max_images_beyond_an_image_folder_is_named_at_its_line(tmp_path, monkey
     assert f"{path}:8:" in out.replace(" ", "") and "base.data.max_images" in out
     assert "10 images asked for, but there are 4 in image_folder:four" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_loss_hypothesis_across_reverse_variances_is_accepted(tmp_path):
+    # the reverse variance is used by sampling alone: the held-out eps MSE is the same quantity
+    from harness.study.spec import load_study
+
+    path = tmp_path / "sigma.yaml"
+    path.write_text(
+        HEADER + "ablations:\n  a:\n    x: {diffusion.sigma: beta}\n    y: {diffusion.sigma: beta_tilde}\n"
+        "hypotheses:\n  h1:\n    metric: heldout_loss\n    versus: baseline\n    expect: below\n"
+    )
+    assert load_study(path).hypotheses["h1"].metric == "heldout_loss"

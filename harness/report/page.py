@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ddpm_engine.files import atomic_write
-from ddpm_engine.metrics import PER_RUN, Metric, report_columns
+from ddpm_engine.metrics import MEASURED_IN, PER_RUN, Metric, measurement_basis, report_columns
 
 from ..store.states import RunState
 from ..study import stats
@@ -91,10 +91,11 @@ def metrics_table(data: StudyResults) -> list[dict]:
     summaries = {m.name: {arm: stats.mean_ci(values[m.name][arm].values()) for arm in data.arms} for m in columns}
     # ★ only for an arm that is clearly best (paired CI against every other arm excludes zero
     # in its favour): a best mean whose lead lies inside its CI is not a win
-    # a metric in each run's own objective has no best arm across arms trained on different ones
-    mixed = len({objective_of(data, arm) for arm in data.arms} - {None}) > 1
+    # a metric measured in each run's own objective or noise levels has no best arm across
+    # arms that differ in them
+    measures = {arm: measured_in(data, arm) for arm in data.arms}
     best = {
-        m.name: set() if m.own_objective and mixed else stats.clear_best_arms(values[m.name], star_direction(m))
+        m.name: set() if _mixed(measures, m, data.arms) else stats.clear_best_arms(values[m.name], star_direction(m))
         for m in columns
     }
     rows = []
@@ -154,18 +155,16 @@ def effects_table(data: StudyResults, baseline: str | None) -> tuple[list[dict],
         for a in arms
         for m in columns
     }
-    objectives = {arm: objective_of(data, arm) for arm in data.arms}
-    # an arm with no finished run (None) has no pairs to compare anyway
-    differ = {
-        a for a in arms if None not in (objectives[a], objectives[baseline]) and objectives[a] != objectives[baseline]
+    measures = {arm: measured_in(data, arm) for arm in data.arms}
+    incomparable = {
+        (a, m.name): differ for a in arms for m in columns if (differ := _differing(measures, m, a, baseline))
     }
-    incomparable = {(a, m.name) for a in differ for m in columns if m.own_objective}
     tested = [key for key in diffs if star_direction(PER_RUN[key[1]]) is not None and key not in incomparable]
     adjusted = dict(zip(tested, holm([stats.p_value(diffs[key], exact=PER_RUN[key[1]].exact) for key in tested])))
     rows = []
     for arm in arms:
         cells = [
-            _effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name)), (arm, m.name) in incomparable)
+            _effect_cell(diffs[arm, m.name], m, adjusted.get((arm, m.name)), incomparable.get((arm, m.name), ()))
             for m in columns
         ]
         pairs = max(c["n"] for c in cells)
@@ -204,25 +203,38 @@ def mde_level(tested_cells: int) -> str:
     return f"level 0.05/{tested_cells} (Holm's first step)"
 
 
-def objective_of(data: StudyResults, arm: str) -> str | None:
-    """What an arm was trained to minimise (its objective.* and train.t_range, from a finished
-    run's resolved config), as a comparable string; None when no finished run says."""
+def measured_in(data: StudyResults, arm: str) -> dict[str, str] | None:
+    """What an arm's metrics are measured in besides its model (ddpm_engine.metrics.measurement_basis),
+    from a finished run's resolved config; None when no finished run says."""
     finished = data.finished()
     for text in finished.loc[finished["arm"] == arm, "config_json"]:
         if text:
-            config = json.loads(text)
-            return json.dumps(
-                {"objective": config.get("objective"), "t_range": config.get("train", {}).get("t_range")},
-                sort_keys=True,
-            )
+            return measurement_basis(json.loads(text))
     return None
+
+
+def _differing(measures: dict, metric: Metric, arm: str, baseline: str) -> tuple[str, ...]:
+    """The parts of metric.measured_in in which ``arm`` and ``baseline`` differ (an arm with no
+    finished run has no pairs to compare anyway)."""
+    a, b = measures.get(arm), measures.get(baseline)
+    if a is None or b is None:
+        return ()
+    return tuple(part for part in metric.measured_in if a[part] != b[part])
+
+
+def _mixed(measures: dict, metric: Metric, arms: list[str]) -> bool:
+    """Whether some two arms differ in a part the metric is measured in."""
+    known = [m for m in (measures[a] for a in arms) if m is not None]
+    return any(len({m[part] for m in known}) > 1 for part in metric.measured_in)
 
 
 # the effects cell of a metric in the run's own objective, between arms trained on different ones
 NOT_COMPARABLE = "not comparable"
 
 
-def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None, incomparable: bool = False) -> dict:
+def _effect_cell(
+    diffs: list[float], metric: Metric, p_adjusted: float | None, incomparable: tuple[str, ...] = ()
+) -> dict:
     diff, half, n = stats.mean_ci(diffs)
     direction = star_direction(metric)
     if incomparable:  # shown for what it is, never tested: the two arms' losses are different quantities
@@ -240,7 +252,8 @@ def _effect_cell(diffs: list[float], metric: Metric, p_adjusted: float | None, i
         else:
             title = f"95% CI {fmt(diff - half)} to {fmt(diff + half)} over {n} pairs"
         if incomparable:
-            title += "; the arm and the baseline were trained on different objectives: not tested"
+            differ = " and ".join(MEASURED_IN[part] for part in incomparable)
+            title += f"; the arm and the baseline have different {differ}, which this metric is measured in: not tested"
         elif p_adjusted is not None:
             title += f"; Holm-adjusted p = {fmt(p_adjusted)}"
         else:  # what the registry says of the metric: a cost, or a description with no better side

@@ -701,6 +701,36 @@ def _check_hypotheses(study: Study) -> None:
                 raise study.error(
                     ("hypotheses", name, "arm"), f"{baseline!r} is the baseline arm: it cannot be compared with itself"
                 )
+            _check_comparable(study, name, hypothesis, arms, baseline)
+
+
+def _check_comparable(study: Study, name: str, hypothesis: Hypothesis, arms: list[Arm], baseline: str) -> None:
+    """A metric measured in each run's own objective or noise levels (Metric.measured_in) is
+    compared with the baseline only by arms that agree with it on them: an eps MSE over other
+    noise levels, or a loss under another weighting, is another quantity, not an effect."""
+    parts = metrics.PER_RUN[hypothesis.metric].measured_in
+    if not parts:
+        return
+
+    def basis(arm: Arm) -> dict[str, str] | None:
+        try:
+            config = ExperimentConfig.model_validate(apply_overrides(study.base, arm.overrides))
+        except ValidationError:  # reported against the arm when the runs are expanded
+            return None
+        return metrics.measurement_basis(config.to_dict())
+
+    by_label = {a.label: a for a in arms}
+    reference = basis(by_label[baseline])
+    for arm in [by_label[hypothesis.arm]] if hypothesis.arm else [a for a in arms if a.label != baseline]:
+        mine = basis(arm)
+        differ = [p for p in parts if None not in (mine, reference) and mine[p] != reference[p]]
+        if differ:
+            raise study.error(
+                ("hypotheses", name, "metric"),
+                f"{hypothesis.metric} is measured in each run's own {' and '.join(metrics.MEASURED_IN[p] for p in differ)}, "
+                f"and arm {arm.label!r} differs from the baseline {baseline!r} in them: the comparison would be of "
+                "two different quantities (bits/dim is comparable across them)",
+            )
 
 
 def _check_tune(study: Study) -> None:
