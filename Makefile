@@ -22,6 +22,9 @@ study: setup
 test: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=20
+	# matplotlib's font cache is per version, not per install: a test venv that is later
+	# deleted (a CI clone) left a cache without the bundled STIX/cm fonts in ~/.cache, and
+	# every report then logged ~20 "findfont" lines. The tests keep theirs in the venv.
+	MPLCONFIGDIR=$(abspath $(VENV))/mplconfig $(PY) -m pytest -q --durations=20
 
 .PHONY: setup study test
