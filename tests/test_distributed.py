@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.postgres
@@ -384,6 +386,64 @@ def test_a_killed_workers_run_is_retried_by_the_other(servers, tmp_path):
     run = next(r for r in runs if r.data.tags["run_key"] == victim_key)
     assert run.data.tags.get("resumed") == "true"
     assert run.data.metrics["resumed_from_step"] >= 20, "the retry resumed from the shared checkpoint"
+    # one point per logged step in MLflow: neither the points the victim logged past its
+    # checkpoint (trained again by the retry) twice, nor the ones its kill lost, missing
+    client, _ = mlflow_runs(mlflow_uri, "killed")
+    train = pq.read_table(tmp_path / "results" / "killed" / "train" / f"{victim_key}.parquet").column("step")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == sorted(train.to_pylist())
+
+
+def test_two_runs_logging_one_split_at_once_both_get_it(servers, tmp_path):
+    """Two queue workers starting on a fresh experiment raced MLflow's look-up-then-insert of
+    their split: the loser's run failed on PostgreSQL's "dataset_pk" (seen 1 in 4 runs of the
+    test above). The race is made to happen here: the other worker's insert lands between the
+    loser's look-up and its insert."""
+    import psycopg2
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy import event
+
+    from harness.store.tracking import dataset_input, log_dataset_input
+
+    url, _ = servers
+    admin = url.rsplit("/", 1)[0]
+    conn = psycopg2.connect(f"{admin}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE races")
+    conn.close()
+    db = admin.replace("postgresql://", "postgresql+psycopg2://") + "/races"
+    client = MlflowClient(tracking_uri=db)
+    experiment = client.create_experiment("races", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def split(digest: str) -> pd.DataFrame:
+        row = dict(name="digits", digest=digest, source="sklearn.datasets.load_digits", train_images=10)
+        return pd.DataFrame([row | dict(heldout_images=2, channels=1, image_size=8, levels=17)])
+
+    def raced(frame: pd.DataFrame, log) -> tuple[str, str]:
+        loser, winner = (client.create_run(experiment).info.run_id for _ in range(2))
+        engine, won = client._tracking_client.store.engine, []
+
+        def the_other_worker_inserts_first(conn, cursor, statement, *args):
+            if not won and statement.lstrip().upper().startswith("SELECT") and "FROM datasets" in statement:
+                won.append(True)
+                MlflowClient(tracking_uri=db).log_inputs(winner, datasets=[dataset_input(frame)])
+
+        event.listen(engine, "after_cursor_execute", the_other_worker_inserts_first)
+        try:
+            log(loser, frame)
+        finally:
+            event.remove(engine, "after_cursor_execute", the_other_worker_inserts_first)
+        assert won, "the race was not staged"
+        return loser, winner
+
+    # the premise: MLflow's own call loses the race
+    with pytest.raises(MlflowException, match="dataset_pk"):
+        raced(split("d1"), lambda run, frame: client.log_inputs(run, datasets=[dataset_input(frame)]))
+    loser, winner = raced(split("d2"), lambda run, frame: log_dataset_input(client, run, frame))
+    for run in (loser, winner):
+        inputs = client.get_run(run).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("digits", "d2")]
 
 
 def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):

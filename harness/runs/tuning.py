@@ -27,7 +27,7 @@ from ddpm_engine.config import ExperimentConfig
 
 from ..store.states import Outcome, RunState
 from ..store.tables import write_table
-from ..store.tracking import dataset_input
+from ..store.tracking import log_dataset_input
 from ..study.plan import Arm, RunSpec, run_key
 from ..study.spec import Distribution, Study, Tune, apply_overrides
 from .lifecycle import execute
@@ -64,7 +64,7 @@ class TrialRecorder:
         """Trials keep no tables (they are searched, not reported run by run), only their
         training split as the MLflow run's dataset input."""
         if name == "dataset":
-            self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
+            log_dataset_input(self.client, self.run_id, frame)
 
     def image(self, name: str, pixels) -> None:
         """Trials keep no sample grids."""

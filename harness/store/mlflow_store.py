@@ -509,9 +509,14 @@ def holders(path: Path) -> str:
 # What a store says while it is busy or out of reach, rather than refusing the request: SQLite's
 # lock (MLflow waits 20 s for it per call, then raises "database is locked"), a server that is
 # down, restarting or overloaded.
+# Two runs of one experiment logging the same data set at once: MLflow looks the (name, digest)
+# up, then inserts it if absent, in two steps, so the second insert breaks the unique key
+# (PostgreSQL's "dataset_pk", SQLite's and MySQL's key on datasets). Tried again, the lookup
+# finds the winner's row and links it: nothing is wrong but the timing.
+DATASET_RACE = r'"dataset_pk"|UNIQUE constraint failed: datasets\.|Duplicate entry .* for key \'datasets\.'
 TRANSIENT = re.compile(
     r"database (?:table )?is locked|busy|connection|timed? ?out|max retries|temporarily unavailable|"
-    r"\b(?:429|502|503|504)\b",
+    r"\b(?:429|502|503|504)\b|" + DATASET_RACE,
     re.I,
 )
 ERRNO = re.compile(r"\[Errno -?\d+\] [^'\"()\[\]]+")

@@ -17,7 +17,7 @@ from .history import LOGGED_ROWS_TAG, add_missing_points
 from .mlflow_store import local_folder
 from .states import RunState
 from .tables import ARTIFACT_FOLDERS, write_table
-from .tracking import RunTracker, dataset_input
+from .tracking import RunTracker, log_dataset_input
 
 SUMMARY_SENTINEL = "seconds"  # logged with the summary, the last of a run's metrics, by every engine version
 
@@ -106,7 +106,7 @@ def rebuild_in_mlflow(
         client.set_tag(run_id, "completed_from", str(folder))
     dataset = folder / "dataset" / f"{spec.key}.parquet"
     if dataset.exists() and not inputs:
-        client.log_inputs(run_id, datasets=[dataset_input(pd.read_parquet(dataset))])
+        log_dataset_input(client, run_id, pd.read_parquet(dataset))
     for name in ARTIFACT_FOLDERS:
         files = sorted((folder / name).glob(f"{spec.key}.*"))
         if files and name not in present:

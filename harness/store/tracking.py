@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..study.plan import RunSpec, flat_config
 from .history import LOGGED_ROWS_TAG, METRIC_BATCH, add_missing_points, curve_metrics, parquet_rows
-from .mlflow_store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri
+from .mlflow_store import ARTIFACTS_FOLDER, StoreFailure, prepare_store, tracking_uri, transient
 from .states import Outcome, RunState
 from .tables import write_table
 
@@ -126,6 +126,22 @@ def dataset_input(frame: pd.DataFrame) -> DatasetInput:
         profile=json.dumps(profile),
     )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+def log_dataset_input(client, run_id: str, frame: pd.DataFrame) -> None:
+    """Log the split (``dataset_input``) on the run. Two runs starting together on one split
+    (two queue workers on a fresh experiment) can race MLflow's look-up-then-insert of the
+    dataset, and the loser's call fails on the unique key: tried once more, it links the
+    winner's row (mlflow_store.DATASET_RACE). A GuardedClient retries it by itself."""
+    dataset = dataset_input(frame)
+    try:
+        client.log_inputs(run_id, datasets=[dataset])
+    except StoreFailure:
+        raise
+    except Exception as error:  # noqa: BLE001 - anything but the race is raised as it was
+        if not transient(error):
+            raise
+        client.log_inputs(run_id, datasets=[dataset])
 
 
 def find_mlflow_run(client: MlflowClient, experiment_id: str, key: str):
@@ -255,7 +271,7 @@ class RunTracker:
             return
         with suppress(StoreFailure):
             if name == "dataset":
-                self.client.log_inputs(self.run_id, datasets=[dataset_input(frame)])
+                log_dataset_input(self.client, self.run_id, frame)
             metrics = curve_metrics(name, frame, int(time.time() * 1000))
             for i in range(0, len(metrics), METRIC_BATCH):
                 self.log_metrics(metrics[i : i + METRIC_BATCH])
