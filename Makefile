@@ -19,12 +19,12 @@ setup: $(VENV)/.installed
 study: setup
 	$(VENV)/bin/harness run $(STUDY)
 
+# matplotlib's font cache is per version, not per install: a test venv that is later deleted
+# (a CI clone) left a cache without the bundled STIX/cm fonts in ~/.cache, and every report
+# then logged ~20 "findfont" lines. The tests keep theirs in the venv.
 test: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	# matplotlib's font cache is per version, not per install: a test venv that is later
-	# deleted (a CI clone) left a cache without the bundled STIX/cm fonts in ~/.cache, and
-	# every report then logged ~20 "findfont" lines. The tests keep theirs in the venv.
 	MPLCONFIGDIR=$(abspath $(VENV))/mplconfig $(PY) -m pytest -q --durations=20
 
 .PHONY: setup study test
