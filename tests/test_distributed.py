@@ -446,6 +446,59 @@ def test_two_runs_logging_one_split_at_once_both_get_it(servers, tmp_path):
         assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("digits", "d2")]
 
 
+def test_adaptive_seeds_run_in_rounds_on_the_queue(servers, tmp_path):
+    """An adaptive study on the queue: the launcher's process works on each round, looks at
+    the hypotheses and enqueues the next seeds; a `harness worker` that finds the queue empty
+    between rounds waits for the coordinator's next round instead of exiting."""
+    url, mlflow_uri = servers
+    study = tmp_path / "rounds.yaml"
+    study.write_text(
+        STUDY.format(name="rounds", steps=20, ckpt=10, probe=10, seeds=[0]).replace(
+            "seeds: [0]\n", "seeds: {start: 2, max: 3}\n"
+        )
+        # two seeds cannot decide it (the first look's boundary): base and lr_low get a third
+        + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
+    )
+    keys = {name: key for key, name in planned_keys(study).items()}
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", str(study), "--storage", url],
+        cwd=tmp_path,
+        env=env_for(tmp_path, mlflow_uri),
+        stdout=open(tmp_path / "coordinator.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while not any(t.state.name == "COMPLETE" for t in optuna_trials_or_none(url, "rounds")):
+        assert time.time() < deadline and coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()
+        time.sleep(0.5)
+    helper = start_worker(study, url, tmp_path, mlflow_uri, "helper")
+    wait_all([coordinator, helper], 400)
+    said = " ".join((tmp_path / "coordinator.log").read_text().split())
+    assert coordinator.returncode == 0, said
+    assert "adaptive seeds: 1 hypothesis row(s) undecided; base -> 3 seeds, lr_low -> 3 seeds" in said
+    assert "adaptive seeds: enqueued 2 run(s) for the next round" in said
+    assert "adaptive seeds: stopped (" in said and "seeds per arm: base 3, lr_low 3, lr_high 2" in said
+    helped = " ".join((tmp_path / "helper.log").read_text().split())
+    assert helper.returncode == 0, helped
+    # the helper outlived the gap between the rounds and ran a run of the second
+    assert "waiting for the coordinator's next round" in helped, helped
+    second = [keys["base-s2"], keys["lr_low-s2"]]
+    assert any(f"finished {key}" in helped for key in second), helped
+    wanted = {keys[n] for n in ("base-s0", "base-s1", "base-s2", "lr_low-s0", "lr_low-s1", "lr_low-s2")}
+    wanted |= {keys["lr_high-s0"], keys["lr_high-s1"]}
+    assert_each_key_finished_once(url, mlflow_uri, "rounds", wanted)  # lr_high never got a third seed
+    assert (tmp_path / "reports" / "rounds" / "index.html").exists()
+    judged = pq.read_table(tmp_path / "results" / "rounds" / "hypotheses.parquet").to_pandas()
+    assert judged["n"].tolist() == [3]
+
+
+def optuna_trials_or_none(url: str, name: str) -> list:
+    try:
+        return optuna_trials(url, name)
+    except KeyError:  # not created yet
+        return []
+
+
 def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
     """`harness run --storage` (without --no-work) drains the queue itself; a Python
     exception marks the trial FAIL and the MLflow run FAILED with its reason."""
@@ -480,11 +533,18 @@ def test_run_with_storage_works_and_records_a_failing_run(servers, tmp_path):
 # ---------------------------------------------------------------------------- SLURM through submitit
 
 
-def test_submitit_local_launcher_runs_the_study_end_to_end(servers, tmp_path):
+def test_submitit_local_launcher_runs_an_adaptive_study_end_to_end(servers, tmp_path):
     """`harness run --launcher submitit-local`: the same job array SLURM would get, as local
-    processes; it enqueues, follows the jobs, and reports."""
+    processes; it enqueues, follows the jobs, and reports. With adaptive seeds the launcher
+    enqueues each round while the jobs' workers wait for it between rounds."""
     url, mlflow_uri = servers
-    study = write_study(tmp_path, "arrayed_cli", seeds=(0,))
+    study = tmp_path / "arrayed_cli.yaml"
+    study.write_text(
+        STUDY.format(name="arrayed_cli", steps=20, ckpt=10, probe=10, seeds=[0])
+        .replace("    lr_high: {train.lr: 0.003}\n", "")
+        .replace("seeds: [0]\n", "seeds: {start: 2, max: 3}\n")
+        + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
+    )
     keys = planned_keys(study)
     out = harness(
         ["run", str(study), "--launcher", "submitit-local", "--workers", "2", "--storage", url, "--device", "cpu"]
@@ -495,13 +555,15 @@ def test_submitit_local_launcher_runs_the_study_end_to_end(servers, tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = " ".join(out.stdout.split())
-    assert "enqueued 3" in text and "submitted 2 worker job(s) to local processes (submitit)" in text
-    assert "3 runs: 3 finished, 0 running, 0 pending, 0 failed" in text
+    assert "enqueued 4" in text and "submitted 2 worker job(s) to local processes (submitit)" in text
+    assert "adaptive seeds: enqueued 2 run(s) for the next round" in text  # two seeds decide nothing
+    assert "seeds per arm: base 3, lr_low 3" in text
     assert (tmp_path / "reports" / "arrayed_cli" / "index.html").exists()
-    trials, _ = assert_each_key_finished_once(url, mlflow_uri, "arrayed_cli", set(keys))
-    # the jobs' logs are where the launcher said
-    logs = list((tmp_path / "results" / "arrayed_cli" / "submitit").rglob("*_log.out"))
-    assert len(logs) == 2 and all("worker " in log.read_text() for log in logs)
+    assert_each_key_finished_once(url, mlflow_uri, "arrayed_cli", set(keys))
+    # the jobs' logs are where the launcher said, and a job waited for the second round
+    logs = [log.read_text() for log in (tmp_path / "results" / "arrayed_cli" / "submitit").rglob("*_log.out")]
+    assert len(logs) == 2 and all("worker " in log for log in logs)
+    assert any("waiting for the coordinator's next round" in " ".join(log.split()) for log in logs)
 
 
 def _parent(pid: int) -> int:

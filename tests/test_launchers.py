@@ -120,3 +120,27 @@ def test_a_job_killed_outright_stops_its_worker_instead_of_leaving_it_training(t
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert marker.exists(), "the worker outlived its job without being told to stop"
+
+
+def test_a_round_lease_holds_while_its_coordinator_lives_and_lapses_after(tmp_path):
+    """Workers wait between an adaptive study's rounds while the coordinator's lease holds; a
+    coordinator killed outright never releases it, so it must lapse by itself."""
+    import time
+
+    import optuna
+
+    from harness.launch.queue_rounds import LEASE_ATTR, RoundLease, rounds_open
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'queue.db'}")
+    queue = optuna.create_study(storage=storage, study_name="s")
+    study_id = storage.get_study_id_from_name("s")
+    assert not rounds_open(storage, study_id)
+    with RoundLease(queue, every=0.05, lasts=0.4):
+        time.sleep(0.8)  # twice as long as the lease lasts: refreshed meanwhile
+        assert rounds_open(storage, study_id)
+    assert not rounds_open(storage, study_id)  # released at the end
+    queue.set_user_attr(LEASE_ATTR, time.time() + 0.3)  # what a killed coordinator leaves
+    assert rounds_open(storage, study_id)
+    time.sleep(0.4)
+    assert not rounds_open(storage, study_id)

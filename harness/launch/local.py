@@ -25,6 +25,7 @@ from ..study.plan import RunSpec, study_manifest, write_manifest
 from ..study.spec import Study
 from ..terminal import console, fail_input
 from .base import Launcher, LaunchOptions
+from .rounds import first_round, next_seeds, planned_specs
 
 
 class LocalLauncher(Launcher):
@@ -51,11 +52,11 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
     """Run the study's pending keys on local slots, then summarise, report and exit with the
     study's state (0 all finished, 1 some failed, 130 stopped). With adaptive seeds, rounds
     of runs alternate with looks at the hypotheses (harness.study.sequential) until they stop."""
-    wanted = None if study.adaptive is None else {s.arm.label: study.seed_list[: study.adaptive.start] for s in specs}
+    wanted = None if study.adaptive is None else first_round(study, specs)
     ran_here: set[str] = set()  # --rerun reruns each key once, not once per round
     write_manifest(results, study_manifest(study, specs))
     while True:
-        planned = specs if wanted is None else [s for s in specs if s.seed in wanted.get(s.arm.label, ())]
+        planned = specs if wanted is None else planned_specs(specs, wanted)
         outcomes, waiting = _run_round(study, planned, chosen, results, device, workers, rerun, retry_failed, ran_here)
         stopped = any(o.state in (RunState.INTERRUPTED, RunState.PENDING) for o in outcomes)
         if waiting and not stopped:
@@ -66,7 +67,7 @@ def _run_locally(study, specs, chosen, results, reports, device, workers, rerun,
                 continue
         if wanted is None or stopped:
             break
-        following = _next_seeds(study, specs, results, wanted)
+        following = next_seeds(study, specs, results, wanted)
         if following == wanted:
             break
         wanted = following
@@ -252,40 +253,6 @@ def _adopt(specs: list[RunSpec], sources: dict[str, str], results: Path, client,
         f"reused {len(specs)} finished run(s) from other studies instead of training them: {escape(shown)}",
         highlight=False,
     )
-
-
-def _next_seeds(study: Study, specs: list[RunSpec], results: Path, wanted: dict[str, list[int]]):
-    """Look at the hypotheses on the finished runs; the seeds each arm needs next, printed."""
-    from ..report.page import judge_hypotheses
-    from ..report.results import StudyResults
-    from ..study.sequential import seeds_wanted
-
-    data = StudyResults.load(results, study.study)
-    baseline, _ = data.baseline()
-    judged = judge_hypotheses(data, baseline)
-    finished = data.finished()
-    done = {arm: finished.loc[finished["arm"] == arm, "seed"].tolist() for arm in wanted}
-    following = {
-        arm: seeds
-        for arm, seeds in seeds_wanted(judged, study.hypotheses, done, baseline, study.adaptive).items()
-        if arm in wanted
-    }
-    undecided = judged[judged["verdict"] == "inconclusive"] if not judged.empty else judged
-    grown = {arm: len(seeds) for arm, seeds in following.items() if len(seeds) > len(wanted.get(arm, []))}
-    if grown:
-        console.print(
-            f"adaptive seeds: {len(undecided)} hypothesis row(s) undecided; "
-            + ", ".join(f"{escape(arm)} -> {n} seeds" for arm, n in grown.items())
-        )
-    else:
-        why = (
-            "every hypothesis is decided"
-            if undecided.empty
-            else f"{len(undecided)} row(s) undecided at the seed budget"
-        )
-        per_arm = ", ".join(f"{escape(arm)} {len(done[arm])}" for arm in wanted)
-        console.print(f"adaptive seeds: stopped ({why}); seeds per arm: {per_arm}")
-    return {arm: following.get(arm, seeds) for arm, seeds in wanted.items()}
 
 
 def _claim(study: Study, results: Path, todo: list[RunSpec], rerun: bool):

@@ -41,9 +41,11 @@ rebuilds the ``runs`` rows from the MLflow runs' tags, metrics and status.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..store.states import RunState
 from ..study.plan import RunSpec, study_manifest, write_manifest
@@ -129,15 +131,71 @@ def run_on_storage(
     work: bool,
 ) -> int:
     """`harness run --storage`: enqueue the study, then (unless ``work`` is False) drain the
-    queue here as one worker and report."""
+    queue here as one worker and report. With adaptive seeds this process coordinates the
+    rounds (harness.launch.queue_rounds), working on each round unless ``work`` is False."""
+    if study.adaptive is not None:
+        from .queue_rounds import run_rounds
+        from .rounds import first_round, planned_specs
+
+        first = planned_specs(specs, first_round(study, specs))
+        q = open_study_queue(study, first, url, results=results, retry_failed=retry_failed)
+        join = f"harness worker {study.study} --storage {redact(url)}"
+        if work:
+            drain = partial(_work_here, q, results, device)
+        else:
+            console.print(
+                f"adaptive seeds: this process enqueues each round; keep it running and start workers with: {join}"
+            )
+            drain = partial(wait_for_queue, q)
+        code, ran = run_rounds(q, study, specs, results=results, retry_failed=retry_failed, drain=drain)
+        return finish_study_queue(q, study, ran, results=results, reports=reports, code=code)
     q = open_study_queue(study, specs, url, results=results, retry_failed=retry_failed)
     if not work:
         console.print(f"start workers with: harness worker {study.study} --storage {redact(url)}")
         return 0
-    code = work_on_storage(
-        q.queue, q.storage, results=results, device=device, settings=q.settings, wait=True, console=console
-    )
+    code = _work_here(q, results, device)
     return finish_study_queue(q, study, specs, results=results, reports=reports, code=code)
+
+
+def _work_here(q: StudyQueue, results: Path, device: str) -> int:
+    """Drain the queue in this process as one worker; it exits once nothing waits or runs."""
+    return work_on_storage(
+        q.queue,
+        q.storage,
+        results=results,
+        device=device,
+        settings=q.settings,
+        wait=True,
+        console=console,
+        rounds=False,
+    )
+
+
+def wait_for_queue(q: StudyQueue, alive: Callable[[], bool] = lambda: True) -> int:
+    """Wait until no trial of the study waits or runs (other processes' workers drain it),
+    printing the counts when they change; 0, 1 when ``alive`` says the workers are gone with
+    trials left, or 130 on Ctrl-C."""
+    from optuna.trial import TrialState
+
+    shown = None
+    try:
+        while True:
+            counts = {
+                state.name.lower(): len(q.queue.get_trials(deepcopy=False, states=(state,)))
+                for state in (TrialState.WAITING, TrialState.RUNNING)
+            }
+            if not any(counts.values()):
+                return 0
+            if not alive():
+                console.print(f"[red]every worker job has ended with runs left in the queue[/] ({counts})")
+                return 1
+            line = ", ".join(f"{n} {state}" for state, n in counts.items())
+            if line != shown:
+                console.print(f"{time.strftime('%H:%M:%S')} queue: {line}")
+                shown = line
+            time.sleep(q.settings.heartbeat_interval)
+    except KeyboardInterrupt:
+        return 130
 
 
 class OptunaQueueLauncher(Launcher):
@@ -152,8 +210,6 @@ class OptunaQueueLauncher(Launcher):
     def check(self, study, chosen: set[str] | None) -> None:
         if chosen is not None:
             raise ValueError("--arm is for local runs; with --storage every arm is enqueued")
-        if study.adaptive is not None:
-            raise study.error(("seeds",), "adaptive seeds run locally for now; with --storage list the seeds")
 
     def launch(self, study, specs: list[RunSpec]) -> int:
         from ..runs.sampler_checks import record_sampler_checks

@@ -24,6 +24,7 @@ from ..runs.ledger import Ledger, from_mlflow
 from ..runs.lifecycle import RunAbandoned, execute
 from ..store.states import Outcome, RunState
 from ..study.plan import RunSpec, write_manifest
+from .queue_rounds import rounds_open
 from .trial_queue import (
     QueueSettings,
     spec_attrs_keys,
@@ -85,6 +86,7 @@ class Worker:
         wait: bool = True,
         log: Callable[[str], None] = print,
         stop: threading.Event | None = None,
+        rounds: bool = True,
     ):
         from ..store.tracking import ensure_experiment, git_commit, make_client
 
@@ -92,6 +94,9 @@ class Worker:
         self.storage, self.study, self.results = study._storage, study, Path(results)
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self.device, self.wait, self.log = device, wait, log
+        # wait for an adaptive study's next round while its coordinator holds the lease; the
+        # coordinator's own worker does not (it must return for the coordinator to look)
+        self.rounds = rounds
         self.settings = settings or QueueSettings.from_env()
         self.stop = stop or threading.Event()
         self.client = make_client()
@@ -123,25 +128,31 @@ class Worker:
         return len(self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,)))
 
     def run(self) -> WorkerResult:
-        announced = False
+        said = ""  # what this worker last said it waits for: said once per wait
+
+        def waiting(why: str) -> None:
+            nonlocal said
+            if why != said:
+                self.log(why)
+                said = why
+            self.stop.wait(self.settings.heartbeat_interval)
+
         while not self.stop.is_set():
             trial_id = self.claim()
             if trial_id is not None:
-                announced = False
+                said = ""
                 self.run_trial(trial_id)
                 continue
             running = self.running_elsewhere()
+            if not running and self.wait and self.rounds and rounds_open(self.storage, self.study_id):
+                waiting("queue empty; waiting for the coordinator's next round of seeds")
+                continue
             if not running or not self.wait:
                 self.log(
                     "no waiting trials" + (f"; {running} still running elsewhere" if running else "") + ": worker exits"
                 )
                 break
-            if not announced:
-                self.log(
-                    f"queue empty; waiting while {running} trial(s) run elsewhere (a dead worker's run is retried here)"
-                )
-                announced = True
-            self.stop.wait(self.settings.heartbeat_interval)
+            waiting("queue empty; waiting while trials run elsewhere (a dead worker's run is retried here)")
         if self.stop.is_set():
             self.result.interrupted = True
         return self.result
@@ -318,8 +329,10 @@ def work_on_storage(
     wait: bool,
     console,
     threads: int | None = None,
+    rounds: bool = True,
 ) -> int:
-    """Run a worker in this process with Ctrl-C / SIGTERM checkpointing and re-queueing."""
+    """Run a worker in this process with Ctrl-C / SIGTERM checkpointing and re-queueing
+    (``rounds`` False: exit between an adaptive study's rounds, as its coordinator does)."""
     import signal
 
     if threads:
@@ -330,7 +343,17 @@ def work_on_storage(
     if manifest:
         write_manifest(results, manifest)
     stop = threading.Event()
-    worker = Worker(storage, queue, results, device=device, settings=settings, wait=wait, log=console.print, stop=stop)
+    worker = Worker(
+        storage,
+        queue,
+        results,
+        device=device,
+        settings=settings,
+        wait=wait,
+        log=console.print,
+        stop=stop,
+        rounds=rounds,
+    )
     warn_local_tracking(console, worker.client.tracking_uri)
     console.print(
         f"worker {worker.host}:{worker.pid} on {device}: study {queue.study_name}, "

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +34,9 @@ from ..store.mlflow_store import tracking_uri
 from ..study.plan import RunSpec
 from ..terminal import console, fail_input
 from .base import Launcher, LaunchOptions
-from .optuna_queue import StudyQueue, finish_study_queue, open_study_queue
+from .optuna_queue import StudyQueue, finish_study_queue, open_study_queue, wait_for_queue
+from .queue_rounds import run_rounds
+from .rounds import first_round, planned_specs
 from .trial_queue import DistributedError, key_statuses, redact
 
 # seconds the job gives its worker to checkpoint once told to stop; SLURM's signal comes
@@ -200,8 +203,11 @@ class SubmititLauncher(Launcher):
         name = "slurm" if self.cluster == "slurm" else "submitit-local"
         if chosen is not None or self.options.rerun:
             raise ValueError(f"--arm and --rerun are for local runs; --launcher {name} enqueues every arm")
-        if study.adaptive is not None:
-            raise study.error(("seeds",), f"adaptive seeds run locally for now; with --launcher {name} list the seeds")
+        if study.adaptive is not None and not self.wait and not self.dry_run:
+            raise ValueError(
+                f"--no-wait: this study has adaptive seeds, and the process of `harness run --launcher {name}` "
+                "enqueues each round; let it wait (the jobs wait for it between rounds)"
+            )
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if self.cluster == "slurm" and not self.dry_run and missing:
             raise ValueError(
@@ -270,8 +276,9 @@ class SubmititLauncher(Launcher):
             import submitit  # noqa: F401 - a dependency, but say so if an environment lacks it
         except ImportError:
             fail_input(ValueError("--launcher slurm and submitit-local need submitit: pip install submitit"))
+        first = specs if study.adaptive is None else planned_specs(specs, first_round(study, specs))
         try:
-            q = self.open_queue(study, specs)
+            q = self.open_queue(study, first)
         except DistributedError as error:
             fail_input(error)
         jobs = self.submit(study.study, workers)
@@ -283,8 +290,20 @@ class SubmititLauncher(Launcher):
         if not self.wait:
             console.print(f"follow them with: harness status {study.study} --storage {redact(self.storage)}")
             return 0
+        if study.adaptive is not None:  # the jobs' workers wait between rounds while this process looks
+            alive = lambda: not all(job.done() for job in jobs)  # noqa: E731
+            drained, specs = run_rounds(
+                q,
+                study,
+                specs,
+                results=self.results,
+                retry_failed=self.options.retry_failed,
+                drain=partial(wait_for_queue, q, alive=alive),
+            )
         codes = self.follow(jobs, q)
         code = 1 if any(c != 0 for c in codes) else 0
+        if study.adaptive is not None and drained != 0:
+            code = drained
         return finish_study_queue(q, study, specs, results=self.results, reports=self.options.reports, code=code)
 
     def open_queue(self, study, specs: list[RunSpec]) -> StudyQueue:
