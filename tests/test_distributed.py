@@ -453,9 +453,9 @@ def test_adaptive_seeds_run_in_rounds_on_the_queue(servers, tmp_path):
     url, mlflow_uri = servers
     study = tmp_path / "rounds.yaml"
     study.write_text(
-        STUDY.format(name="rounds", steps=20, ckpt=10, probe=10, seeds=[0]).replace(
-            "seeds: [0]\n", "seeds: {start: 2, max: 3}\n"
-        )
+        STUDY.format(name="rounds", steps=20, ckpt=10, probe=10, seeds=[0])
+        .replace("    lr_high: {train.lr: 0.003}\n", "")
+        .replace("seeds: [0]\n", "seeds: {start: 2, max: 3}\n")
         # two seeds cannot decide it (the first look's boundary): base and lr_low get a third
         + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
     )
@@ -477,16 +477,14 @@ def test_adaptive_seeds_run_in_rounds_on_the_queue(servers, tmp_path):
     assert coordinator.returncode == 0, said
     assert "adaptive seeds: 1 hypothesis row(s) undecided; base -> 3 seeds, lr_low -> 3 seeds" in said
     assert "adaptive seeds: enqueued 2 run(s) for the next round" in said
-    assert "adaptive seeds: stopped (" in said and "seeds per arm: base 3, lr_low 3, lr_high 2" in said
+    assert "adaptive seeds: stopped (" in said and "seeds per arm: base 3, lr_low 3" in said
     helped = " ".join((tmp_path / "helper.log").read_text().split())
     assert helper.returncode == 0, helped
-    # the helper outlived the gap between the rounds and ran a run of the second
-    assert "waiting for the coordinator's next round" in helped, helped
+    # the helper outlived the gap between the rounds (it says so when it polls inside the gap;
+    # the submitit test's jobs always do) and ran a run of the second
     second = [keys["base-s2"], keys["lr_low-s2"]]
     assert any(f"finished {key}" in helped for key in second), helped
-    wanted = {keys[n] for n in ("base-s0", "base-s1", "base-s2", "lr_low-s0", "lr_low-s1", "lr_low-s2")}
-    wanted |= {keys["lr_high-s0"], keys["lr_high-s1"]}
-    assert_each_key_finished_once(url, mlflow_uri, "rounds", wanted)  # lr_high never got a third seed
+    assert_each_key_finished_once(url, mlflow_uri, "rounds", set(keys.values()))
     assert (tmp_path / "reports" / "rounds" / "index.html").exists()
     judged = pq.read_table(tmp_path / "results" / "rounds" / "hypotheses.parquet").to_pandas()
     assert judged["n"].tolist() == [3]
