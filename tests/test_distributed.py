@@ -489,6 +489,15 @@ def test_adaptive_seeds_run_in_rounds_on_the_queue(servers, tmp_path):
     judged = pq.read_table(tmp_path / "results" / "rounds" / "hypotheses.parquet").to_pandas()
     assert judged["n"].tolist() == [3]
 
+    # the same command again resumes at the round reached: nothing enqueued, no second look
+    # asking for the third seeds again, every key in the storage's design
+    again = harness(["run", str(study), "--storage", url], tmp_path, mlflow_uri)
+    said = " ".join(again.stdout.split())
+    assert again.returncode == 0, said
+    assert "enqueued 0" in said and "hypothesis row(s) undecided" not in said, said
+    status = harness(["status", str(study), "--storage", url], tmp_path, mlflow_uri)
+    assert all(key in status.stdout for key in keys.values()), status.stdout
+
 
 def optuna_trials_or_none(url: str, name: str) -> list:
     try:

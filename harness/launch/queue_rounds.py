@@ -23,7 +23,7 @@ from typing import Callable
 from ..study.plan import RunSpec, study_manifest
 from ..terminal import console
 from .rounds import first_round, next_seeds, planned_specs
-from .trial_queue import MANIFEST_ATTR, enqueue, pull_from_mlflow
+from .trial_queue import MANIFEST_ATTR, enqueue, pull_from_mlflow, trials_by_key
 
 LEASE_ATTR = "rounds_open_until"  # study user attr: UNIX time until which more rounds may come
 
@@ -63,8 +63,21 @@ def run_rounds(q, study, specs: list[RunSpec], *, results: Path, retry_failed: b
     """Drive an adaptive study on its queue (the first round already enqueued): ``drain``
     works on or waits for the queue and returns an exit code (130: stopped, then no further
     round). Returns (the last drain's code, the specs enqueued in all)."""
-    wanted = first_round(study, specs)
+    # a coordinator started again (after a kill or Ctrl-C) resumes at the round it had reached:
+    # every key already in the queue is part of the design so far, not only the first seeds
+    enqueued = set(trials_by_key(q.queue))
+    wanted = {
+        arm: sorted(set(seeds) | {s.seed for s in specs if s.arm.label == arm and s.key in enqueued})
+        for arm, seeds in first_round(study, specs).items()
+    }
     configs = {s.key: s.config_json for s in specs}
+
+    def publish() -> None:  # the design so far, for `harness status` and reports elsewhere
+        if q.manifest != (manifest := study_manifest(study, planned_specs(specs, wanted))):
+            q.manifest = manifest
+            q.queue.set_user_attr(MANIFEST_ATTR, manifest)
+
+    publish()
     settings = q.settings
     with RoundLease(q.queue, settings.heartbeat_interval, settings.grace_period):
         while True:
@@ -76,8 +89,7 @@ def run_rounds(q, study, specs: list[RunSpec], *, results: Path, retry_failed: b
             if following == wanted:
                 break
             wanted = following
-            q.manifest = study_manifest(study, planned_specs(specs, wanted))
-            q.queue.set_user_attr(MANIFEST_ATTR, q.manifest)
+            publish()
             outcome = enqueue(q.queue, planned_specs(specs, wanted), retry_failed=retry_failed)
             console.print(f"adaptive seeds: enqueued {len(outcome.enqueued)} run(s) for the next round")
     return code, planned_specs(specs, wanted)
