@@ -52,6 +52,19 @@ def write_study(folder: Path, name: str, steps: int = 20, ckpt: int = 10, probe:
     return path
 
 
+def write_adaptive_study(folder: Path, name: str) -> Path:
+    """Arms base and lr_low, seeds {start: 2, max: 3}, one hypothesis that two seeds cannot
+    decide (the first look's boundary): base and lr_low get a third seed in a second round."""
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        STUDY.format(name=name, steps=20, ckpt=10, probe=10, seeds=[0])
+        .replace("    lr_high: {train.lr: 0.003}\n", "")
+        .replace("seeds: [0]\n", "seeds: {start: 2, max: 3}\n")
+        + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
+    )
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -451,14 +464,7 @@ def test_adaptive_seeds_run_in_rounds_on_the_queue(servers, tmp_path):
     the hypotheses and enqueues the next seeds; a `harness worker` that finds the queue empty
     between rounds waits for the coordinator's next round instead of exiting."""
     url, mlflow_uri = servers
-    study = tmp_path / "rounds.yaml"
-    study.write_text(
-        STUDY.format(name="rounds", steps=20, ckpt=10, probe=10, seeds=[0])
-        .replace("    lr_high: {train.lr: 0.003}\n", "")
-        .replace("seeds: [0]\n", "seeds: {start: 2, max: 3}\n")
-        # two seeds cannot decide it (the first look's boundary): base and lr_low get a third
-        + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
-    )
+    study = write_adaptive_study(tmp_path, "rounds")
     keys = {name: key for key, name in planned_keys(study).items()}
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", str(study), "--storage", url],
@@ -545,13 +551,7 @@ def test_submitit_local_launcher_runs_an_adaptive_study_end_to_end(servers, tmp_
     processes; it enqueues, follows the jobs, and reports. With adaptive seeds the launcher
     enqueues each round while the jobs' workers wait for it between rounds."""
     url, mlflow_uri = servers
-    study = tmp_path / "arrayed_cli.yaml"
-    study.write_text(
-        STUDY.format(name="arrayed_cli", steps=20, ckpt=10, probe=10, seeds=[0])
-        .replace("    lr_high: {train.lr: 0.003}\n", "")
-        .replace("seeds: [0]\n", "seeds: {start: 2, max: 3}\n")
-        + "hypotheses:\n  h:\n    metric: fd\n    arm: lr_low\n    versus: baseline\n    expect: above\n"
-    )
+    study = write_adaptive_study(tmp_path, "arrayed_cli")
     keys = planned_keys(study)
     out = harness(
         ["run", str(study), "--launcher", "submitit-local", "--workers", "2", "--storage", url, "--device", "cpu"]
