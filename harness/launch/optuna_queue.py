@@ -180,8 +180,9 @@ def wait_for_queue(q: StudyQueue, alive: Callable[[], bool] = lambda: True) -> i
     shown = None
     try:
         while True:
+            left = q.queue.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
             counts = {
-                state.name.lower(): len(q.queue.get_trials(deepcopy=False, states=(state,)))
+                state.name.lower(): sum(t.state == state for t in left)
                 for state in (TrialState.WAITING, TrialState.RUNNING)
             }
             if not any(counts.values()):

@@ -195,8 +195,7 @@ class SubmititLauncher(Launcher):
         # resolved once: the jobs may start in another directory
         super().__init__(replace(options, results=Path(options.results).resolve()))
         self.cluster, self.wait, self.dry_run = cluster, wait, dry_run
-        self.results = self.options.results
-        self.storage = storage or default_queue_url(self.results)
+        self.storage = storage or default_queue_url(self.options.results)
         self.slurm = slurm or SlurmOptions()
 
     def check(self, study, chosen: set[str] | None) -> None:
@@ -218,13 +217,13 @@ class SubmititLauncher(Launcher):
     # -- the jobs
     def folder(self, study: str) -> Path:
         """submitit's pickles and logs, one folder per job under the study's results."""
-        return self.results / study / "submitit"
+        return self.options.results / study / "submitit"
 
     def job(self, study: str) -> QueueWorkerJob:
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         env["MLFLOW_TRACKING_URI"] = tracking_uri()  # a relative sqlite path resolved here, once
         threads = None if self.slurm.gpus_per_task else self.slurm.cpus_per_task
-        argv = worker_argv(study, self.storage, self.results, self.options.device, threads)
+        argv = worker_argv(study, self.storage, self.options.results, self.options.device, threads)
         return QueueWorkerJob(argv, env, str(Path.cwd()))
 
     def submit(self, study: str, workers: int) -> list:
@@ -296,7 +295,7 @@ class SubmititLauncher(Launcher):
                 q,
                 study,
                 specs,
-                results=self.results,
+                results=self.options.results,
                 retry_failed=self.options.retry_failed,
                 drain=partial(wait_for_queue, q, alive=alive),
             )
@@ -304,16 +303,18 @@ class SubmititLauncher(Launcher):
         code = 1 if any(c != 0 for c in codes) else 0
         if study.adaptive is not None and drained != 0:
             code = drained
-        return finish_study_queue(q, study, specs, results=self.results, reports=self.options.reports, code=code)
+        return finish_study_queue(
+            q, study, specs, results=self.options.results, reports=self.options.reports, code=code
+        )
 
     def open_queue(self, study, specs: list[RunSpec]) -> StudyQueue:
         """The study's sampler check recorded here, then every key enqueued."""
         from ..runs.sampler_checks import record_sampler_checks
 
-        record_sampler_checks(self.results, study.study, specs)
-        self.results.mkdir(parents=True, exist_ok=True)  # the default queue's file lives there
+        record_sampler_checks(self.options.results, study.study, specs)
+        self.options.results.mkdir(parents=True, exist_ok=True)  # the default queue's file lives there
         return open_study_queue(
-            study, specs, self.storage, results=self.results, retry_failed=self.options.retry_failed
+            study, specs, self.storage, results=self.options.results, retry_failed=self.options.retry_failed
         )
 
     def follow(self, jobs, q: StudyQueue, every: float = 5.0) -> list[int]:
